@@ -1,0 +1,353 @@
+//! The bottom layer: a regular file or block device, with positional I/O
+//! (no lock, no shared file offset) and sparse-aware zeroing and extents.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::num::NonZeroU64;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use rustix::fs::{Advice, FallocateFlags, SeekFrom};
+use rustix::io::{Errno, ReadWriteFlags};
+
+use crate::blockdev::{BlockDev, Caps, Extent, ZeroMode};
+use crate::error::{Result, StoreError};
+
+const BASE_ALLOCATION: &str = "base:allocation";
+const STATE_HOLE_ZERO: u32 = 0b11;
+/// Largest buffer used when zeroes have to be written as data.
+const ZERO_CHUNK: usize = 1 << 20;
+
+pub struct FileDev {
+    file: File,
+    size: u64,
+    read_only: bool,
+    block_device: bool,
+}
+
+impl FileDev {
+    /// Opens a regular file or a block device. Anything else is refused.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let meta = file.metadata()?;
+        let ft = meta.file_type();
+        let (size, block_device) = if ft.is_file() {
+            (meta.len(), false)
+        } else if ft.is_block_device() {
+            (rustix::fs::seek(&file, SeekFrom::End(0))?, true)
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            ));
+        };
+        Ok(FileDev {
+            file,
+            size,
+            read_only,
+            block_device,
+        })
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        if offset > self.size || len > self.size - offset {
+            return Err(StoreError::OutOfRange { offset, len });
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        self.check(offset, len)
+    }
+
+    fn sync(&self) -> Result<()> {
+        rustix::fs::fdatasync(&self.file).map_err(io::Error::from)?;
+        Ok(())
+    }
+
+    fn fallocate(
+        &self,
+        flags: FallocateFlags,
+        offset: u64,
+        len: u64,
+    ) -> std::result::Result<(), Errno> {
+        if len == 0 {
+            return Ok(());
+        }
+        rustix::fs::fallocate(&self.file, flags | FallocateFlags::KEEP_SIZE, offset, len)
+    }
+
+    fn write_zero_data(&self, mut offset: u64, len: u64) -> Result<()> {
+        let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(zeroes.len() as u64) as usize;
+            self.pwrite_all(&zeroes[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    fn pwrite_all(&self, mut buf: &[u8], mut offset: u64) -> Result<()> {
+        while !buf.is_empty() {
+            match rustix::io::pwrite(&self.file, buf, offset) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(io::Error::from(e).into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Next data offset at or after `pos`, or `size` when only holes follow.
+    fn next_data(&self, pos: u64) -> std::result::Result<u64, Errno> {
+        match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
+            Ok(d) => Ok(d.min(self.size)),
+            Err(Errno::NXIO) => Ok(self.size),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn next_hole(&self, pos: u64) -> std::result::Result<u64, Errno> {
+        rustix::fs::seek(&self.file, SeekFrom::Hole(pos)).map(|h| h.min(self.size))
+    }
+
+    fn allocation(&self, offset: u64, len: u64, max: usize) -> Vec<Extent> {
+        let end = offset + len;
+        let mut out: Vec<Extent> = Vec::new();
+        let push = |out: &mut Vec<Extent>, length: u64, flags: u32| match out.last_mut() {
+            Some(last) if last.flags == flags => last.length += length,
+            _ => out.push(Extent { length, flags }),
+        };
+        let mut pos = offset;
+        while pos < end && out.len() < max.max(1) {
+            let data = match self.next_data(pos) {
+                Ok(d) => d,
+                // No SEEK_DATA here (block device, old file system): all data.
+                Err(_) => end,
+            };
+            if data > pos {
+                let stop = data.min(end);
+                push(&mut out, stop - pos, STATE_HOLE_ZERO);
+                pos = stop;
+                continue;
+            }
+            let hole = self.next_hole(pos).unwrap_or(end).max(pos + 1);
+            let stop = hole.min(end);
+            push(&mut out, stop - pos, 0);
+            pos = stop;
+        }
+        out
+    }
+}
+
+impl BlockDev for FileDev {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn caps(&self) -> Caps {
+        let w = !self.read_only;
+        Caps {
+            read_only: self.read_only,
+            flush: true,
+            fua: w,
+            trim: w,
+            write_zeroes: w,
+            fast_zero: w,
+            cache: true,
+            multi_conn: true,
+            rotational: false,
+        }
+    }
+
+    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> Result<()> {
+        self.check(offset, buf.len() as u64)?;
+        while !buf.is_empty() {
+            match rustix::io::pread(&self.file, &mut *buf, offset) {
+                // The file shrank under us: what is gone reads as zeroes.
+                Ok(0) => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(io::Error::from(e).into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.check_writable(offset, buf.len() as u64)?;
+        if fua {
+            // One syscall that is durable for this range only, where supported.
+            let iov = [io::IoSlice::new(buf)];
+            match rustix::io::pwritev2(&self.file, &iov, offset, ReadWriteFlags::DSYNC) {
+                Ok(n) if n == buf.len() => return Ok(()),
+                Ok(n) => {
+                    self.pwrite_all(&buf[n..], offset + n as u64)?;
+                }
+                Err(_) => self.pwrite_all(buf, offset)?,
+            }
+            return self.sync();
+        }
+        self.pwrite_all(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.check_writable(offset, len)?;
+        let punched = mode.may_trim
+            && self
+                .fallocate(FallocateFlags::PUNCH_HOLE, offset, len)
+                .is_ok();
+        if !punched
+            && self
+                .fallocate(FallocateFlags::ZERO_RANGE, offset, len)
+                .is_err()
+        {
+            if mode.fast {
+                return Err(StoreError::NotFast);
+            }
+            self.write_zero_data(offset, len)?;
+        }
+        if mode.fua { self.sync() } else { Ok(()) }
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_writable(offset, len)?;
+        // Advisory: a file system that cannot punch holes simply keeps the data.
+        if !self.block_device {
+            let _ = self.fallocate(FallocateFlags::PUNCH_HOLE, offset, len);
+        }
+        if fua { self.sync() } else { Ok(()) }
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only { Ok(()) } else { self.sync() }
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        rustix::fs::fadvise(&self.file, offset, NonZeroU64::new(len), Advice::WillNeed)
+            .map_err(io::Error::from)?;
+        Ok(())
+    }
+
+    fn contexts(&self) -> Vec<String> {
+        vec![BASE_ALLOCATION.to_string()]
+    }
+
+    fn extents(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>> {
+        if context != BASE_ALLOCATION {
+            return Err(StoreError::UnknownContext(context.to_string()));
+        }
+        self.check(offset, len)?;
+        Ok(self.allocation(offset, len, max_extents))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sparse_file(size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn extents_follow_data_and_holes() {
+        let (_d, path) = sparse_file(4 << 20);
+        let dev = FileDev::open(&path, false).unwrap();
+        dev.write_at(&[7u8; 65536], 1 << 20, false).unwrap();
+        let ext = dev.extents(BASE_ALLOCATION, 0, 4 << 20, 100).unwrap();
+        assert_eq!(
+            ext,
+            vec![
+                Extent {
+                    length: 1 << 20,
+                    flags: 3
+                },
+                Extent {
+                    length: 65536,
+                    flags: 0
+                },
+                Extent {
+                    length: (3 << 20) - 65536,
+                    flags: 3
+                },
+            ]
+        );
+        let one = dev.extents(BASE_ALLOCATION, 0, 4 << 20, 1).unwrap();
+        assert_eq!(one.len(), 1);
+        let total: u64 = dev
+            .extents(BASE_ALLOCATION, 4096, 1 << 20, 100)
+            .unwrap()
+            .iter()
+            .map(|e| e.length)
+            .sum();
+        assert_eq!(total, 1 << 20);
+    }
+
+    #[test]
+    fn zeroes_punch_and_read_back() {
+        let (_d, path) = sparse_file(1 << 20);
+        let dev = FileDev::open(&path, false).unwrap();
+        dev.write_at(&[9u8; 131072], 0, true).unwrap();
+        dev.write_zeroes(
+            4096,
+            65536,
+            ZeroMode {
+                may_trim: true,
+                fast: true,
+                fua: false,
+            },
+        )
+        .unwrap();
+        let mut buf = vec![1u8; 131072];
+        dev.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 9));
+        assert!(buf[4096..69632].iter().all(|&b| b == 0));
+        assert!(buf[69632..].iter().all(|&b| b == 9));
+    }
+
+    #[test]
+    fn bounds_and_read_only_are_enforced() {
+        let (_d, path) = sparse_file(8192);
+        let dev = FileDev::open(&path, true).unwrap();
+        assert!(matches!(
+            dev.write_at(&[1], 0, false),
+            Err(StoreError::ReadOnly)
+        ));
+        let mut buf = [0u8; 2];
+        assert!(matches!(
+            dev.read_at(&mut buf, 8191),
+            Err(StoreError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            dev.read_at(&mut buf, u64::MAX),
+            Err(StoreError::OutOfRange { .. })
+        ));
+        assert!(dev.caps().read_only);
+    }
+}

@@ -1,0 +1,364 @@
+//! Checking a request against the export and the negotiated session, and
+//! carrying it out on the device. Runs on the blocking pool.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use ferry_store::{BlockDev, StoreError, ZeroMode};
+use nbd_proto::consts::{chunk, cmd, cmdflag, errno, replyflag, state, tflag};
+use nbd_proto::reply::{
+    Extent, ReplyMode, encode_block_status_payload, encode_chunk_header, encode_error_payload,
+    encode_hole_payload, encode_simple,
+};
+use nbd_proto::request::Request;
+
+use crate::outgoing::{Outgoing, Part};
+
+/// Most extents returned for one context in one BLOCK_STATUS reply.
+const MAX_STATUS_EXTENTS: usize = 65536;
+/// Most content chunks one READ is split into along holes.
+const MAX_READ_EXTENTS: usize = 64;
+/// Holes shorter than this are sent as zero data: a chunk header costs more.
+const MIN_HOLE_CHUNK: u64 = 4096;
+/// DF reads are served up to this size (the spec requires 64 KiB).
+const MAX_DF_READ: u64 = 1 << 20;
+
+/// Everything a request needs to know about its connection.
+pub struct Session {
+    pub dev: Arc<dyn BlockDev>,
+    pub mode: ReplyMode,
+    pub flags: u16,
+    pub contexts: Vec<(u32, String)>,
+    pub max_payload: u32,
+}
+
+/// A request refused before touching the device.
+pub struct Refusal {
+    pub errno: u32,
+    pub message: &'static str,
+}
+
+fn refuse(errno: u32, message: &'static str) -> Result<(), Refusal> {
+    Err(Refusal { errno, message })
+}
+
+impl Session {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+
+    fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Checks a request header; the caller answers refusals without
+    /// running anything (after consuming any payload).
+    pub fn validate(&self, req: &Request) -> Result<(), Refusal> {
+        let structured = self.mode.structured();
+        let allowed = match req.command {
+            cmd::READ if structured => cmdflag::FUA | cmdflag::DF,
+            cmd::READ | cmd::FLUSH | cmd::TRIM | cmd::CACHE => cmdflag::FUA,
+            cmd::WRITE if self.mode == ReplyMode::Extended => cmdflag::FUA | cmdflag::PAYLOAD_LEN,
+            cmd::WRITE => cmdflag::FUA,
+            cmd::WRITE_ZEROES if self.has(tflag::SEND_FAST_ZERO) => {
+                cmdflag::FUA | cmdflag::NO_HOLE | cmdflag::FAST_ZERO
+            }
+            cmd::WRITE_ZEROES => cmdflag::FUA | cmdflag::NO_HOLE,
+            cmd::BLOCK_STATUS => cmdflag::FUA | cmdflag::REQ_ONE,
+            _ => return refuse(errno::EINVAL, "unknown command"),
+        };
+        if req.flags & !allowed != 0 {
+            return refuse(errno::EINVAL, "unsupported command flags");
+        }
+        let writes = matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
+        if writes && self.has(tflag::READ_ONLY) {
+            return refuse(errno::EPERM, "export is read-only");
+        }
+        if req.command == cmd::FLUSH {
+            return Ok(());
+        }
+        let size = self.size();
+        if req.offset > size || req.length > size - req.offset {
+            return if matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES) {
+                refuse(errno::ENOSPC, "request past the end of the export")
+            } else {
+                refuse(errno::EINVAL, "request past the end of the export")
+            };
+        }
+        match req.command {
+            cmd::READ | cmd::WRITE if req.length > u64::from(self.max_payload) => {
+                refuse(errno::EOVERFLOW, "request larger than the maximum payload")
+            }
+            cmd::READ if req.flags & cmdflag::DF != 0 && req.length > MAX_DF_READ => {
+                refuse(errno::EOVERFLOW, "DF read too large")
+            }
+            cmd::BLOCK_STATUS if !structured || self.contexts.is_empty() => {
+                refuse(errno::EINVAL, "no meta context negotiated")
+            }
+            cmd::BLOCK_STATUS if req.length == 0 => {
+                refuse(errno::EINVAL, "zero-length block status")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The reply to a refused or failed request.
+    pub fn error_reply(&self, req: &Request, errno: u32, message: &str) -> Outgoing {
+        let mut head = BytesMut::with_capacity(64);
+        match self.mode {
+            ReplyMode::Simple => encode_simple(&mut head, errno, req.cookie),
+            mode => {
+                let mut payload = BytesMut::new();
+                encode_error_payload(&mut payload, errno, message);
+                encode_chunk_header(
+                    &mut head,
+                    mode == ReplyMode::Extended,
+                    replyflag::DONE,
+                    chunk::ERROR,
+                    req.cookie,
+                    req.offset,
+                    payload.len() as u64,
+                );
+                head.extend_from_slice(&payload);
+            }
+        }
+        Outgoing::head(head)
+    }
+
+    /// Success without payload.
+    fn done_reply(&self, req: &Request) -> Outgoing {
+        let mut head = BytesMut::with_capacity(32);
+        match self.mode {
+            // Simple replies stay legal for payload-less commands with
+            // structured replies, and are cheaper.
+            ReplyMode::Simple | ReplyMode::Structured => encode_simple(&mut head, 0, req.cookie),
+            ReplyMode::Extended => encode_chunk_header(
+                &mut head,
+                true,
+                replyflag::DONE,
+                chunk::NONE,
+                req.cookie,
+                req.offset,
+                0,
+            ),
+        }
+        Outgoing::head(head)
+    }
+
+    /// Runs a validated request. `payload` is the data of a WRITE.
+    pub fn execute(&self, req: &Request, payload: Vec<u8>) -> Outgoing {
+        let fua = req.flags & cmdflag::FUA != 0;
+        let result = match req.command {
+            cmd::READ => return self.read(req),
+            cmd::BLOCK_STATUS => return self.block_status(req),
+            cmd::WRITE => self.dev.write_at(&payload, req.offset, fua),
+            cmd::FLUSH => self.dev.flush(),
+            cmd::TRIM => self.dev.trim(req.offset, req.length, fua),
+            cmd::CACHE => self.dev.cache(req.offset, req.length),
+            cmd::WRITE_ZEROES => self.dev.write_zeroes(
+                req.offset,
+                req.length,
+                ZeroMode {
+                    may_trim: req.flags & cmdflag::NO_HOLE == 0,
+                    fast: req.flags & cmdflag::FAST_ZERO != 0,
+                    fua,
+                },
+            ),
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => self.done_reply(req),
+            Err(e) => self.store_error(req, &e),
+        }
+    }
+
+    fn store_error(&self, req: &Request, e: &StoreError) -> Outgoing {
+        let code = errno_of(e);
+        if code == errno::EIO {
+            tracing::warn!(
+                command = cmd::name(req.command),
+                offset = req.offset,
+                length = req.length,
+                "{e}"
+            );
+        }
+        self.error_reply(req, code, &e.to_string())
+    }
+
+    fn read(&self, req: &Request) -> Outgoing {
+        let len = req.length as usize;
+        if self.mode == ReplyMode::Simple {
+            let mut data = vec![0u8; len];
+            if let Err(e) = self.dev.read_at(&mut data, req.offset) {
+                return self.store_error(req, &e);
+            }
+            let mut head = BytesMut::with_capacity(16);
+            encode_simple(&mut head, 0, req.cookie);
+            return Outgoing {
+                parts: vec![Part::Head(head), Part::Data(0..len)],
+                data,
+                permits: Vec::new(),
+            };
+        }
+        let extended = self.mode == ReplyMode::Extended;
+        if len == 0 {
+            let mut head = BytesMut::with_capacity(32);
+            encode_chunk_header(
+                &mut head,
+                extended,
+                replyflag::DONE,
+                chunk::NONE,
+                req.cookie,
+                req.offset,
+                0,
+            );
+            return Outgoing::head(head);
+        }
+        let segments = if req.flags & cmdflag::DF != 0 {
+            vec![(0, len as u64, false)]
+        } else {
+            self.read_segments(req.offset, req.length)
+        };
+        let mut data = vec![0u8; len];
+        let mut out = Outgoing::default();
+        let last = segments.len() - 1;
+        for (i, &(start, seg_len, hole)) in segments.iter().enumerate() {
+            let flags = if i == last { replyflag::DONE } else { 0 };
+            let abs = req.offset + start;
+            let mut head = BytesMut::with_capacity(48);
+            if hole {
+                encode_chunk_header(
+                    &mut head,
+                    extended,
+                    flags,
+                    chunk::OFFSET_HOLE,
+                    req.cookie,
+                    req.offset,
+                    12,
+                );
+                encode_hole_payload(&mut head, abs, seg_len as u32);
+                out.parts.push(Part::Head(head));
+                continue;
+            }
+            let range = start as usize..(start + seg_len) as usize;
+            if let Err(e) = self.dev.read_at(&mut data[range.clone()], abs) {
+                // Chunks already built stay valid; the error ends the reply.
+                let mut err = self.error_reply(req, errno_of(&e), &e.to_string());
+                out.parts.append(&mut err.parts);
+                out.data = data;
+                return out;
+            }
+            encode_chunk_header(
+                &mut head,
+                extended,
+                flags,
+                chunk::OFFSET_DATA,
+                req.cookie,
+                req.offset,
+                8 + seg_len,
+            );
+            head.extend_from_slice(&abs.to_be_bytes());
+            out.parts.push(Part::Head(head));
+            out.parts.push(Part::Data(range));
+        }
+        out.data = data;
+        out
+    }
+
+    /// Splits a read into (relative start, length, is_hole) pieces along the
+    /// holes of the backing device. Short holes are folded into data.
+    fn read_segments(&self, offset: u64, length: u64) -> Vec<(u64, u64, bool)> {
+        let extents = self
+            .dev
+            .extents(
+                nbd_proto::consts::BASE_ALLOCATION,
+                offset,
+                length,
+                MAX_READ_EXTENTS,
+            )
+            .unwrap_or_default();
+        let mut segs: Vec<(u64, u64, bool)> = Vec::with_capacity(extents.len() + 1);
+        let mut pos = 0;
+        for e in extents {
+            let len = e.length.min(length - pos);
+            if len == 0 {
+                break;
+            }
+            let hole = e.flags & state::ZERO != 0 && len >= MIN_HOLE_CHUNK;
+            match segs.last_mut() {
+                Some(last) if last.2 == hole => last.1 += len,
+                _ => segs.push((pos, len, hole)),
+            }
+            pos += len;
+        }
+        if pos < length {
+            match segs.last_mut() {
+                Some(last) if !last.2 => last.1 += length - pos,
+                _ => segs.push((pos, length - pos, false)),
+            }
+        }
+        segs
+    }
+
+    fn block_status(&self, req: &Request) -> Outgoing {
+        let extended = self.mode == ReplyMode::Extended;
+        let req_one = req.flags & cmdflag::REQ_ONE != 0;
+        let max = if req_one { 1 } else { MAX_STATUS_EXTENTS };
+        // Compact replies carry 32-bit lengths.
+        let length = if extended {
+            req.length
+        } else {
+            req.length.min(u64::from(u32::MAX) & !511)
+        };
+        let mut head = BytesMut::with_capacity(64 + 16 * self.contexts.len());
+        let last = self.contexts.len() - 1;
+        for (i, (id, name)) in self.contexts.iter().enumerate() {
+            let extents = match self.dev.extents(name, req.offset, length, max) {
+                Ok(e) if !e.is_empty() => e,
+                Ok(_) => vec![ferry_store::Extent { length, flags: 0 }],
+                Err(e) => return self.store_error(req, &e),
+            };
+            let extents: Vec<Extent> = extents
+                .iter()
+                .take(max)
+                .map(|e| Extent {
+                    length: e.length,
+                    flags: e.flags.into(),
+                })
+                .collect();
+            let payload_len = nbd_proto::reply::block_status_payload_len(extended, extents.len());
+            let chunk_type = if extended {
+                chunk::BLOCK_STATUS_EXT
+            } else {
+                chunk::BLOCK_STATUS
+            };
+            let flags = if i == last { replyflag::DONE } else { 0 };
+            encode_chunk_header(
+                &mut head,
+                extended,
+                flags,
+                chunk_type,
+                req.cookie,
+                req.offset,
+                payload_len as u64,
+            );
+            encode_block_status_payload(&mut head, extended, *id, &extents);
+        }
+        Outgoing::head(head)
+    }
+}
+
+/// The NBD error for a storage failure.
+pub fn errno_of(e: &StoreError) -> u32 {
+    match e {
+        StoreError::NotFast => errno::ENOTSUP,
+        StoreError::ReadOnly => errno::EPERM,
+        StoreError::OutOfRange { .. } | StoreError::UnknownContext(_) => errno::EINVAL,
+        StoreError::Io(io) => match io.raw_os_error() {
+            Some(28 /* ENOSPC */ | 122 /* EDQUOT */ | 27 /* EFBIG */) => errno::ENOSPC,
+            Some(1 /* EPERM */ | 13 /* EACCES */ | 30 /* EROFS */) => errno::EPERM,
+            Some(22 /* EINVAL */) => errno::EINVAL,
+            _ => errno::EIO,
+        },
+    }
+}

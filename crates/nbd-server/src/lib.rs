@@ -1,0 +1,15 @@
+//! The async NBD server: listeners, the handshake driver and the
+//! transmission loop. It knows nothing of what an export is made of: every
+//! export is a [`ferry_store::BlockDev`].
+
+mod conn;
+mod execute;
+mod frame;
+mod limits;
+mod listen;
+mod outgoing;
+mod registry;
+
+pub use limits::Limits;
+pub use listen::{Listener, Server};
+pub use registry::{Export, Registry};

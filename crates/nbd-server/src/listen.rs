@@ -1,0 +1,162 @@
+//! Listening sockets and the accept loop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nbd_proto::server_handshake::HandshakeConfig;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::conn::{ConnContext, serve};
+use crate::limits::Limits;
+use crate::registry::Registry;
+
+pub enum Listener {
+    Tcp(TcpListener),
+    /// A Unix socket and its path, removed when the server stops.
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds a Unix socket, replacing a stale socket file nobody listens on.
+    pub fn bind_unix(path: PathBuf) -> std::io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if !meta.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "path exists and is not a socket",
+                ));
+            }
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another server listens on this socket",
+                ));
+            }
+            std::fs::remove_file(&path)?;
+        }
+        Ok(Listener::Unix(UnixListener::bind(&path)?, path))
+    }
+
+    /// A printable address: `127.0.0.1:10809` or `unix:/path`.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp:?".into()),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+pub struct Server {
+    registry: Arc<Registry>,
+    limits: Limits,
+    handshake: HandshakeConfig,
+}
+
+impl Server {
+    pub fn new(registry: Arc<Registry>, limits: Limits, handshake: HandshakeConfig) -> Self {
+        Server {
+            registry,
+            limits,
+            handshake,
+        }
+    }
+
+    /// Accepts clients until `shutdown` fires, then lets every connection
+    /// finish its in-flight requests and returns.
+    pub async fn run(self, listeners: Vec<Listener>, shutdown: CancellationToken) {
+        let ctx = Arc::new(ConnContext {
+            registry: self.registry,
+            limits: self.limits.clone(),
+            handshake: self.handshake,
+            shutdown: shutdown.clone(),
+        });
+        let tracker = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let mut sockets = Vec::new();
+        for l in listeners {
+            let (ctx, tracker, slots, shutdown) = (
+                ctx.clone(),
+                tracker.clone(),
+                slots.clone(),
+                shutdown.clone(),
+            );
+            if let Listener::Unix(_, p) = &l {
+                sockets.push(p.clone());
+            }
+            tracker
+                .clone()
+                .spawn(accept_loop(l, ctx, tracker, slots, shutdown));
+        }
+        shutdown.cancelled().await;
+        tracker.close();
+        tracker.wait().await;
+        for p in sockets {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: Listener,
+    ctx: Arc<ConnContext>,
+    tracker: TaskTracker,
+    slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = accept(&listener) => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached, refusing client");
+            continue;
+        };
+        let ctx = ctx.clone();
+        tracker.spawn(async move {
+            let _slot = slot;
+            let result = match stream {
+                Accepted::Tcp(s) => serve(s, ctx, peer.clone()).await,
+                Accepted::Unix(s) => serve(s, ctx, peer.clone()).await,
+            };
+            if let Err(e) = result {
+                tracing::info!(%peer, "connection error: {e}");
+            }
+        });
+    }
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<(Accepted, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (s, addr) = l.accept().await?;
+            s.set_nodelay(true)?;
+            Ok((Accepted::Tcp(s), addr.to_string()))
+        }
+        Listener::Unix(l, path) => {
+            let (s, _) = l.accept().await?;
+            Ok((Accepted::Unix(s), format!("unix:{}", path.display())))
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! The exports a server offers, looked up by name during the handshake.
+
+use std::sync::{Arc, RwLock};
+
+use ferry_store::BlockDev;
+use nbd_proto::consts::tflag;
+use nbd_proto::option::ServerEntry;
+use nbd_proto::server_handshake::{Catalog, ExportInfo, Lookup, Peer};
+
+/// One export: a name, a description and the device behind it.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub dev: Arc<dyn BlockDev>,
+}
+
+impl Export {
+    pub fn new(
+        name: impl Into<String>,
+        description: impl Into<String>,
+        dev: Arc<dyn BlockDev>,
+    ) -> Self {
+        Export {
+            name: name.into(),
+            description: description.into(),
+            dev,
+        }
+    }
+
+    fn info(&self, max_payload: u32) -> ExportInfo {
+        let caps = self.dev.caps();
+        let mut flags = tflag::HAS_FLAGS;
+        let mut set = |on: bool, f: u16| {
+            if on {
+                flags |= f;
+            }
+        };
+        set(caps.read_only, tflag::READ_ONLY);
+        set(caps.flush, tflag::SEND_FLUSH);
+        set(caps.fua && !caps.read_only, tflag::SEND_FUA);
+        set(caps.trim && !caps.read_only, tflag::SEND_TRIM);
+        set(
+            caps.write_zeroes && !caps.read_only,
+            tflag::SEND_WRITE_ZEROES,
+        );
+        set(
+            caps.fast_zero && caps.write_zeroes && !caps.read_only,
+            tflag::SEND_FAST_ZERO,
+        );
+        set(caps.cache, tflag::SEND_CACHE);
+        set(caps.multi_conn, tflag::CAN_MULTI_CONN);
+        set(caps.rotational, tflag::ROTATIONAL);
+        ExportInfo {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            size: self.dev.size(),
+            flags,
+            min_block: 1,
+            preferred_block: 4096,
+            max_payload,
+            contexts: self.dev.contexts(),
+        }
+    }
+}
+
+/// The export table. The empty name reaches the default export.
+pub struct Registry {
+    exports: RwLock<Vec<Arc<Export>>>,
+    default: RwLock<Option<String>>,
+    max_payload: u32,
+}
+
+impl Registry {
+    pub fn new(max_payload: u32) -> Self {
+        Registry {
+            exports: RwLock::new(Vec::new()),
+            default: RwLock::new(None),
+            max_payload,
+        }
+    }
+
+    /// Adds an export; fails if the name is taken.
+    pub fn add(&self, export: Export) -> Result<(), String> {
+        let mut exports = self.exports.write().unwrap_or_else(|e| e.into_inner());
+        if exports.iter().any(|e| e.name == export.name) {
+            return Err(format!("export '{}' already exists", export.name));
+        }
+        exports.push(Arc::new(export));
+        Ok(())
+    }
+
+    /// Makes the empty export name an alias of `name`.
+    pub fn set_default(&self, name: &str) {
+        *self.default.write().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        let exports = self.exports.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = exports.iter().find(|e| e.name == name) {
+            return Some(e.clone());
+        }
+        if name.is_empty() {
+            let default = self.default.read().unwrap_or_else(|e| e.into_inner());
+            let target = default.as_deref()?;
+            return exports.iter().find(|e| e.name == target).cloned();
+        }
+        None
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let exports = self.exports.read().unwrap_or_else(|e| e.into_inner());
+        exports.iter().map(|e| e.name.clone()).collect()
+    }
+}
+
+impl Catalog for Registry {
+    type Export = Arc<Export>;
+
+    fn lookup(&self, name: &str, _peer: &Peer) -> Lookup<Arc<Export>> {
+        match self.get(name) {
+            Some(e) => Lookup::Found(e),
+            None => Lookup::Unknown,
+        }
+    }
+
+    fn info(&self, export: &Arc<Export>) -> ExportInfo {
+        export.info(self.max_payload)
+    }
+
+    fn list(&self, _peer: &Peer) -> Vec<ServerEntry> {
+        let exports = self.exports.read().unwrap_or_else(|e| e.into_inner());
+        exports
+            .iter()
+            .map(|e| ServerEntry {
+                name: e.name.clone(),
+                description: e.description.clone(),
+            })
+            .collect()
+    }
+}
