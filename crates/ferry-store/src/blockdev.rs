@@ -42,6 +42,13 @@ pub trait BlockDev: Send + Sync + 'static {
     fn caps(&self) -> Caps;
     /// Fills `buf` from `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Like [`read_at`](Self::read_at), but only if it needs no waiting
+    /// (the data is cached): `Ok(false)` means "would block, use
+    /// `read_at`". Lets the server answer cached reads without a thread hop.
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()>;
     /// Advisory discard: may do nothing.

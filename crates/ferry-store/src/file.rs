@@ -188,6 +188,24 @@ impl BlockDev for FileDev {
         Ok(())
     }
 
+    fn read_at_nowait(&self, mut buf: &mut [u8], mut offset: u64) -> Result<bool> {
+        self.check(offset, buf.len() as u64)?;
+        while !buf.is_empty() {
+            let mut iov = [io::IoSliceMut::new(buf)];
+            match rustix::io::preadv2(&self.file, &mut iov, offset, ReadWriteFlags::NOWAIT) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(Errno::INTR) => {}
+                // EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here.
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.check_writable(offset, buf.len() as u64)?;
         if fua {

@@ -8,7 +8,7 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Prefix of every option reply.
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Second magic of the obsolete oldstyle greeting.
-pub const CLISERV_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const CLISERV_MAGIC: u64 = 0x00_4202_8186_1253;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;

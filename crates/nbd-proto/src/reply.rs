@@ -221,7 +221,7 @@ impl Chunk {
                     }
                     n
                 } else {
-                    if r.remaining() % 8 != 0 {
+                    if !r.remaining().is_multiple_of(8) {
                         return Err(DecodeError::Invalid(
                             "block status payload not a multiple of 8",
                         ));

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::bufpool::POOL;
 use crate::execute::Session;
 use crate::frame::FrameReader;
 use crate::limits::Limits;
@@ -191,8 +192,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
         ];
         let mut payload = Vec::new();
         if req.command == cmd::WRITE {
-            payload = vec![0u8; req.length as usize];
-            reader.read_payload(&mut payload).await?;
+            payload = POOL.get(req.length as usize);
+            reader.read_payload(&mut payload[..req.length as usize]).await?;
+        }
+        if let Some(mut out) = session.try_read_inline(&req) {
+            out.permits = permits;
+            let _ = tx.send(out);
+            continue;
         }
         let session = session.clone();
         let tx = tx.clone();

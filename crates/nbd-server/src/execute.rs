@@ -12,6 +12,7 @@ use nbd_proto::reply::{
 };
 use nbd_proto::request::Request;
 
+use crate::bufpool::POOL;
 use crate::outgoing::{Outgoing, Part};
 
 /// Most extents returned for one context in one BLOCK_STATUS reply.
@@ -20,6 +21,9 @@ const MAX_STATUS_EXTENTS: usize = 65536;
 const MAX_READ_EXTENTS: usize = 64;
 /// Holes shorter than this are sent as zero data: a chunk header costs more.
 const MIN_HOLE_CHUNK: u64 = 4096;
+/// Larger cached reads still go to the blocking pool, so that one copy
+/// does not hold up the connection's reader for long.
+const MAX_INLINE_READ: u64 = 4 << 20;
 /// DF reads are served up to this size (the spec requires 64 KiB).
 const MAX_DF_READ: u64 = 1 << 20;
 
@@ -145,13 +149,18 @@ impl Session {
         Outgoing::head(head)
     }
 
-    /// Runs a validated request. `payload` is the data of a WRITE.
+    /// Runs a validated request. `payload` holds the data of a WRITE in
+    /// its first `req.length` bytes.
     pub fn execute(&self, req: &Request, payload: Vec<u8>) -> Outgoing {
         let fua = req.flags & cmdflag::FUA != 0;
         let result = match req.command {
             cmd::READ => return self.read(req),
             cmd::BLOCK_STATUS => return self.block_status(req),
-            cmd::WRITE => self.dev.write_at(&payload, req.offset, fua),
+            cmd::WRITE => {
+                let r = self.dev.write_at(&payload[..req.length as usize], req.offset, fua);
+                POOL.put(payload);
+                r
+            }
             cmd::FLUSH => self.dev.flush(),
             cmd::TRIM => self.dev.trim(req.offset, req.length, fua),
             cmd::CACHE => self.dev.cache(req.offset, req.length),
@@ -185,20 +194,50 @@ impl Session {
         self.error_reply(req, code, &e.to_string())
     }
 
+    /// Answers a READ on the calling (async) thread if every byte it needs
+    /// is cached; None means it must go to the blocking pool.
+    pub fn try_read_inline(&self, req: &Request) -> Option<Outgoing> {
+        if req.command != cmd::READ || req.length > MAX_INLINE_READ {
+            return None;
+        }
+        self.read_with(req, true)
+    }
+
     fn read(&self, req: &Request) -> Outgoing {
+        match self.read_with(req, false) {
+            Some(out) => out,
+            None => self.error_reply(req, errno::EIO, "read failed"),
+        }
+    }
+
+    /// Fills `buf` from `offset`; with `nowait` only from cache (false: it
+    /// would block).
+    fn fill(&self, buf: &mut [u8], offset: u64, nowait: bool) -> Result<bool, StoreError> {
+        if nowait {
+            self.dev.read_at_nowait(buf, offset)
+        } else {
+            self.dev.read_at(buf, offset).map(|()| true)
+        }
+    }
+
+    fn read_with(&self, req: &Request, nowait: bool) -> Option<Outgoing> {
         let len = req.length as usize;
         if self.mode == ReplyMode::Simple {
-            let mut data = vec![0u8; len];
-            if let Err(e) = self.dev.read_at(&mut data, req.offset) {
-                return self.store_error(req, &e);
+            let mut data = POOL.get(len);
+            match self.fill(&mut data[..len], req.offset, nowait) {
+                Ok(true) => {}
+                Ok(false) => {
+                    POOL.put(data);
+                    return None;
+                }
+                Err(e) => return Some(self.store_error(req, &e)),
             }
             let mut head = BytesMut::with_capacity(16);
             encode_simple(&mut head, 0, req.cookie);
-            return Outgoing {
-                parts: vec![Part::Head(head), Part::Data(0..len)],
-                data,
-                permits: Vec::new(),
-            };
+            let mut out = Outgoing::head(head);
+            out.parts.push(Part::Data(0..len));
+            out.data = data;
+            return Some(out);
         }
         let extended = self.mode == ReplyMode::Extended;
         if len == 0 {
@@ -212,14 +251,14 @@ impl Session {
                 req.offset,
                 0,
             );
-            return Outgoing::head(head);
+            return Some(Outgoing::head(head));
         }
         let segments = if req.flags & cmdflag::DF != 0 {
             vec![(0, len as u64, false)]
         } else {
             self.read_segments(req.offset, req.length)
         };
-        let mut data = vec![0u8; len];
+        let mut data = POOL.get(len);
         let mut out = Outgoing::default();
         let last = segments.len() - 1;
         for (i, &(start, seg_len, hole)) in segments.iter().enumerate() {
@@ -241,12 +280,19 @@ impl Session {
                 continue;
             }
             let range = start as usize..(start + seg_len) as usize;
-            if let Err(e) = self.dev.read_at(&mut data[range.clone()], abs) {
-                // Chunks already built stay valid; the error ends the reply.
-                let mut err = self.error_reply(req, errno_of(&e), &e.to_string());
-                out.parts.append(&mut err.parts);
-                out.data = data;
-                return out;
+            match self.fill(&mut data[range.clone()], abs, nowait) {
+                Ok(true) => {}
+                Ok(false) => {
+                    POOL.put(data);
+                    return None;
+                }
+                Err(e) => {
+                    // Chunks already built stay valid; the error ends the reply.
+                    let mut err = self.error_reply(req, errno_of(&e), &e.to_string());
+                    out.parts.append(&mut err.parts);
+                    out.data = data;
+                    return Some(out);
+                }
             }
             encode_chunk_header(
                 &mut head,
@@ -262,7 +308,7 @@ impl Session {
             out.parts.push(Part::Data(range));
         }
         out.data = data;
-        out
+        Some(out)
     }
 
     /// Splits a read into (relative start, length, is_hole) pieces along the
@@ -360,5 +406,7 @@ pub fn errno_of(e: &StoreError) -> u32 {
             Some(22 /* EINVAL */) => errno::EINVAL,
             _ => errno::EIO,
         },
+        // Management errors of upper layers never come from I/O requests.
+        _ => errno::EIO,
     }
 }

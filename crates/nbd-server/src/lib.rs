@@ -2,6 +2,7 @@
 //! transmission loop. It knows nothing of what an export is made of: every
 //! export is a [`ferry_store::BlockDev`].
 
+mod bufpool;
 mod conn;
 mod execute;
 mod frame;

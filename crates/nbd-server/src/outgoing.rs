@@ -15,7 +15,8 @@ pub enum Part {
 }
 
 /// One complete reply (all its chunks). Holding it keeps its in-flight
-/// permits, so the reader cannot run ahead of what the writer has sent.
+/// permits, so the reader cannot run ahead of what the writer has sent;
+/// dropping it recycles its data buffer.
 #[derive(Default)]
 pub struct Outgoing {
     pub parts: Vec<Part>,
@@ -23,12 +24,17 @@ pub struct Outgoing {
     pub permits: Vec<OwnedSemaphorePermit>,
 }
 
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        crate::bufpool::POOL.put(std::mem::take(&mut self.data));
+    }
+}
+
 impl Outgoing {
     pub fn head(head: BytesMut) -> Self {
-        Outgoing {
-            parts: vec![Part::Head(head)],
-            ..Default::default()
-        }
+        let mut out = Outgoing::default();
+        out.parts.push(Part::Head(head));
+        out
     }
 
     fn slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) -> usize {

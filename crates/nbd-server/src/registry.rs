@@ -89,6 +89,14 @@ impl Registry {
         Ok(())
     }
 
+    /// Removes an export from the table. Connections already using it keep
+    /// their handle until they close.
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        let mut exports = self.exports.write().unwrap_or_else(|e| e.into_inner());
+        let i = exports.iter().position(|e| e.name == name)?;
+        Some(exports.remove(i))
+    }
+
     /// Makes the empty export name an alias of `name`.
     pub fn set_default(&self, name: &str) {
         *self.default.write().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());
