@@ -43,6 +43,9 @@ pub struct ClientConfig {
     pub list_contexts: bool,
     /// Only list the exports (NBD_OPT_LIST), then ABORT.
     pub list_exports: bool,
+    /// Start TLS before anything else and give up if the server cannot
+    /// (no plaintext fallback: that would be a downgrade).
+    pub tls: bool,
 }
 
 impl ClientConfig {
@@ -54,6 +57,7 @@ impl ClientConfig {
             meta_contexts: Vec::new(),
             list_contexts: false,
             list_exports: false,
+            tls: false,
         }
     }
 }
@@ -145,6 +149,10 @@ pub enum ClientStep {
     /// The export list, answered to `list_exports`; send the pending output
     /// (an ABORT) and close.
     Listed(Vec<ServerEntry>),
+    /// STARTTLS was accepted: run the TLS handshake on the stream, then call
+    /// [`ClientHandshake::tls_established`] and carry on over TLS. Input
+    /// left over belongs to TLS.
+    StartTls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +162,8 @@ enum State {
     Option(u32),
     /// Waiting for the EXPORT_NAME reply of this length.
     ExportName(usize),
+    /// STARTTLS acknowledged; the I/O layer runs the TLS handshake.
+    TlsPending,
     Finished,
 }
 
@@ -207,6 +217,18 @@ impl ClientHandshake {
         matches!(self.state, State::ExportName(_))
     }
 
+    /// TLS is up: negotiate everything again over it (the spec discards
+    /// all plaintext state), starting with the output this queues.
+    pub fn tls_established(&mut self) -> Result<(), HandshakeError> {
+        if self.state != State::TlsPending {
+            return Err(HandshakeError::Protocol("TLS established without STARTTLS".into()));
+        }
+        self.structured = false;
+        self.extended = false;
+        self.contexts.clear();
+        self.next_after(Some(opt::STARTTLS)).map(|_| ())
+    }
+
     /// The export being opened.
     pub fn export(&self) -> &str {
         &self.cfg.export
@@ -225,6 +247,7 @@ impl ClientHandshake {
         loop {
             match self.state {
                 State::Finished => return Err(HandshakeError::Finished),
+                State::TlsPending => return Ok(ClientStep::StartTls),
                 State::Greeting => {
                     if input.len() < GREETING_LEN {
                         return Ok(ClientStep::NeedMore);
@@ -301,6 +324,15 @@ impl ClientHandshake {
     /// Returns a step when the sequence ends without another reply to wait
     /// for (only EXPORT_NAME on a non-fixed server does that... via state).
     fn next_after(&mut self, prev: Option<u32>) -> Result<Option<ClientStep>, HandshakeError> {
+        if self.cfg.tls && prev.is_none() {
+            if !self.fixed() {
+                return Err(HandshakeError::Protocol(
+                    "TLS required but the server does not speak fixed newstyle".into(),
+                ));
+            }
+            self.send_option(opt::STARTTLS);
+            return Ok(None);
+        }
         if !self.fixed() {
             // Old-style newstyle: EXPORT_NAME is the only legal option.
             if self.cfg.list_exports {
@@ -320,7 +352,7 @@ impl ClientHandshake {
             opt::GO,
         ];
         let start = match prev {
-            None => 0,
+            None | Some(opt::STARTTLS) => 0,
             Some(p) => order
                 .iter()
                 .position(|&o| o == p)
@@ -457,6 +489,10 @@ impl ClientHandshake {
 
     fn ack(&mut self, code: u32) -> Result<Option<ClientStep>, HandshakeError> {
         match code {
+            opt::STARTTLS => {
+                self.state = State::TlsPending;
+                return Ok(Some(ClientStep::StartTls));
+            }
             opt::EXTENDED_HEADERS => self.extended = true,
             opt::STRUCTURED_REPLY => self.structured = true,
             opt::LIST => {

@@ -140,6 +140,10 @@ pub struct ServerHandshake {
     out: BytesMut,
 }
 
+/// Options longer than this are not worth reading through: the client is
+/// broken or hostile, and qemu hangs up on them too.
+pub const MAX_SKIPPABLE_OPTION: u32 = 32 << 20;
+
 const HANDSHAKE_FLAGS: u16 = hflag::FIXED_NEWSTYLE | hflag::NO_ZEROES;
 
 impl ServerHandshake {
@@ -212,6 +216,9 @@ impl ServerHandshake {
                         return self.close(
                             "option other than EXPORT_NAME from a non-fixed-newstyle client".into(),
                         );
+                    }
+                    if hdr.len > MAX_SKIPPABLE_OPTION {
+                        return self.close(format!("option {} of {} bytes", opt::name(hdr.code), hdr.len));
                     }
                     self.state = if hdr.len > self.cfg.max_option_len {
                         State::Skip {
