@@ -13,7 +13,8 @@ use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::export::ExportInfo;
 use crate::negotiate::negotiate;
-use crate::stream::{NbdStream, connect_transport};
+use crate::stream::{BoxStream, NbdStream, connect_transport};
+use crate::tls::{TlsOptions, TlsSetup};
 use crate::uri::NbdUri;
 
 /// How to connect.
@@ -30,6 +31,11 @@ pub struct ConnectOptions {
     pub structured: bool,
     pub extended: bool,
     pub handshake_timeout: Duration,
+    /// Fail the connection once requests have waited this long without a
+    /// byte from the server (None: wait forever).
+    pub io_timeout: Option<Duration>,
+    /// TLS settings for `nbds` URIs beyond what the URI itself says.
+    pub tls: TlsOptions,
 }
 
 impl Default for ConnectOptions {
@@ -42,6 +48,8 @@ impl Default for ConnectOptions {
             structured: true,
             extended: true,
             handshake_timeout: Duration::from_secs(30),
+            io_timeout: Some(Duration::from_secs(60)),
+            tls: TlsOptions::default(),
         }
     }
 }
@@ -55,6 +63,7 @@ impl ConnectOptions {
             meta_contexts: self.meta_contexts.clone(),
             list_contexts: self.list_contexts,
             list_exports: false,
+            tls: false,
         }
     }
 }
@@ -102,18 +111,24 @@ impl Client {
 
     /// Runs the handshake over an already open stream (one connection).
     pub async fn from_stream<S: NbdStream>(
-        mut stream: S,
+        stream: S,
         export: &str,
         opts: &ConnectOptions,
     ) -> Result<Client> {
-        let info = handshake(
-            &mut stream,
+        let (info, stream) = handshake(
+            Box::new(stream),
             opts.handshake_config(export),
             opts.handshake_timeout,
+            None,
         )
         .await?;
         Ok(Client {
-            conns: vec![Connection::start(stream, info, opts.requests)],
+            conns: vec![Connection::start(
+                stream,
+                info,
+                opts.requests,
+                opts.io_timeout,
+            )],
             next: AtomicUsize::new(0),
         })
     }
@@ -207,13 +222,14 @@ impl Client {
     }
 }
 
-async fn handshake<S: NbdStream>(
-    stream: &mut S,
+async fn handshake(
+    stream: BoxStream,
     cfg: ClientConfig,
     timeout: Duration,
-) -> Result<ExportInfo> {
-    match negotiate(stream, cfg, timeout).await? {
-        ClientStep::Done(n) => Ok((*n).into()),
+    tls: Option<&TlsSetup>,
+) -> Result<(ExportInfo, BoxStream)> {
+    match negotiate(stream, cfg, timeout, tls).await? {
+        (ClientStep::Done(n), stream) => Ok(((*n).into(), stream)),
         _ => Err(Error::Protocol(
             "handshake ended without opening the export".into(),
         )),
@@ -221,22 +237,30 @@ async fn handshake<S: NbdStream>(
 }
 
 async fn open(uri: &NbdUri, opts: &ConnectOptions) -> Result<Connection> {
-    let mut stream = tokio::time::timeout(opts.handshake_timeout, connect_transport(uri))
+    let tls = TlsSetup::for_uri(uri, &opts.tls)?;
+    let stream = tokio::time::timeout(opts.handshake_timeout, connect_transport(uri))
         .await
         .map_err(|_| Error::HandshakeTimeout(opts.handshake_timeout))??;
-    let info = handshake(
-        &mut stream,
+    let (info, stream) = handshake(
+        stream,
         opts.handshake_config(&uri.export),
         opts.handshake_timeout,
+        tls.as_ref(),
     )
     .await?;
     tracing::debug!(size = info.size, flags = info.flags, mode = ?info.mode, "connected to {uri}");
-    Ok(Connection::start(stream, info, opts.requests))
+    Ok(Connection::start(
+        stream,
+        info,
+        opts.requests,
+        opts.io_timeout,
+    ))
 }
 
 /// The exports a server lists (NBD_OPT_LIST).
 pub async fn list_exports(uri: &NbdUri, timeout: Duration) -> Result<Vec<ServerEntry>> {
-    let mut stream = tokio::time::timeout(timeout, connect_transport(uri))
+    let tls = TlsSetup::for_uri(uri, &TlsOptions::default())?;
+    let stream = tokio::time::timeout(timeout, connect_transport(uri))
         .await
         .map_err(|_| Error::HandshakeTimeout(timeout))??;
     let cfg = ClientConfig {
@@ -246,9 +270,10 @@ pub async fn list_exports(uri: &NbdUri, timeout: Duration) -> Result<Vec<ServerE
         meta_contexts: Vec::new(),
         list_contexts: false,
         list_exports: true,
+        tls: false,
     };
-    match negotiate(&mut stream, cfg, timeout).await? {
-        ClientStep::Listed(v) => Ok(v),
+    match negotiate(stream, cfg, timeout, tls.as_ref()).await? {
+        (ClientStep::Listed(v), _) => Ok(v),
         _ => Err(Error::Protocol("LIST did not produce a list".into())),
     }
 }

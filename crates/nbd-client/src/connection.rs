@@ -1,32 +1,51 @@
 //! One negotiated connection in transmission: many requests in flight,
 //! replies routed by cookie.
 //!
-//! A writer task sends requests in the order they were queued, batching
-//! whatever is ready into one flush. A reader task decodes replies and
-//! completes the waiting request: read data (and holes, as zeroes) land
-//! directly in the caller's buffer at the chunk's offset. When either task
-//! fails the connection is marked dead and every waiting request gets the
-//! error, so nothing waits on a connection that cannot answer.
+//! A writer task sends requests in the order they were queued: everything
+//! already queued goes out in one vectored write, headers and write payloads
+//! side by side (no copy into a staging buffer). A reader task decodes
+//! replies and completes the waiting request: read data land directly in the
+//! caller's buffer at the chunk's offset, straight from the socket (only the
+//! bytes that arrived together with a header pass through the small read
+//! buffer). When either task fails, or the server sends nothing for the I/O
+//! timeout while requests wait, the connection is marked dead and every
+//! waiting request gets the error, so nothing waits on a connection that
+//! cannot answer.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use nbd_proto::consts::{MAX_STRING, chunk, cmd, cmdflag, replyflag};
 use nbd_proto::reply::{Chunk, Extent, ReplyHeader, ReplyMode};
 use nbd_proto::request::Request;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::{Instant, Sleep};
 
 use crate::error::{Error, Result};
 use crate::export::ExportInfo;
-use crate::stream::NbdStream;
+use crate::stream::{BoxStream, ReadHalf, WriteHalf};
 
 /// Largest non-data chunk payload accepted: a block status chunk of 2^20
 /// extended descriptors plus its header. Anything larger is hostile.
 const MAX_CHUNK_PAYLOAD: u64 = 8 + 16 * (1 << 20);
+
+/// Read buffer for reply headers and small payloads. Small on purpose:
+/// bulk read data is read past it into the caller's buffer, and whatever
+/// sits in it when a data chunk starts is copied once more.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// Most requests sent with one vectored write (two slices each, well under
+/// the kernel's IOV_MAX of 1024).
+const MAX_BATCH: usize = 256;
 
 /// What a completed request hands back.
 enum Done {
@@ -37,10 +56,15 @@ enum Done {
 
 enum Kind {
     Plain,
-    /// `covered` counts bytes delivered by data and hole chunks.
     Read {
         buf: Vec<u8>,
+        /// Bytes delivered by data and hole chunks.
         covered: u64,
+        /// Ranges (relative to the request) delivered by chunks that cover
+        /// only part of it, to refuse overlaps: a duplicated chunk would
+        /// otherwise make `covered` add up while part of the buffer (maybe
+        /// holding data of an earlier request) was never written.
+        spans: Vec<(u64, u64)>,
     },
     BlockStatus(Vec<(u32, Vec<Extent>)>),
 }
@@ -61,7 +85,7 @@ impl Pending {
             Some(e) => Err(e),
             None => match self.kind {
                 Kind::Plain => Ok(Done::Plain),
-                Kind::Read { buf, covered } => {
+                Kind::Read { buf, covered, .. } => {
                     if covered == self.length {
                         Ok(Done::Read(buf))
                     } else {
@@ -87,13 +111,74 @@ impl Pending {
     fn fail(self, e: Error) {
         let _ = self.tx.send(Err(e));
     }
+
+    /// Records that a chunk delivered `[start, start+n)` of a READ (already
+    /// checked to lie inside the request).
+    fn cover(&mut self, start: u64, n: u64) -> Result<()> {
+        let Kind::Read { covered, spans, .. } = &mut self.kind else {
+            unreachable!("only READ replies carry data");
+        };
+        let end = start + n;
+        // A reply that covers everything (the usual single chunk) needs no
+        // record: any further chunk overlaps it.
+        if *covered == self.length || spans.iter().any(|&(a, b)| start < b && a < end) {
+            return Err(Error::Protocol(format!(
+                "overlapping chunks in the reply to READ at {} length {}",
+                self.offset, self.length
+            )));
+        }
+        if n < self.length {
+            spans.push((start, end));
+        }
+        *covered += n;
+        Ok(())
+    }
+}
+
+/// Why a connection is unusable.
+#[derive(Debug, Clone)]
+enum Dead {
+    Timeout(Duration),
+    /// The server broke the protocol.
+    Protocol(String),
+    Closed(String),
+}
+
+impl Dead {
+    fn error(&self) -> Error {
+        match self {
+            Dead::Timeout(d) => Error::Timeout(*d),
+            Dead::Protocol(m) => Error::Protocol(m.clone()),
+            Dead::Closed(why) => Error::Disconnected(why.clone()),
+        }
+    }
 }
 
 #[derive(Default)]
 struct Table {
     map: HashMap<u64, Pending>,
-    /// Why the connection is unusable, once it is.
-    dead: Option<String>,
+    /// Since when requests have been waiting without a break (None while
+    /// none wait): the I/O timeout counts from here or from the last byte
+    /// received, whichever is later.
+    busy_since: Option<Instant>,
+    dead: Option<Dead>,
+}
+
+impl Table {
+    fn insert(&mut self, cookie: u64, p: Pending) {
+        if self.map.is_empty() {
+            self.busy_since = Some(Instant::now());
+        }
+        self.map.insert(cookie, p);
+    }
+
+    fn remove(&mut self, cookie: u64) -> Option<Pending> {
+        let p = self.map.remove(&cookie);
+        if self.map.is_empty() {
+            self.busy_since = None;
+        }
+        p
+    }
 }
 
 struct Shared {
@@ -106,16 +191,15 @@ impl Shared {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn fail_all(&self, why: &str) {
-        let drained: Vec<Pending> = {
+    fn fail_all(&self, why: Dead) {
+        let (drained, why) = {
             let mut t = self.lock();
-            if t.dead.is_none() {
-                t.dead = Some(why.to_string());
-            }
-            t.map.drain().map(|(_, p)| p).collect()
+            let why = t.dead.get_or_insert(why).clone();
+            t.busy_since = None;
+            (t.map.drain().map(|(_, p)| p).collect::<Vec<_>>(), why)
         };
         for p in drained {
-            p.fail(Error::Disconnected(why.to_string()));
+            p.fail(why.error());
         }
     }
 }
@@ -123,6 +207,8 @@ impl Shared {
 struct Outgoing {
     header: BytesMut,
     payload: Option<Bytes>,
+    /// NBD_CMD_DISC: nothing may be sent after it.
+    last: bool,
 }
 
 /// A connection in transmission phase.
@@ -140,20 +226,37 @@ pub struct Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.reader.abort();
+        // A writer stuck on a server that stopped reading must not outlive
+        // the connection either.
+        if let Some(w) = self
+            .writer
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            w.abort();
+        }
     }
 }
 
 impl Connection {
     /// Starts transmission on a negotiated stream with at most `in_flight`
-    /// requests outstanding.
-    pub fn start<S: NbdStream>(stream: S, info: ExportInfo, in_flight: usize) -> Self {
+    /// requests outstanding. With an `io_timeout`, the connection fails
+    /// once requests have waited that long without a byte from the server.
+    pub fn start(
+        stream: BoxStream,
+        info: ExportInfo,
+        in_flight: usize,
+        io_timeout: Option<Duration>,
+    ) -> Self {
         let in_flight = in_flight.clamp(1, 1 << 16);
         let info = Arc::new(info);
         let shared = Arc::new(Shared {
             table: Mutex::new(Table::default()),
         });
-        let (rd, wr) = tokio::io::split(stream);
+        let (rd, wr) = stream.into_halves();
         let (tx, rx) = mpsc::unbounded_channel();
+        let rd = Watched::new(rd, shared.clone(), io_timeout);
         let reader = tokio::spawn(reader_task(rd, shared.clone(), info.clone()));
         let writer = tokio::spawn(writer_task(wr, rx, shared.clone()));
         Connection {
@@ -220,41 +323,17 @@ impl Connection {
         Ok(())
     }
 
-    async fn submit(
+    fn encode(
         &self,
-        command: u16,
         mut flags: u16,
+        command: u16,
+        cookie: u64,
         offset: u64,
         length: u64,
-        payload: Option<Bytes>,
-        kind: Kind,
-    ) -> Result<Done> {
-        let _permit = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| Error::Disconnected("connection closed".into()))?;
-        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut t = self.shared.lock();
-            if let Some(why) = &t.dead {
-                return Err(Error::Disconnected(why.clone()));
-            }
-            t.map.insert(
-                cookie,
-                Pending {
-                    command,
-                    offset,
-                    length,
-                    kind,
-                    error: None,
-                    tx,
-                },
-            );
-        }
+        payload: bool,
+    ) -> BytesMut {
         let extended = self.info.mode == ReplyMode::Extended;
-        if extended && payload.is_some() {
+        if extended && payload {
             flags |= cmdflag::PAYLOAD_LEN;
         }
         let mut header = BytesMut::with_capacity(32);
@@ -266,8 +345,50 @@ impl Connection {
             length,
         }
         .encode(&mut header, extended);
-        if self.tx.send(Outgoing { header, payload }).is_err() {
-            self.shared.lock().map.remove(&cookie);
+        header
+    }
+
+    async fn submit(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: Option<Bytes>,
+        kind: Kind,
+    ) -> Result<Done> {
+        let _permit = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| Error::Disconnected("connection closed".into()))?;
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let header = self.encode(flags, command, cookie, offset, length, payload.is_some());
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut t = self.shared.lock();
+            if let Some(why) = &t.dead {
+                return Err(why.error());
+            }
+            t.insert(
+                cookie,
+                Pending {
+                    command,
+                    offset,
+                    length,
+                    kind,
+                    error: None,
+                    tx,
+                },
+            );
+        }
+        let msg = Outgoing {
+            header,
+            payload,
+            last: false,
+        };
+        if self.tx.send(msg).is_err() {
+            self.shared.lock().remove(cookie);
             return Err(Error::Disconnected("connection closed".into()));
         }
         match rx.await {
@@ -282,7 +403,11 @@ impl Connection {
         let length = buf.len() as u64;
         self.check_range("READ", offset, length)?;
         self.check_payload("READ", length)?;
-        let kind = Kind::Read { buf, covered: 0 };
+        let kind = Kind::Read {
+            buf,
+            covered: 0,
+            spans: Vec::new(),
+        };
         match self
             .submit(cmd::READ, 0, offset, length, None, kind)
             .await?
@@ -404,23 +529,16 @@ impl Connection {
         if self.is_dead() {
             return Ok(());
         }
-        let mut header = BytesMut::with_capacity(32);
-        Request {
-            flags: 0,
-            command: cmd::DISC,
-            cookie: 0,
-            offset: 0,
-            length: 0,
-        }
-        .encode(&mut header, self.info.mode == ReplyMode::Extended);
+        let header = self.encode(0, cmd::DISC, 0, 0, 0, false);
         let _ = self.tx.send(Outgoing {
             header,
             payload: None,
+            last: true,
         });
         // Nothing more may be sent after DISC.
         all.forget();
         self.slots.close();
-        self.shared.lock().dead = Some("disconnected".into());
+        self.shared.lock().dead = Some(Dead::Closed("disconnected".into()));
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         // Dropping our sender is not possible while `self` lives, so the
         // writer is told to stop by the DISC it just sent (see writer_task).
@@ -431,72 +549,173 @@ impl Connection {
     }
 }
 
-async fn writer_task<W: AsyncWrite + Unpin>(
-    wr: W,
+async fn writer_task(
+    mut w: WriteHalf,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     shared: Arc<Shared>,
 ) {
-    let mut w = BufWriter::with_capacity(64 * 1024, wr);
-    while let Some(mut msg) = rx.recv().await {
-        let mut disc = false;
-        let res: std::io::Result<()> = async {
-            loop {
-                disc |= msg.header.len() >= 8
-                    && u16::from_be_bytes([msg.header[6], msg.header[7]]) == cmd::DISC;
-                w.write_all(&msg.header).await?;
-                if let Some(p) = &msg.payload {
-                    w.write_all(p).await?;
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let Some(first) = rx.recv().await else {
+            // Every sender is gone: the connection was dropped. Closing our
+            // side lets the server see EOF.
+            let _ = w.shutdown().await;
+            return;
+        };
+        let mut last = first.last;
+        batch.push(first);
+        // Everything already queued goes out with the same system call.
+        while !last && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => {
+                    last = m.last;
+                    batch.push(m);
                 }
-                if disc {
-                    break;
-                }
-                // Batch everything already queued into one flush.
-                match rx.try_recv() {
-                    Ok(m) => msg = m,
-                    Err(_) => break,
-                }
+                Err(_) => break,
             }
-            w.flush().await
         }
-        .await;
-        if let Err(e) = res {
-            shared.fail_all(&format!("write failed: {e}"));
+        if let Err(e) = write_batch(&mut w, &batch).await {
+            shared.fail_all(Dead::Closed(format!("write failed: {e}")));
             return;
         }
-        if disc {
+        // The payloads go back to their owners as soon as they are sent.
+        batch.clear();
+        if last {
             let _ = w.shutdown().await;
             return;
         }
     }
-    // Every sender is gone: the connection was dropped. Closing our side
-    // lets the server see EOF.
-    let _ = w.shutdown().await;
 }
 
-async fn reader_task<R: AsyncRead + Unpin>(rd: R, shared: Arc<Shared>, info: Arc<ExportInfo>) {
-    let mut r = BufReader::with_capacity(256 * 1024, rd);
+async fn write_batch(w: &mut WriteHalf, batch: &[Outgoing]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * batch.len());
+    for m in batch {
+        slices.push(IoSlice::new(&m.header));
+        if let Some(p) = &m.payload {
+            slices.push(IoSlice::new(p));
+        }
+    }
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    w.flush().await
+}
+
+/// The read half, with the I/O timeout: a read fails with `TimedOut` once
+/// requests have waited `timeout` without a byte from the server. The timer
+/// is not reset on every read; when it goes off it works out the real
+/// deadline from the last byte received and re-arms if that is later.
+struct Watched {
+    inner: ReadHalf,
+    shared: Arc<Shared>,
+    timeout: Option<(Duration, Pin<Box<Sleep>>)>,
+    last_rx: Instant,
+}
+
+impl Watched {
+    fn new(inner: ReadHalf, shared: Arc<Shared>, timeout: Option<Duration>) -> Self {
+        Watched {
+            inner,
+            shared,
+            timeout: timeout.map(|t| (t, Box::pin(tokio::time::sleep(t)))),
+            last_rx: Instant::now(),
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_read(cx, buf) {
+            if buf.filled().len() > before {
+                this.last_rx = Instant::now();
+            }
+            return Poll::Ready(r);
+        }
+        let Some((timeout, sleep)) = &mut this.timeout else {
+            return Poll::Pending;
+        };
+        while sleep.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let busy_since = this.shared.lock().busy_since;
+            // Nothing waiting: look again one timeout from now.
+            let deadline = busy_since.map_or(now, |b| b.max(this.last_rx)) + *timeout;
+            if deadline <= now {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    TimedOut(*timeout),
+                )));
+            }
+            sleep.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+/// Marks an I/O error as the inactivity timeout (so waiting requests get
+/// [`Error::Timeout`]).
+#[derive(Debug)]
+struct TimedOut(Duration);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no reply from the server for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
+type Reader = BufReader<Watched>;
+
+async fn reader_task(rd: Watched, shared: Arc<Shared>, info: Arc<ExportInfo>) {
+    let mut r = BufReader::with_capacity(READ_BUFFER, rd);
     let why = match read_replies(&mut r, &shared, &info).await {
-        Ok(()) => "server closed the connection".to_string(),
-        Err(e) => e.to_string(),
+        Ok(()) => Dead::Closed("server closed the connection".into()),
+        Err(Error::Io(e)) if e.get_ref().is_some_and(|i| i.is::<TimedOut>()) => {
+            let t = e.into_inner().and_then(|i| i.downcast::<TimedOut>().ok());
+            Dead::Timeout(t.map_or(Duration::ZERO, |t| t.0))
+        }
+        Err(Error::Protocol(m)) => Dead::Protocol(m),
+        Err(e) => Dead::Closed(e.to_string()),
     };
-    tracing::debug!("reader stopped: {why}");
-    shared.fail_all(&why);
+    tracing::debug!("reader stopped: {why:?}");
+    shared.fail_all(why);
 }
 
 fn take(shared: &Shared, cookie: u64) -> Result<Pending> {
     shared
         .lock()
-        .map
-        .remove(&cookie)
+        .remove(cookie)
         .ok_or_else(|| Error::Protocol(format!("reply with unknown cookie {cookie:#x}")))
 }
 
+/// Fills `dst` with the next bytes of the reply stream: first what the read
+/// buffer holds, the rest straight from the socket, so bulk data is copied
+/// only by the kernel.
+async fn read_payload(r: &mut Reader, dst: &mut [u8]) -> std::io::Result<()> {
+    let buffered = r.buffer();
+    let n = buffered.len().min(dst.len());
+    dst[..n].copy_from_slice(&buffered[..n]);
+    Pin::new(&mut *r).consume(n);
+    if n < dst.len() {
+        // The buffer is empty now, so reading past it keeps the order.
+        r.get_mut().read_exact(&mut dst[n..]).await?;
+    }
+    Ok(())
+}
+
 /// Reads replies until EOF (Ok) or a protocol/I/O error.
-async fn read_replies<R: AsyncRead + Unpin>(
-    r: &mut R,
-    shared: &Shared,
-    info: &ExportInfo,
-) -> Result<()> {
+async fn read_replies(r: &mut Reader, shared: &Shared, info: &ExportInfo) -> Result<()> {
     let mut hdr = [0u8; 32];
     loop {
         match r.read_exact(&mut hdr[..4]).await {
@@ -517,37 +736,9 @@ async fn read_replies<R: AsyncRead + Unpin>(
         r.read_exact(&mut hdr[4..len]).await?;
         let header =
             ReplyHeader::decode(&hdr[..len]).map_err(|e| Error::Protocol(e.to_string()))?;
-        match header {
-            ReplyHeader::Simple { error, cookie } => {
-                if info.mode == ReplyMode::Extended {
-                    return Err(Error::Protocol("simple reply with extended headers".into()));
-                }
-                let mut p = take(shared, cookie)?;
-                if error != 0 {
-                    let e = Error::server(p.command, p.offset, p.length, error, String::new());
-                    p.fail(e);
-                    continue;
-                }
-                if let Kind::Read { buf, covered } = &mut p.kind {
-                    if info.mode == ReplyMode::Structured {
-                        return Err(Error::Protocol(
-                            "simple reply to READ with structured replies".into(),
-                        ));
-                    }
-                    r.read_exact(buf).await?;
-                    *covered = p.length;
-                } else if let Kind::BlockStatus(_) = p.kind {
-                    return Err(Error::Protocol("simple reply to BLOCK_STATUS".into()));
-                }
-                p.complete();
-            }
-            ReplyHeader::Chunk {
-                flags,
-                chunk_type,
-                cookie,
-                payload_len,
-                ..
-            } => {
+        let (cookie, mut p, done) = match header {
+            ReplyHeader::Simple { cookie, .. } => (cookie, take(shared, cookie)?, true),
+            ReplyHeader::Chunk { flags, cookie, .. } => {
                 if info.mode == ReplyMode::Simple {
                     return Err(Error::Protocol(
                         "structured reply that was not negotiated".into(),
@@ -558,49 +749,105 @@ async fn read_replies<R: AsyncRead + Unpin>(
                         "reply header form does not match the negotiated one".into(),
                     ));
                 }
-                let mut p = take(shared, cookie)?;
-                chunk_into(r, &mut p, chunk_type, payload_len, info).await?;
-                if flags & replyflag::DONE != 0 {
-                    p.complete();
-                } else {
-                    shared.lock().map.insert(cookie, p);
-                }
+                let done = flags & replyflag::DONE != 0;
+                (cookie, take(shared, cookie)?, done)
+            }
+        };
+        let result = match header {
+            ReplyHeader::Simple { error, .. } => simple_into(r, &mut p, error, info).await,
+            ReplyHeader::Chunk {
+                chunk_type,
+                payload_len,
+                ..
+            } => chunk_into(r, &mut p, chunk_type, payload_len, info).await,
+        };
+        match result {
+            Ok(()) if done => p.complete(),
+            // More chunks to come.
+            Ok(()) => shared.lock().insert(cookie, p),
+            Err(e) => {
+                // Back into the table, so it fails with everything else
+                // waiting on this connection.
+                shared.lock().insert(cookie, p);
+                return Err(e);
             }
         }
     }
 }
 
+/// Applies a simple reply (and a READ's payload) to its request.
+async fn simple_into(r: &mut Reader, p: &mut Pending, error: u32, info: &ExportInfo) -> Result<()> {
+    if info.mode == ReplyMode::Extended {
+        return Err(Error::Protocol("simple reply with extended headers".into()));
+    }
+    if error != 0 {
+        p.error = Some(Error::server(
+            p.command,
+            p.offset,
+            p.length,
+            error,
+            String::new(),
+        ));
+        return Ok(());
+    }
+    match &mut p.kind {
+        Kind::Read { buf, covered, .. } => {
+            if info.mode == ReplyMode::Structured {
+                return Err(Error::Protocol(
+                    "simple reply to READ with structured replies".into(),
+                ));
+            }
+            read_payload(r, buf).await?;
+            *covered = p.length;
+        }
+        Kind::BlockStatus(_) => {
+            return Err(Error::Protocol("simple reply to BLOCK_STATUS".into()));
+        }
+        Kind::Plain => {}
+    }
+    Ok(())
+}
+
+/// Where a chunk's `[offset, offset+n)` starts inside the READ `p`, if it
+/// lies wholly inside it.
+fn chunk_start(p: &Pending, what: &str, offset: u64, n: u64) -> Result<u64> {
+    offset
+        .checked_sub(p.offset)
+        .filter(|s| n > 0 && s.checked_add(n).is_some_and(|end| end <= p.length))
+        .ok_or_else(|| {
+            Error::Protocol(format!(
+                "{what} chunk at {offset} length {n} outside READ at {} length {}",
+                p.offset, p.length
+            ))
+        })
+}
+
 /// Applies one chunk to its pending request. Errors returned here are
 /// protocol violations that end the connection.
-async fn chunk_into<R: AsyncRead + Unpin>(
-    r: &mut R,
+async fn chunk_into(
+    r: &mut Reader,
     p: &mut Pending,
     chunk_type: u16,
     payload_len: u64,
     info: &ExportInfo,
 ) -> Result<()> {
     if chunk_type == chunk::OFFSET_DATA {
-        let Kind::Read { buf, covered } = &mut p.kind else {
+        if !matches!(p.kind, Kind::Read { .. }) {
             return Err(Error::Protocol("data chunk in reply to a non-READ".into()));
-        };
+        }
         if payload_len < 9 {
             return Err(Error::Protocol("data chunk too short".into()));
         }
         let offset = r.read_u64().await?;
         let n = payload_len - 8;
-        let start = offset
-            .checked_sub(p.offset)
-            .filter(|s| s.checked_add(n).is_some_and(|end| end <= p.length))
-            .ok_or_else(|| {
-                Error::Protocol(format!(
-                    "data chunk at {offset} length {n} outside READ at {} length {}",
-                    p.offset, p.length
-                ))
-            })?;
+        let start = chunk_start(p, "data", offset, n)?;
+        p.cover(start, n)?;
+        let Kind::Read { buf, .. } = &mut p.kind else {
+            unreachable!("checked above");
+        };
         // In range, so these fit the caller's buffer.
         let (start, n) = (start as usize, n as usize);
-        r.read_exact(&mut buf[start..start + n]).await?;
-        *covered += n as u64;
+        read_payload(r, &mut buf[start..start + n]).await?;
         return Ok(());
     }
     if payload_len > MAX_CHUNK_PAYLOAD {
@@ -625,20 +872,16 @@ async fn chunk_into<R: AsyncRead + Unpin>(
             }
         }
         Chunk::Hole { offset, length } => {
-            let Kind::Read { buf, covered } = &mut p.kind else {
+            if !matches!(p.kind, Kind::Read { .. }) {
                 return Err(Error::Protocol("hole chunk in reply to a non-READ".into()));
-            };
+            }
             let n = u64::from(length);
-            let start = offset
-                .checked_sub(p.offset)
-                .filter(|s| n > 0 && s + n <= p.length)
-                .ok_or_else(|| {
-                    Error::Protocol(format!(
-                        "hole chunk at {offset} length {n} outside the READ"
-                    ))
-                })?;
+            let start = chunk_start(p, "hole", offset, n)?;
+            p.cover(start, n)?;
+            let Kind::Read { buf, .. } = &mut p.kind else {
+                unreachable!("checked above");
+            };
             buf[start as usize..(start + n) as usize].fill(0);
-            *covered += n;
         }
         Chunk::BlockStatus {
             context_id,

@@ -10,8 +10,8 @@ use crate::uri::UriError;
 pub enum Error {
     #[error(transparent)]
     Uri(#[from] UriError),
-    #[error("TLS not supported yet (nbds:// URI)")]
-    TlsNotSupported,
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot connect to {target}: {source}")]
     Connect {
         target: String,
@@ -33,6 +33,10 @@ pub enum Error {
         errno: u32,
         message: String,
     },
+    /// Requests waited this long without a byte from the server; the
+    /// connection was dropped.
+    #[error("the server did not answer for {0:?} (I/O timeout)")]
+    Timeout(std::time::Duration),
     /// The connection is gone; every request waiting on it fails with this.
     #[error("connection lost: {0}")]
     Disconnected(String),

@@ -14,6 +14,7 @@ mod error;
 mod export;
 mod negotiate;
 mod stream;
+mod tls;
 mod uri;
 
 pub use client::{Client, ConnectOptions, ContextExtents, list_exports};
@@ -24,4 +25,5 @@ pub use nbd_proto::client_handshake::BlockSize;
 pub use nbd_proto::option::ServerEntry;
 pub use nbd_proto::reply::{Extent, ReplyMode};
 pub use stream::{BoxStream, NbdStream, connect_transport};
+pub use tls::{TlsOptions, TlsSetup};
 pub use uri::{DEFAULT_PORT, NbdUri, Transport, UriError};

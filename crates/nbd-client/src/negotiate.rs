@@ -7,22 +7,33 @@ use bytes::BytesMut;
 use nbd_proto::client_handshake::{ClientConfig, ClientHandshake, ClientStep, HandshakeError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::error::{Error, Result};
-use crate::stream::NbdStream;
+use nbd_tls::Prefixed;
 
-/// Runs the handshake to completion (or failure) within `timeout`.
-pub async fn negotiate<S: NbdStream>(
-    stream: &mut S,
+use crate::error::{Error, Result};
+use crate::stream::BoxStream;
+use crate::tls::TlsSetup;
+
+/// Runs the handshake to completion (or failure) within `timeout`,
+/// upgrading the stream to TLS on the way when `tls` is given. Returns the
+/// final step and the stream transmission continues on.
+pub async fn negotiate(
+    stream: BoxStream,
     cfg: ClientConfig,
     timeout: Duration,
-) -> Result<ClientStep> {
-    match tokio::time::timeout(timeout, run(stream, cfg)).await {
+    tls: Option<&TlsSetup>,
+) -> Result<(ClientStep, BoxStream)> {
+    match tokio::time::timeout(timeout, run(stream, cfg, tls)).await {
         Ok(r) => r,
         Err(_) => Err(Error::HandshakeTimeout(timeout)),
     }
 }
 
-async fn run<S: NbdStream>(stream: &mut S, cfg: ClientConfig) -> Result<ClientStep> {
+async fn run(
+    mut stream: BoxStream,
+    mut cfg: ClientConfig,
+    tls: Option<&TlsSetup>,
+) -> Result<(ClientStep, BoxStream)> {
+    cfg.tls = tls.is_some();
     let mut hs = ClientHandshake::new(cfg);
     let mut input = BytesMut::with_capacity(4096);
     loop {
@@ -41,18 +52,43 @@ async fn run<S: NbdStream>(stream: &mut S, cfg: ClientConfig) -> Result<ClientSt
                         "unexpected data after the handshake".into(),
                     ));
                 }
-                return Ok(step);
+                return Ok((step, stream));
             }
             ClientStep::Listed(_) => {
                 // Closing right after ABORT is fine; old servers do not ACK it.
                 let _ = stream.shutdown().await;
-                return Ok(step);
+                return Ok((step, stream));
+            }
+            ClientStep::StartTls => {
+                let Some(setup) = tls else {
+                    return Err(Error::Protocol(
+                        "STARTTLS accepted but never asked for".into(),
+                    ));
+                };
+                let leftover = std::mem::take(&mut input).to_vec();
+                let upgraded = setup
+                    .connector
+                    .connect(setup.server_name.clone(), Prefixed::new(leftover, stream))
+                    .await
+                    .map_err(|e| {
+                        Error::Tls(nbd_tls::describe_handshake_error(&e, nbd_tls::Side::Client))
+                    })?;
+                stream = Box::new(upgraded);
+                hs.tls_established()?;
+                continue;
             }
         }
         if input.capacity() - input.len() < 1024 {
             input.reserve(4096);
         }
-        let n = stream.read_buf(&mut input).await?;
+        // In TLS 1.3 the server judges our certificate after we think the
+        // handshake is over: its verdict arrives as an alert on this read.
+        let n = stream.read_buf(&mut input).await.map_err(|e| match tls {
+            Some(_) if e.to_string().contains("alert") => {
+                Error::Tls(nbd_tls::describe_handshake_error(&e, nbd_tls::Side::Client))
+            }
+            _ => e.into(),
+        })?;
         if n == 0 {
             if hs.awaiting_export_name() {
                 return Err(HandshakeError::ExportNameRejected(hs.export().to_string()).into());

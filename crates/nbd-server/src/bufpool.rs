@@ -19,7 +19,11 @@ pub struct BufPool {
 pub static POOL: BufPool = BufPool::new();
 
 fn class_of(len: usize) -> Option<usize> {
-    let bits = len.max(1).next_power_of_two().trailing_zeros().max(MIN_CLASS);
+    let bits = len
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(MIN_CLASS);
     let c = (bits - MIN_CLASS) as usize;
     (c < CLASSES).then_some(c)
 }
@@ -36,7 +40,10 @@ impl BufPool {
     pub fn get(&self, len: usize) -> Vec<u8> {
         match class_of(len) {
             Some(c) => {
-                let recycled = self.classes[c].lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let recycled = self.classes[c]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pop();
                 recycled.unwrap_or_else(|| vec![0u8; 1 << (c as u32 + MIN_CLASS)])
             }
             None => vec![0u8; len],

@@ -3,12 +3,14 @@
 //! writer task.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use nbd_proto::consts::{cmd, cmdflag, errno};
 use nbd_proto::reply::ReplyMode;
 use nbd_proto::request::Request;
 use nbd_proto::server_handshake::{HandshakeConfig, Negotiated, ServerHandshake, Step};
+use nbd_tls::Prefixed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -20,11 +22,15 @@ use crate::limits::Limits;
 use crate::outgoing::{Outgoing, write_loop};
 use crate::registry::{Export, Registry};
 
+/// How long a shutting-down server waits for a stalled client.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 pub struct ConnContext {
     pub registry: Arc<Registry>,
     pub limits: Limits,
     pub handshake: HandshakeConfig,
     pub shutdown: CancellationToken,
+    pub tls: Option<nbd_tls::TlsAcceptor>,
 }
 
 /// Serves one connection to the end. Errors are the connection's own and
@@ -33,36 +39,79 @@ pub async fn serve<S>(mut stream: S, ctx: Arc<ConnContext>, peer: String) -> std
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let negotiated = tokio::select! {
-        _ = ctx.shutdown.cancelled() => return Ok(()),
-        r = tokio::time::timeout(ctx.limits.handshake_timeout, handshake(&mut stream, &ctx)) => match r {
-            Ok(r) => r?,
-            Err(_) => {
-                tracing::info!(%peer, "handshake timed out");
+    let deadline = tokio::time::Instant::now() + ctx.limits.handshake_timeout;
+    let mut hs = ServerHandshake::new(ctx.handshake.clone());
+    let phase = match bounded(&ctx, deadline, negotiate(&mut stream, &mut hs, &ctx)).await {
+        Some(p) => p?,
+        None => return Ok(()),
+    };
+    match phase {
+        Phase::Done(n, pending) => transmission(stream, ctx, *n, pending, peer).await,
+        Phase::Ended => Ok(()),
+        Phase::StartTls(leftover) => {
+            let Some(acceptor) = ctx.tls.clone() else {
+                tracing::warn!(%peer, "STARTTLS acknowledged without TLS credentials");
                 return Ok(());
+            };
+            let accept = acceptor.accept(Prefixed::new(leftover.to_vec(), stream));
+            let mut tls = match bounded(&ctx, deadline, accept).await {
+                Some(Ok(t)) => t,
+                Some(Err(e)) => {
+                    tracing::warn!(%peer, "{}", nbd_tls::describe_handshake_error(&e, nbd_tls::Side::Server));
+                    return Ok(());
+                }
+                None => return Ok(()),
+            };
+            let ids = nbd_tls::peer_identities(tls.get_ref().1.peer_certificates());
+            tracing::info!(%peer, client = %ids.join(","), "TLS established");
+            hs.tls_established(ids);
+            match bounded(&ctx, deadline, negotiate(&mut tls, &mut hs, &ctx)).await {
+                Some(Ok(Phase::Done(n, pending))) => {
+                    transmission(tls, ctx, *n, pending, peer).await
+                }
+                Some(Err(e)) => Err(e),
+                // A second STARTTLS is refused by the handshake itself.
+                _ => Ok(()),
             }
-        },
-    };
-    let Some((negotiated, pending)) = negotiated else {
-        return Ok(());
-    };
-    tracing::info!(
-        %peer,
-        export = %negotiated.info.name,
-        mode = ?negotiated.mode,
-        contexts = negotiated.contexts.len(),
-        "transmission started"
-    );
-    transmission(stream, ctx, *negotiated, pending, peer).await
+        }
+    }
 }
 
-type Handshaken = Option<(Box<Negotiated<Arc<Export>>>, BytesMut)>;
+/// Runs a handshake step unless the deadline passes or the server shuts
+/// down first (None).
+async fn bounded<F: std::future::Future>(
+    ctx: &ConnContext,
+    deadline: tokio::time::Instant,
+    f: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        _ = ctx.shutdown.cancelled() => None,
+        r = tokio::time::timeout_at(deadline, f) => match r {
+            Ok(v) => Some(v),
+            Err(_) => {
+                tracing::info!("handshake timed out");
+                None
+            }
+        },
+    }
+}
 
-async fn handshake<S>(stream: &mut S, ctx: &ConnContext) -> std::io::Result<Handshaken>
+enum Phase {
+    /// Transmission starts; the bytes hold input read past the handshake.
+    Done(Box<Negotiated<Arc<Export>>>, BytesMut),
+    /// STARTTLS acknowledged; the bytes already belong to TLS.
+    StartTls(BytesMut),
+    Ended,
+}
+
+async fn negotiate<S>(
+    stream: &mut S,
+    hs: &mut ServerHandshake,
+    ctx: &ConnContext,
+) -> std::io::Result<Phase>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut hs = ServerHandshake::new(ctx.handshake.clone());
     let mut input = BytesMut::with_capacity(4096);
     loop {
         let step = hs.feed(&mut input, &*ctx.registry);
@@ -73,20 +122,23 @@ where
         match step {
             Step::NeedMore => {
                 if stream.read_buf(&mut input).await? == 0 {
-                    return Ok(None);
+                    return Ok(Phase::Ended);
                 }
             }
-            Step::Done(n) => return Ok(Some((n, input))),
-            Step::Abort => return Ok(None),
-            Step::StartTls => {
-                // The handshake only acknowledges STARTTLS when TLS is
-                // configured, which this build's listeners never are.
-                tracing::warn!("STARTTLS acknowledged without TLS credentials");
-                return Ok(None);
+            Step::Done(n) => {
+                tracing::info!(
+                    export = %n.info.name,
+                    mode = ?n.mode,
+                    contexts = n.contexts.len(),
+                    "transmission started"
+                );
+                return Ok(Phase::Done(n, input));
             }
+            Step::StartTls => return Ok(Phase::StartTls(input)),
+            Step::Abort => return Ok(Phase::Ended),
             Step::Close(why) => {
                 tracing::info!("closing during handshake: {why}");
-                return Ok(None);
+                return Ok(Phase::Ended);
             }
         }
     }
@@ -113,9 +165,16 @@ where
         max_payload: ctx.limits.max_payload,
     });
     let mut reader = FrameReader::new(rd, pending);
+    // On shutdown the read loop answers what the client already sent; a
+    // client that stalls (mid-payload, or never reading replies) gets a
+    // grace period and is then cut off.
+    let grace = async {
+        ctx.shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
     let result = tokio::select! {
-        r = read_loop(&mut reader, &session, &ctx.limits, &tx) => r,
-        _ = ctx.shutdown.cancelled() => Ok(()),
+        r = read_loop(&mut reader, &session, &ctx.limits, &tx, &ctx.shutdown) => r,
+        _ = grace => Ok(()),
     };
     if let Err(e) = &result {
         tracing::info!(%peer, "connection ends: {e}");
@@ -123,10 +182,22 @@ where
     // In-flight requests keep their own senders: the writer finishes when
     // the last of them has been answered.
     drop(tx);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(%peer, "writer: {e}"),
-        Err(e) => tracing::warn!(%peer, "writer task failed: {e}"),
+    let mut writer = writer;
+    let finished = tokio::select! {
+        r = &mut writer => Some(r),
+        _ = async {
+            ctx.shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => None,
+    };
+    match finished {
+        Some(Ok(Ok(()))) => {}
+        Some(Ok(Err(e))) => tracing::debug!(%peer, "writer: {e}"),
+        Some(Err(e)) => tracing::warn!(%peer, "writer task failed: {e}"),
+        None => {
+            tracing::warn!(%peer, "client stopped reading replies; dropping it");
+            writer.abort();
+        }
     }
     Ok(())
 }
@@ -136,13 +207,32 @@ async fn read_loop<R: AsyncRead + Unpin>(
     session: &Arc<Session>,
     limits: &Limits,
     tx: &mpsc::UnboundedSender<Outgoing>,
+    shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
     let extended = session.mode == ReplyMode::Extended;
     let hlen = Request::header_len(extended);
     let count = Arc::new(Semaphore::new(limits.max_inflight));
     let bytes = Arc::new(Semaphore::new(limits.max_inflight_bytes));
+    let mut draining = false;
     loop {
-        if !reader.fill(hlen).await? {
+        let more = if draining {
+            // Requests the client sent before it could know: answer them
+            // with ESHUTDOWN rather than leave them unread (closing a socket
+            // with unread input resets it, losing replies in flight).
+            match tokio::time::timeout(Duration::ZERO, reader.fill(hlen)).await {
+                Ok(r) => r?,
+                Err(_) => return Ok(()),
+            }
+        } else {
+            tokio::select! {
+                r = reader.fill(hlen) => r?,
+                _ = shutdown.cancelled() => {
+                    draining = true;
+                    continue;
+                }
+            }
+        };
+        if !more {
             return Ok(());
         }
         let req = Request::decode(reader.peek(hlen), extended)
@@ -158,7 +248,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
             } else {
                 0
             };
-        let checked = if req.command != cmd::WRITE && payload_len > 0 {
+        // Every request, refused ones too, holds a slot until its reply is
+        // sent: a client that never reads replies cannot make them pile up.
+        let slot = count
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(std::io::Error::other)?;
+        let checked = if draining {
+            Err((errno::ESHUTDOWN, "server is shutting down"))
+        } else if req.command != cmd::WRITE && payload_len > 0 {
             Err((errno::EINVAL, "unexpected payload"))
         } else {
             session.validate(&req).map_err(|r| (r.errno, r.message))
@@ -171,7 +270,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 ));
             }
             reader.discard(payload_len).await?;
-            let _ = tx.send(session.error_reply(&req, code, message));
+            let mut out = session.error_reply(&req, code, message);
+            out.permits = vec![slot];
+            let _ = tx.send(out);
             continue;
         }
         let weight = match req.command {
@@ -179,11 +280,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             _ => 0,
         };
         let permits = vec![
-            count
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(std::io::Error::other)?,
+            slot,
             bytes
                 .clone()
                 .acquire_many_owned(weight)
@@ -193,7 +290,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let mut payload = Vec::new();
         if req.command == cmd::WRITE {
             payload = POOL.get(req.length as usize);
-            reader.read_payload(&mut payload[..req.length as usize]).await?;
+            reader
+                .read_payload(&mut payload[..req.length as usize])
+                .await?;
         }
         if let Some(mut out) = session.try_read_inline(&req) {
             out.permits = permits;

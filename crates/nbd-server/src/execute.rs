@@ -157,7 +157,9 @@ impl Session {
             cmd::READ => return self.read(req),
             cmd::BLOCK_STATUS => return self.block_status(req),
             cmd::WRITE => {
-                let r = self.dev.write_at(&payload[..req.length as usize], req.offset, fua);
+                let r = self
+                    .dev
+                    .write_at(&payload[..req.length as usize], req.offset, fua);
                 POOL.put(payload);
                 r
             }

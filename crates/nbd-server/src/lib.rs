@@ -13,4 +13,4 @@ mod registry;
 
 pub use limits::Limits;
 pub use listen::{Listener, Server};
-pub use registry::{Export, Registry};
+pub use registry::{Access, Export, Registry};

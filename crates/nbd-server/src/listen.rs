@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use nbd_proto::server_handshake::HandshakeConfig;
+use nbd_proto::server_handshake::{HandshakeConfig, TlsMode};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -57,15 +57,27 @@ pub struct Server {
     registry: Arc<Registry>,
     limits: Limits,
     handshake: HandshakeConfig,
+    tls: Option<nbd_tls::TlsAcceptor>,
 }
 
 impl Server {
-    pub fn new(registry: Arc<Registry>, limits: Limits, handshake: HandshakeConfig) -> Self {
-        Server {
+    /// A server; `tls` carries the credentials STARTTLS uses. A TLS mode
+    /// other than off without credentials is a configuration error.
+    pub fn new(
+        registry: Arc<Registry>,
+        limits: Limits,
+        handshake: HandshakeConfig,
+        tls: Option<Arc<nbd_tls::ServerConfig>>,
+    ) -> Result<Self, &'static str> {
+        if tls.is_none() && handshake.tls != TlsMode::Off {
+            return Err("TLS mode needs TLS credentials");
+        }
+        Ok(Server {
             registry,
             limits,
             handshake,
-        }
+            tls: tls.map(nbd_tls::TlsAcceptor::from),
+        })
     }
 
     /// Accepts clients until `shutdown` fires, then lets every connection
@@ -76,6 +88,7 @@ impl Server {
             limits: self.limits.clone(),
             handshake: self.handshake,
             shutdown: shutdown.clone(),
+            tls: self.tls,
         });
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));

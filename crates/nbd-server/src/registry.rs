@@ -1,5 +1,6 @@
 //! The exports a server offers, looked up by name during the handshake.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use ferry_store::BlockDev;
@@ -12,6 +13,48 @@ pub struct Export {
     pub name: String,
     pub description: String,
     pub dev: Arc<dyn BlockDev>,
+}
+
+/// Who may reach an export.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Only clients that completed STARTTLS may use (or see) the export.
+    pub tls_required: bool,
+    /// Client certificate names (CN or SAN DNS/URI) allowed; empty means
+    /// any client that got this far. A list implies TLS.
+    pub allowed_clients: Vec<String>,
+}
+
+impl Access {
+    fn tls_ok(&self, peer: &Peer) -> bool {
+        peer.tls || (!self.tls_required && self.allowed_clients.is_empty())
+    }
+
+    fn identity_ok(&self, peer: &Peer) -> bool {
+        self.allowed_clients.is_empty()
+            || peer
+                .identities
+                .iter()
+                .any(|id| self.allowed_clients.contains(id))
+    }
+
+    /// Whether `peer` may use `export`, and if not, the answer to give.
+    fn admits(&self, export: &str, peer: &Peer) -> Result<(), Lookup<Arc<Export>>> {
+        if !self.tls_ok(peer) {
+            return Err(Lookup::TlsRequired);
+        }
+        if self.identity_ok(peer) {
+            return Ok(());
+        }
+        tracing::warn!(
+            export,
+            client = %peer.identities.join(","),
+            "client certificate not on the export's allow list: access denied"
+        );
+        Err(Lookup::Denied(format!(
+            "client not allowed to use export '{export}'"
+        )))
+    }
 }
 
 impl Export {
@@ -66,6 +109,7 @@ impl Export {
 /// The export table. The empty name reaches the default export.
 pub struct Registry {
     exports: RwLock<Vec<Arc<Export>>>,
+    access: RwLock<HashMap<String, Access>>,
     default: RwLock<Option<String>>,
     max_payload: u32,
 }
@@ -74,6 +118,7 @@ impl Registry {
     pub fn new(max_payload: u32) -> Self {
         Registry {
             exports: RwLock::new(Vec::new()),
+            access: RwLock::new(HashMap::new()),
             default: RwLock::new(None),
             max_payload,
         }
@@ -95,6 +140,21 @@ impl Registry {
         let mut exports = self.exports.write().unwrap_or_else(|e| e.into_inner());
         let i = exports.iter().position(|e| e.name == name)?;
         Some(exports.remove(i))
+    }
+
+    /// Sets who may reach `name`. Snapshot exports `name@SNAP` inherit it.
+    pub fn set_access(&self, name: &str, access: Access) {
+        let mut map = self.access.write().unwrap_or_else(|e| e.into_inner());
+        map.insert(name.to_string(), access);
+    }
+
+    fn access_for(&self, name: &str) -> Access {
+        let map = self.access.read().unwrap_or_else(|e| e.into_inner());
+        let base = name.split_once('@').map_or(name, |(disk, _)| disk);
+        map.get(name)
+            .or_else(|| map.get(base))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Makes the empty export name an alias of `name`.
@@ -124,9 +184,12 @@ impl Registry {
 impl Catalog for Registry {
     type Export = Arc<Export>;
 
-    fn lookup(&self, name: &str, _peer: &Peer) -> Lookup<Arc<Export>> {
+    fn lookup(&self, name: &str, peer: &Peer) -> Lookup<Arc<Export>> {
         match self.get(name) {
-            Some(e) => Lookup::Found(e),
+            Some(e) => match self.access_for(&e.name).admits(&e.name, peer) {
+                Ok(()) => Lookup::Found(e),
+                Err(refusal) => refusal,
+            },
             None => Lookup::Unknown,
         }
     }
@@ -135,10 +198,14 @@ impl Catalog for Registry {
         export.info(self.max_payload)
     }
 
-    fn list(&self, _peer: &Peer) -> Vec<ServerEntry> {
+    fn list(&self, peer: &Peer) -> Vec<ServerEntry> {
         let exports = self.exports.read().unwrap_or_else(|e| e.into_inner());
         exports
             .iter()
+            .filter(|e| {
+                let access = self.access_for(&e.name);
+                access.tls_ok(peer) && access.identity_ok(peer)
+            })
             .map(|e| ServerEntry {
                 name: e.name.clone(),
                 description: e.description.clone(),
