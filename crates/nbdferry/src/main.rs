@@ -1,12 +1,17 @@
 //! nbdferry: NBD server and client for remote block access, backup and
 //! disk migration.
 
+mod admin;
 mod cmd;
 
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "nbdferry", version, about = "NBD server and client for remote block access, backup and disk migration")]
+#[command(
+    name = "nbdferry",
+    version,
+    about = "NBD server and client for remote block access, backup and disk migration"
+)]
 struct Cli {
     #[command(subcommand)]
     command: cmd::Command,
@@ -15,7 +20,10 @@ struct Cli {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -25,8 +33,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(cli.command.run()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // One line, naming the problem and its causes.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -34,9 +41,26 @@ fn main() -> std::process::ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NBDFERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rustls=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// The error and its causes on one line, each cause once: library errors
+/// often repeat their source's text in their own message.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line.replace('\n', " ")
 }

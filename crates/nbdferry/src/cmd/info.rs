@@ -125,7 +125,8 @@ fn to_json(infos: &[(NbdUri, ExportInfo)]) -> Value {
         .collect();
     json!({
         "protocol": first.map_or("newstyle-fixed", protocol),
-        "TLS": false,
+        // nbds URIs never fall back to plaintext, so TLS is what they say.
+        "TLS": infos.first().is_some_and(|(u, _)| u.tls),
         "structured": first.is_some_and(|i| i.mode != ReplyMode::Simple),
         "extended": first.is_some_and(|i| i.mode == ReplyMode::Extended),
         "exports": exports,
@@ -134,13 +135,14 @@ fn to_json(infos: &[(NbdUri, ExportInfo)]) -> Value {
 
 fn to_text(infos: &[(NbdUri, ExportInfo)]) -> String {
     let mut s = String::new();
-    if let Some((_, i)) = infos.first() {
+    if let Some((uri, i)) = infos.first() {
         let replies = match i.mode {
             ReplyMode::Extended => "using extended headers",
             ReplyMode::Structured => "using structured packets",
             ReplyMode::Simple => "using simple packets",
         };
-        s += &format!("protocol: {} without TLS, {replies}\n", protocol(i));
+        let tls = if uri.tls { "with" } else { "without" };
+        s += &format!("protocol: {} {tls} TLS, {replies}\n", protocol(i));
     }
     for (uri, info) in infos {
         s += &format!("export=\"{}\":\n", uri.export);
