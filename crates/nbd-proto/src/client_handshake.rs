@@ -221,7 +221,9 @@ impl ClientHandshake {
     /// all plaintext state), starting with the output this queues.
     pub fn tls_established(&mut self) -> Result<(), HandshakeError> {
         if self.state != State::TlsPending {
-            return Err(HandshakeError::Protocol("TLS established without STARTTLS".into()));
+            return Err(HandshakeError::Protocol(
+                "TLS established without STARTTLS".into(),
+            ));
         }
         self.structured = false;
         self.extended = false;
@@ -598,7 +600,7 @@ mod tests {
     use super::*;
     use crate::consts::{IHAVEOPT, OPTION_HEADER_LEN};
     use crate::handshake::{encode_export_name_reply, encode_greeting};
-    use crate::option::{OptionHeader, encode_reply, encode_reply_with};
+    use crate::option::{OptionHeader, encode_error, encode_reply, encode_reply_with};
     use bytes::BufMut;
 
     /// A scripted server: decodes the client's options and answers from a
@@ -608,6 +610,7 @@ mod tests {
         to_server: BytesMut,
         to_client: BytesMut,
         seen: Vec<u32>,
+        flags_read: bool,
     }
 
     impl Script {
@@ -619,6 +622,7 @@ mod tests {
                 to_server: BytesMut::new(),
                 to_client,
                 seen: Vec::new(),
+                flags_read: false,
             }
         }
 
@@ -627,7 +631,6 @@ mod tests {
             &mut self,
             mut server: impl FnMut(u32, &[u8], &mut BytesMut),
         ) -> Result<ClientStep, HandshakeError> {
-            let mut flags_read = false;
             for _ in 0..100 {
                 // Feed the client one byte at a time to exercise partial input.
                 let mut input = BytesMut::new();
@@ -645,10 +648,10 @@ mod tests {
                 if step != ClientStep::NeedMore {
                     return Ok(step);
                 }
-                if !flags_read {
+                if !self.flags_read {
                     assert!(self.to_server.len() >= 4);
                     self.to_server.advance(4);
-                    flags_read = true;
+                    self.flags_read = true;
                 }
                 while self.to_server.len() >= OPTION_HEADER_LEN {
                     let hdr = OptionHeader::decode(&self.to_server[..OPTION_HEADER_LEN]).unwrap();
@@ -927,5 +930,62 @@ mod tests {
             s.hs.feed(&mut BytesMut::new()),
             Err(HandshakeError::Finished)
         );
+    }
+
+    #[test]
+    fn tls_goes_first_and_everything_is_renegotiated_after_it() {
+        let mut cfg = ClientConfig::new("disk");
+        cfg.tls = true;
+        cfg.meta_contexts = vec!["base:allocation".into()];
+        let mut sc = Script::new(cfg, hflag::FIXED_NEWSTYLE | hflag::NO_ZEROES);
+        let step = sc
+            .run(|code, _, out| {
+                assert_eq!(code, opt::STARTTLS, "STARTTLS must be the first option");
+                encode_reply(out, code, rep::ACK, &[]);
+            })
+            .unwrap();
+        assert_eq!(step, ClientStep::StartTls);
+        assert_eq!(sc.seen, vec![opt::STARTTLS]);
+        // Over TLS the options start again from the top.
+        sc.hs.tls_established().unwrap();
+        let step = sc
+            .run(|code, data, out| match code {
+                opt::EXTENDED_HEADERS => encode_reply(out, code, rep::ACK, &[]),
+                opt::SET_META_CONTEXT => {
+                    let req = MetaContextRequest::decode(data).unwrap();
+                    assert_eq!(req.queries, vec!["base:allocation".to_string()]);
+                    encode_reply_with(out, code, rep::META_CONTEXT, |b| {
+                        MetaContext {
+                            id: 5,
+                            name: "base:allocation".into(),
+                        }
+                        .encode(b)
+                    });
+                    encode_reply(out, code, rep::ACK, &[]);
+                }
+                opt::GO => go_ok(out, 1 << 20, tflag::HAS_FLAGS),
+                other => panic!("unexpected option {other}"),
+            })
+            .unwrap();
+        let n = done(step);
+        assert_eq!(n.mode, ReplyMode::Extended);
+        assert_eq!(n.contexts, vec![(5, "base:allocation".to_string())]);
+    }
+
+    #[test]
+    fn tls_refused_or_impossible_is_an_error_not_a_downgrade() {
+        let mut cfg = ClientConfig::new("disk");
+        cfg.tls = true;
+        let mut sc = Script::new(cfg.clone(), hflag::FIXED_NEWSTYLE);
+        let err = sc
+            .run(|code, _, out| encode_error(out, code, rep::ERR_POLICY, "TLS not configured"))
+            .unwrap_err();
+        assert!(err.to_string().contains("STARTTLS"), "{err}");
+        assert_eq!(sc.seen, vec![opt::STARTTLS]);
+        let mut sc = Script::new(cfg, 0);
+        let err = sc
+            .run(|_, _, _| panic!("no option may be sent"))
+            .unwrap_err();
+        assert!(err.to_string().contains("fixed newstyle"), "{err}");
     }
 }

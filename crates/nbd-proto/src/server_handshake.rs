@@ -218,7 +218,11 @@ impl ServerHandshake {
                         );
                     }
                     if hdr.len > MAX_SKIPPABLE_OPTION {
-                        return self.close(format!("option {} of {} bytes", opt::name(hdr.code), hdr.len));
+                        return self.close(format!(
+                            "option {} of {} bytes",
+                            opt::name(hdr.code),
+                            hdr.len
+                        ));
                     }
                     self.state = if hdr.len > self.cfg.max_option_len {
                         State::Skip {

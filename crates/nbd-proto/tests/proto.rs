@@ -34,7 +34,10 @@ impl Catalog for OneExport {
         }
     }
     fn list(&self, _peer: &Peer) -> Vec<ServerEntry> {
-        vec![ServerEntry { name: "disk".into(), description: "a disk".into() }]
+        vec![ServerEntry {
+            name: "disk".into(),
+            description: "a disk".into(),
+        }]
     }
 }
 
@@ -51,7 +54,11 @@ fn parse_replies(mut out: &[u8]) -> Vec<Rep> {
     while out.len() >= OPTION_REPLY_HEADER_LEN {
         let h = OptionReplyHeader::decode(&out[..OPTION_REPLY_HEADER_LEN]).unwrap();
         let end = OPTION_REPLY_HEADER_LEN + h.len as usize;
-        reps.push(Rep { option: h.option, rep_type: h.rep_type, data: out[OPTION_REPLY_HEADER_LEN..end].to_vec() });
+        reps.push(Rep {
+            option: h.option,
+            rep_type: h.rep_type,
+            data: out[OPTION_REPLY_HEADER_LEN..end].to_vec(),
+        });
         out = &out[end..];
     }
     assert!(out.is_empty(), "trailing bytes in server output");
@@ -64,7 +71,10 @@ struct Session {
 
 impl Session {
     fn new(tls: TlsMode) -> Self {
-        let mut hs = ServerHandshake::new(HandshakeConfig { tls, ..Default::default() });
+        let mut hs = ServerHandshake::new(HandshakeConfig {
+            tls,
+            ..Default::default()
+        });
         let greeting = hs.take_output();
         assert_eq!(nbd_proto::handshake::decode_greeting(&greeting).unwrap(), 3);
         let mut s = Session { hs };
@@ -84,13 +94,21 @@ impl Session {
 
 fn info_req(name: &str, infos: &[u16]) -> Vec<u8> {
     let mut b = BytesMut::new();
-    InfoRequest { name: name.into(), infos: infos.to_vec() }.encode(&mut b);
+    InfoRequest {
+        name: name.into(),
+        infos: infos.to_vec(),
+    }
+    .encode(&mut b);
     b.to_vec()
 }
 
 fn meta_req(export: &str, queries: &[&str]) -> Vec<u8> {
     let mut b = BytesMut::new();
-    MetaContextRequest { export: export.into(), queries: queries.iter().map(|q| q.to_string()).collect() }.encode(&mut b);
+    MetaContextRequest {
+        export: export.into(),
+        queries: queries.iter().map(|q| q.to_string()).collect(),
+    }
+    .encode(&mut b);
     b.to_vec()
 }
 
@@ -99,18 +117,38 @@ fn go_with_structured_replies_and_contexts() {
     let mut s = Session::new(TlsMode::Off);
     let (_, r) = s.send(opt::STRUCTURED_REPLY, &[]);
     assert_eq!(r[0].rep_type, rep::ACK);
-    let (_, r) = s.send(opt::SET_META_CONTEXT, &meta_req("disk", &["base:allocation", "qemu:dirty-bitmap:b0", "x-unknown:foo"]));
+    let (_, r) = s.send(
+        opt::SET_META_CONTEXT,
+        &meta_req(
+            "disk",
+            &["base:allocation", "qemu:dirty-bitmap:b0", "x-unknown:foo"],
+        ),
+    );
     assert_eq!(r.len(), 3);
-    assert_eq!(MetaContext::decode(&r[0].data).unwrap(), MetaContext { id: 0, name: "base:allocation".into() });
+    assert_eq!(
+        MetaContext::decode(&r[0].data).unwrap(),
+        MetaContext {
+            id: 0,
+            name: "base:allocation".into()
+        }
+    );
     assert_eq!(MetaContext::decode(&r[1].data).unwrap().id, 1);
     assert_eq!(r[2].rep_type, rep::ACK);
     let (step, r) = s.send(opt::GO, &info_req("disk", &[info::BLOCK_SIZE, info::NAME]));
     assert!(r.iter().all(|x| x.option == opt::GO));
-    let infos: Vec<Info> = r[..r.len() - 1].iter().map(|x| Info::decode(&x.data).unwrap()).collect();
-    assert!(infos.contains(&Info::Export { size: 1 << 20, flags: tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_TRIM | tflag::SEND_DF }));
+    let infos: Vec<Info> = r[..r.len() - 1]
+        .iter()
+        .map(|x| Info::decode(&x.data).unwrap())
+        .collect();
+    assert!(infos.contains(&Info::Export {
+        size: 1 << 20,
+        flags: tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_TRIM | tflag::SEND_DF
+    }));
     assert!(infos.contains(&Info::Name("disk".into())));
     assert_eq!(r.last().unwrap().rep_type, rep::ACK);
-    let Step::Done(n) = step else { panic!("GO did not finish") };
+    let Step::Done(n) = step else {
+        panic!("GO did not finish")
+    };
     assert_eq!(n.mode, ReplyMode::Structured);
     assert_eq!(n.contexts.len(), 2);
     assert!(n.block_size_promised);
@@ -119,11 +157,20 @@ fn go_with_structured_replies_and_contexts() {
 #[test]
 fn contexts_are_dropped_when_go_names_another_export_and_set_needs_structured() {
     let mut s = Session::new(TlsMode::Off);
-    let (_, r) = s.send(opt::SET_META_CONTEXT, &meta_req("disk", &["base:allocation"]));
+    let (_, r) = s.send(
+        opt::SET_META_CONTEXT,
+        &meta_req("disk", &["base:allocation"]),
+    );
     assert_eq!(r[0].rep_type, rep::ERR_INVALID);
     let (_, r) = s.send(opt::LIST_META_CONTEXT, &meta_req("disk", &["qemu:"]));
     assert_eq!(r.len(), 2);
-    assert_eq!(MetaContext::decode(&r[0].data).unwrap(), MetaContext { id: 0, name: "qemu:dirty-bitmap:b0".into() });
+    assert_eq!(
+        MetaContext::decode(&r[0].data).unwrap(),
+        MetaContext {
+            id: 0,
+            name: "qemu:dirty-bitmap:b0".into()
+        }
+    );
     let (step, _) = s.send(opt::GO, &info_req("", &[]));
     let Step::Done(n) = step else { panic!() };
     assert!(n.contexts.is_empty());
@@ -134,8 +181,14 @@ fn contexts_are_dropped_when_go_names_another_export_and_set_needs_structured() 
 #[test]
 fn errors_for_unknown_denied_and_malformed() {
     let mut s = Session::new(TlsMode::Off);
-    assert_eq!(s.send(opt::INFO, &info_req("nope", &[])).1[0].rep_type, rep::ERR_UNKNOWN);
-    assert_eq!(s.send(opt::INFO, &info_req("secret", &[])).1[0].rep_type, rep::ERR_POLICY);
+    assert_eq!(
+        s.send(opt::INFO, &info_req("nope", &[])).1[0].rep_type,
+        rep::ERR_UNKNOWN
+    );
+    assert_eq!(
+        s.send(opt::INFO, &info_req("secret", &[])).1[0].rep_type,
+        rep::ERR_POLICY
+    );
     assert_eq!(s.send(999, b"whatever").1[0].rep_type, rep::ERR_UNSUP);
     assert_eq!(s.send(opt::LIST, b"x").1[0].rep_type, rep::ERR_INVALID);
     assert_eq!(s.send(opt::STARTTLS, &[]).1[0].rep_type, rep::ERR_POLICY);
@@ -147,17 +200,32 @@ fn errors_for_unknown_denied_and_malformed() {
     let mut b = BytesMut::new();
     b.put_u32(0);
     b.put_u32(u32::MAX);
-    assert_eq!(s.send(opt::LIST_META_CONTEXT, &b).1[0].rep_type, rep::ERR_INVALID);
+    assert_eq!(
+        s.send(opt::LIST_META_CONTEXT, &b).1[0].rep_type,
+        rep::ERR_INVALID
+    );
     // Embedded NUL in a name.
-    assert_eq!(s.send(opt::INFO, &info_req("di\0sk", &[])).1[0].rep_type, rep::ERR_INVALID);
+    assert_eq!(
+        s.send(opt::INFO, &info_req("di\0sk", &[])).1[0].rep_type,
+        rep::ERR_INVALID
+    );
     let (_, r) = s.send(opt::LIST, &[]);
     assert_eq!(ServerEntry::decode(&r[0].data).unwrap().name, "disk");
     assert_eq!(r[1].rep_type, rep::ACK);
     assert_eq!(s.send(opt::EXTENDED_HEADERS, &[]).1[0].rep_type, rep::ACK);
-    assert_eq!(s.send(opt::EXTENDED_HEADERS, &[]).1[0].rep_type, rep::ERR_INVALID);
-    assert_eq!(s.send(opt::STRUCTURED_REPLY, &[]).1[0].rep_type, rep::ERR_EXT_HEADER_REQD);
+    assert_eq!(
+        s.send(opt::EXTENDED_HEADERS, &[]).1[0].rep_type,
+        rep::ERR_INVALID
+    );
+    assert_eq!(
+        s.send(opt::STRUCTURED_REPLY, &[]).1[0].rep_type,
+        rep::ERR_EXT_HEADER_REQD
+    );
     // EXPORT_NAME is forbidden once extended headers are on.
-    assert!(matches!(s.send(opt::EXPORT_NAME, b"disk").0, Step::Close(_)));
+    assert!(matches!(
+        s.send(opt::EXPORT_NAME, b"disk").0,
+        Step::Close(_)
+    ));
 }
 
 #[test]
@@ -199,10 +267,19 @@ fn absurd_option_length_hangs_up_at_once() {
 fn tls_required_refuses_everything_but_starttls() {
     let mut s = Session::new(TlsMode::Require);
     assert_eq!(s.send(opt::LIST, &[]).1[0].rep_type, rep::ERR_TLS_REQD);
-    assert_eq!(s.send(opt::GO, &info_req("disk", &[])).1[0].rep_type, rep::ERR_TLS_REQD);
+    assert_eq!(
+        s.send(opt::GO, &info_req("disk", &[])).1[0].rep_type,
+        rep::ERR_TLS_REQD
+    );
     assert_eq!(s.send(77, &[]).1[0].rep_type, rep::ERR_TLS_REQD);
-    assert_eq!(s.send(opt::STRUCTURED_REPLY, &[]).1[0].rep_type, rep::ERR_TLS_REQD);
-    assert!(matches!(s.send(opt::EXPORT_NAME, b"disk").0, Step::Close(_)));
+    assert_eq!(
+        s.send(opt::STRUCTURED_REPLY, &[]).1[0].rep_type,
+        rep::ERR_TLS_REQD
+    );
+    assert!(matches!(
+        s.send(opt::EXPORT_NAME, b"disk").0,
+        Step::Close(_)
+    ));
 
     let mut s = Session::new(TlsMode::Require);
     let (step, r) = s.send(opt::STARTTLS, &[]);
@@ -230,7 +307,9 @@ fn export_name_with_and_without_zeroes() {
     let mut input = BytesMut::new();
     input.put_u32(cflag::FIXED_NEWSTYLE);
     encode_option(&mut input, opt::EXPORT_NAME, b"disk");
-    let Step::Done(_) = hs.feed(&mut input, &OneExport) else { panic!() };
+    let Step::Done(_) = hs.feed(&mut input, &OneExport) else {
+        panic!()
+    };
     assert_eq!(hs.take_output().len(), 134);
 
     let mut hs = ServerHandshake::new(HandshakeConfig::default());
