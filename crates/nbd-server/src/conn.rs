@@ -294,7 +294,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 .read_payload(&mut payload[..req.length as usize])
                 .await?;
         }
-        if let Some(mut out) = session.try_read_inline(&req) {
+        if let Some(mut out) = session.try_inline(&req) {
             out.permits = permits;
             let _ = tx.send(out);
             continue;
