@@ -12,14 +12,14 @@ use nbd_proto::request::Request;
 use nbd_proto::server_handshake::{HandshakeConfig, Negotiated, ServerHandshake, Step};
 use nbd_tls::Prefixed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::bufpool::POOL;
 use crate::execute::Session;
 use crate::frame::FrameReader;
 use crate::limits::Limits;
-use crate::outgoing::{Outgoing, write_loop};
+use crate::outgoing::ReplySink;
 use crate::registry::{Export, Registry};
 
 /// How long a shutting-down server waits for a stalled client.
@@ -155,8 +155,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let (sink, writer) = ReplySink::new(wr);
     let session = Arc::new(Session {
         dev: n.export.dev.clone(),
         mode: n.mode,
@@ -173,7 +172,7 @@ where
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     let result = tokio::select! {
-        r = read_loop(&mut reader, &session, &ctx.limits, &tx, &ctx.shutdown) => r,
+        r = read_loop(&mut reader, &session, &ctx.limits, &sink, &ctx.shutdown) => r,
         _ = grace => Ok(()),
     };
     if let Err(e) = &result {
@@ -181,7 +180,7 @@ where
     }
     // In-flight requests keep their own senders: the writer finishes when
     // the last of them has been answered.
-    drop(tx);
+    drop(sink);
     let mut writer = writer;
     let finished = tokio::select! {
         r = &mut writer => Some(r),
@@ -202,11 +201,11 @@ where
     Ok(())
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(
+async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>(
     reader: &mut FrameReader<R>,
     session: &Arc<Session>,
     limits: &Limits,
-    tx: &mpsc::UnboundedSender<Outgoing>,
+    sink: &ReplySink<W>,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
     let extended = session.mode == ReplyMode::Extended;
@@ -272,7 +271,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             reader.discard(payload_len).await?;
             let mut out = session.error_reply(&req, code, message);
             out.permits = vec![slot];
-            let _ = tx.send(out);
+            sink.send(out).await?;
             continue;
         }
         let weight = match req.command {
@@ -296,15 +295,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         if let Some(mut out) = session.try_inline(&req) {
             out.permits = permits;
-            let _ = tx.send(out);
+            sink.send(out).await?;
             continue;
         }
         let session = session.clone();
-        let tx = tx.clone();
+        let sink = sink.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = session.execute(&req, payload);
             out.permits = permits;
-            let _ = tx.send(out);
+            sink.queue(out);
         });
     }
 }

@@ -5,8 +5,10 @@
 use std::io::IoSlice;
 
 use bytes::BytesMut;
+use std::sync::Arc;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc};
 
 /// A piece of a reply: encoded header bytes, or a range of the data buffer.
 pub enum Part {
@@ -56,9 +58,60 @@ impl Outgoing {
 const MAX_BATCH_MESSAGES: usize = 64;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
-/// Sends replies until every sender is gone, then shuts the stream down.
-pub async fn write_loop<W: AsyncWrite + Unpin>(
-    mut w: W,
+/// The sending side of a connection: replies from the blocking pool queue
+/// up for the writer task; replies made on the reader's task are written
+/// directly when the socket is free, which saves waking the writer (a
+/// cross-thread wakeup per request otherwise).
+pub struct ReplySink<W> {
+    queue: mpsc::UnboundedSender<Outgoing>,
+    wr: Arc<Mutex<W>>,
+}
+
+impl<W> Clone for ReplySink<W> {
+    fn clone(&self) -> Self {
+        ReplySink {
+            queue: self.queue.clone(),
+            wr: self.wr.clone(),
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
+    /// A sink over `w` and its writer task, which ends (after shutting the
+    /// stream down) once every sink is dropped.
+    pub fn new(w: W) -> (Self, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let wr = Arc::new(Mutex::new(w));
+        let writer = tokio::spawn(write_loop(wr.clone(), rx));
+        (ReplySink { queue, wr }, writer)
+    }
+
+    /// Queues a reply for the writer task (from any thread).
+    pub fn queue(&self, out: Outgoing) {
+        // The writer only goes away with the connection.
+        let _ = self.queue.send(out);
+    }
+
+    /// Sends a reply now if no other write is under way, else queues it.
+    pub async fn send(&self, out: Outgoing) -> std::io::Result<()> {
+        match self.wr.try_lock() {
+            Ok(mut w) => {
+                let mut slices = Vec::with_capacity(out.parts.len());
+                out.slices(&mut slices);
+                write_all_vectored(&mut *w, &mut slices).await
+            }
+            Err(_) => {
+                self.queue(out);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Sends queued replies until every sender is gone, then shuts the stream
+/// down.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    wr: Arc<Mutex<W>>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) -> std::io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH_MESSAGES);
@@ -78,9 +131,10 @@ pub async fn write_loop<W: AsyncWrite + Unpin>(
         for m in &batch {
             m.slices(&mut slices);
         }
-        write_all_vectored(&mut w, &mut slices).await?;
+        write_all_vectored(&mut *wr.lock().await, &mut slices).await?;
         batch.clear();
     }
+    let mut w = wr.lock().await;
     w.flush().await?;
     w.shutdown().await
 }
@@ -97,5 +151,9 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
         }
         IoSlice::advance_slices(&mut slices, n);
     }
-    Ok(())
+    // A TLS stream may take the plaintext but keep records it could not
+    // send yet (socket full); nothing else would push them out before the
+    // next reply, so a client waiting for this one would hang. A no-op on
+    // plain sockets.
+    w.flush().await
 }
