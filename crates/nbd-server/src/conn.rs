@@ -20,6 +20,7 @@ use crate::execute::Session;
 use crate::frame::FrameReader;
 use crate::limits::Limits;
 use crate::outgoing::ReplySink;
+use crate::split::Split;
 use crate::registry::{Export, Registry};
 
 /// How long a shutting-down server waits for a stalled client.
@@ -35,10 +36,7 @@ pub struct ConnContext {
 
 /// Serves one connection to the end. Errors are the connection's own and
 /// only end it.
-pub async fn serve<S>(mut stream: S, ctx: Arc<ConnContext>, peer: String) -> std::io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+pub async fn serve<S: Split>(mut stream: S, ctx: Arc<ConnContext>, peer: String) -> std::io::Result<()> {
     let deadline = tokio::time::Instant::now() + ctx.limits.handshake_timeout;
     let mut hs = ServerHandshake::new(ctx.handshake.clone());
     let phase = match bounded(&ctx, deadline, negotiate(&mut stream, &mut hs, &ctx)).await {
@@ -53,7 +51,7 @@ where
                 tracing::warn!(%peer, "STARTTLS acknowledged without TLS credentials");
                 return Ok(());
             };
-            let accept = acceptor.accept(Prefixed::new(leftover.to_vec(), stream));
+            let accept = acceptor.accept_with(Prefixed::new(leftover.to_vec(), stream), |c| c.set_buffer_limit(None));
             let mut tls = match bounded(&ctx, deadline, accept).await {
                 Some(Ok(t)) => t,
                 Some(Err(e)) => {
@@ -118,6 +116,9 @@ where
         let out = hs.take_output();
         if !out.is_empty() {
             stream.write_all(&out).await?;
+            // Over TLS, records the socket did not take yet stay buffered
+            // until flushed.
+            stream.flush().await?;
         }
         match step {
             Step::NeedMore => {
@@ -144,17 +145,14 @@ where
     }
 }
 
-async fn transmission<S>(
+async fn transmission<S: Split>(
     stream: S,
     ctx: Arc<ConnContext>,
     n: Negotiated<Arc<Export>>,
     pending: BytesMut,
     peer: String,
-) -> std::io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (rd, wr) = tokio::io::split(stream);
+) -> std::io::Result<()> {
+    let (rd, wr) = stream.split();
     let (sink, writer) = ReplySink::new(wr);
     let session = Arc::new(Session {
         dev: n.export.dev.clone(),

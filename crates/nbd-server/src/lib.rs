@@ -10,6 +10,7 @@ mod limits;
 mod listen;
 mod outgoing;
 mod registry;
+mod split;
 
 pub use limits::Limits;
 pub use listen::{Listener, Server};
