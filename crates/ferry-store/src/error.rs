@@ -14,6 +14,21 @@ pub enum StoreError {
     ReadOnly,
     #[error("unknown meta context {0}")]
     UnknownContext(String),
+    /// A snapshot, checkpoint or disk name that is not allowed.
+    #[error("{0}")]
+    InvalidName(String),
+    /// The name is taken.
+    #[error("{0}")]
+    Exists(String),
+    /// No such snapshot or checkpoint.
+    #[error("{0}")]
+    NotFound(String),
+    /// The object is in use (e.g. a snapshot that NBD clients are reading).
+    #[error("{0}")]
+    Busy(String),
+    /// The state directory does not describe this disk, or is damaged.
+    #[error("{0}")]
+    BadState(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

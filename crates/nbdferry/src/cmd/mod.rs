@@ -1,12 +1,19 @@
 //! One module per subcommand, each with its clap arguments and `run`.
 
+mod certs;
+mod checkpoint;
 mod copy;
+mod demo;
 mod info;
 mod map;
 mod serve;
+mod snapshot;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
+    /// Serve a generated sample disk on loopback, copy it back with the
+    /// client and verify it: the whole round trip, nothing to set up.
+    Demo(demo::DemoArgs),
     /// Export files and block devices over NBD.
     Serve(serve::ServeArgs),
     /// Show an export's size, flags, block sizes and meta contexts.
@@ -15,15 +22,25 @@ pub enum Command {
     Map(map::MapArgs),
     /// Copy a disk between NBD exports, local files and streams.
     Copy(copy::CopyArgs),
+    /// Generate TLS certificates for trying nbdferry out.
+    Certs(certs::CertsArgs),
+    /// Create, list, delete or revert to snapshots of a served disk.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Create, list or delete dirty-tracking checkpoints of a served disk.
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 impl Command {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
+            Command::Demo(a) => demo::run(a).await,
             Command::Serve(a) => serve::run(a).await,
             Command::Info(a) => info::run(a).await,
             Command::Map(a) => map::run(a).await,
             Command::Copy(a) => copy::run(a).await,
+            Command::Certs(a) => certs::run(a).await,
+            Command::Snapshot(a) => snapshot::run(a).await,
+            Command::Checkpoint(a) => checkpoint::run(a).await,
         }
     }
 }

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use ferry_store::FileDev;
-use nbd_proto::server_handshake::HandshakeConfig;
-use nbd_server::{Export, Limits, Listener, Registry, Server};
+use nbd_proto::server_handshake::{HandshakeConfig, TlsMode};
+use nbd_server::{Access, Limits, Listener, Registry, Server};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, disks::Disks};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
@@ -37,9 +38,37 @@ pub struct ServeArgs {
     /// Requests in flight per connection.
     #[arg(long, default_value_t = Limits::default().max_inflight)]
     max_inflight: usize,
+    /// Bytes of request buffers one connection may pin (at least 32 MiB,
+    /// the largest request).
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_inflight_bytes)]
+    max_inflight_bytes: usize,
     /// Simultaneous client connections.
     #[arg(long, default_value_t = Limits::default().max_connections)]
     max_connections: usize,
+    /// Where snapshots, checkpoint bitmaps and the admin socket live
+    /// [default: /var/lib/nbdferry for root, else
+    /// $XDG_STATE_HOME/nbdferry or ~/.local/state/nbdferry].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The admin API socket [default: STATE_DIR/admin.sock].
+    #[arg(long, value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
+    /// TLS: off, allow (STARTTLS optional; exports may require it) or
+    /// require [default: require when --tls-creds is given, else off].
+    #[arg(long, value_enum, value_name = "MODE")]
+    tls: Option<TlsArg>,
+    /// X.509 directory in qemu's layout: ca-cert.pem, server-cert.pem,
+    /// server-key.pem.
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+    /// Do not ask clients for certificates (the server is still
+    /// authenticated; per-export allow lists then match nobody).
+    #[arg(long)]
+    tls_anonymous_clients: bool,
+    /// Client certificate name (CN or SAN) allowed to use the export
+    /// (repeatable); without it any certificate signed by the CA is.
+    #[arg(long = "allow-client", value_name = "NAME")]
+    allow_clients: Vec<String>,
     /// File or block device to export.
     #[arg(required_unless_present = "config")]
     file: Option<PathBuf>,
@@ -52,8 +81,20 @@ struct ConfigFile {
     #[serde(default)]
     listen: Vec<String>,
     socket: Option<PathBuf>,
+    tls: Option<TlsArg>,
+    tls_creds: Option<PathBuf>,
+    #[serde(default)]
+    tls_anonymous_clients: bool,
     #[serde(default, rename = "export")]
     exports: Vec<ExportConfig>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+enum TlsArg {
+    Off,
+    Allow,
+    Require,
 }
 
 #[derive(Deserialize)]
@@ -68,35 +109,88 @@ struct ExportConfig {
     /// Makes this export the one the empty name reaches.
     #[serde(default)]
     default: bool,
+    /// `require`: only TLS clients may use or see this export.
+    tls: Option<TlsArg>,
+    /// Client certificate names allowed to use this export.
+    #[serde(default)]
+    allow_clients: Vec<String>,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Before anything can print readiness: a signal that arrives right
+    // after it must drain and exit 0, not kill the process.
+    let signals = Signals::new()?;
+    if args.max_inflight_bytes < Limits::default().max_payload as usize {
+        bail!(
+            "--max-inflight-bytes must be at least {} (the largest request)",
+            Limits::default().max_payload
+        );
+    }
     let limits = Limits {
+        max_inflight_bytes: args.max_inflight_bytes,
         max_inflight: args.max_inflight.max(1),
         max_connections: args.max_connections.max(1),
         ..Limits::default()
     };
     let registry = Arc::new(Registry::new(limits.max_payload));
+    let explicit_state = args.state_dir.is_some() || args.admin_socket.is_some();
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(admin::default_state_dir);
+    let disks = Arc::new(Disks::new(registry.clone(), &state_dir));
     let (mut listen, mut socket) = (args.listen, args.socket);
+    let (mut tls, mut tls_creds, mut anonymous) =
+        (args.tls, args.tls_creds, args.tls_anonymous_clients);
+    let mut access = Vec::new();
     if let Some(path) = &args.config {
         let cfg = load_config(path)?;
         if listen.is_empty() {
             listen = cfg.listen;
         }
         socket = socket.or(cfg.socket);
+        tls = tls.or(cfg.tls);
+        tls_creds = tls_creds.or(cfg.tls_creds);
+        anonymous |= cfg.tls_anonymous_clients;
         if cfg.exports.is_empty() {
             bail!("{}: no [[export]] defined", path.display());
         }
         for (i, e) in cfg.exports.iter().enumerate() {
-            add_export(&registry, &e.name, &e.description, &e.path, e.read_only)?;
+            add_export(&disks, &e.name, &e.description, &e.path, e.read_only)?;
+            access.push((
+                e.name.clone(),
+                e.tls == Some(TlsArg::Require),
+                e.allow_clients.clone(),
+            ));
             if e.default || i == 0 {
                 registry.set_default(&e.name);
             }
         }
     } else if let Some(file) = &args.file {
         let name = args.name.unwrap_or_default();
-        add_export(&registry, &name, args.description.as_deref().unwrap_or(""), file, args.read_only)?;
+        add_export(
+            &disks,
+            &name,
+            args.description.as_deref().unwrap_or(""),
+            file,
+            args.read_only,
+        )?;
         registry.set_default(&name);
+        access.push((name, false, args.allow_clients));
+    }
+    let (mode, tls_config) = tls_setup(tls, tls_creds.as_deref(), anonymous)?;
+    for (name, require, allowed) in access {
+        if (require || !allowed.is_empty()) && mode == TlsMode::Off {
+            bail!("export '{name}' requires TLS but TLS is off (give --tls-creds DIR)");
+        }
+        let tls_required = require || mode == TlsMode::Require;
+        registry.set_access(
+            &name,
+            Access {
+                tls_required,
+                allowed_clients: allowed,
+            },
+        );
     }
     if listen.is_empty() && socket.is_none() {
         listen.push(DEFAULT_LISTEN.to_string());
@@ -104,19 +198,32 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listeners = bind(&listen, socket).await?;
     let addrs: Vec<String> = listeners.iter().map(Listener::describe).collect();
 
+    let admin_sock = bind_admin(&state_dir, args.admin_socket.as_deref(), explicit_state)?;
+
     let shutdown = CancellationToken::new();
-    let server = Server::new(registry, limits, HandshakeConfig::default());
+    let handshake = HandshakeConfig {
+        tls: mode,
+        ..HandshakeConfig::default()
+    };
+    let server =
+        Server::new(registry, limits, handshake, tls_config).map_err(anyhow::Error::msg)?;
     let serving = tokio::spawn(server.run(listeners, shutdown.clone()));
+    let admin_task =
+        admin_sock.map(|s| tokio::spawn(admin::server::run(s, disks.clone(), shutdown.clone())));
     eprintln!("listening on {}", addrs.join(", "));
-    wait_for_signal().await?;
+    signals.wait().await;
     tracing::info!("shutting down: draining in-flight requests");
     shutdown.cancel();
     serving.await.context("server task failed")?;
+    if let Some(t) = admin_task {
+        t.await.context("admin task failed")?;
+    }
     Ok(())
 }
 
 fn load_config(path: &Path) -> anyhow::Result<ConfigFile> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
     toml::from_str(&text).map_err(|e| {
         // toml's messages span several lines; keep the error to one.
         let msg = e.message().replace('\n', " ");
@@ -130,41 +237,113 @@ fn load_config(path: &Path) -> anyhow::Result<ConfigFile> {
     })
 }
 
-fn add_export(registry: &Registry, name: &str, description: &str, path: &Path, read_only: bool) -> anyhow::Result<()> {
+fn add_export(
+    disks: &Disks,
+    name: &str,
+    description: &str,
+    path: &Path,
+    read_only: bool,
+) -> anyhow::Result<()> {
     if name.len() > nbd_proto::consts::MAX_STRING || name.contains('\0') {
         bail!("export name '{name}' is not a valid NBD string");
     }
-    let dev = FileDev::open(path, read_only).with_context(|| format!("cannot open {}", path.display()))?;
-    registry
-        .add(Export::new(name, description, Arc::new(dev)))
-        .map_err(anyhow::Error::msg)
+    // Writable disks get the snapshot/checkpoint layer (ferry_store::Volume).
+    disks.add_export(name, description, path, read_only)
+}
+
+/// Binds the admin socket. With an explicit `--state-dir`/`--admin-socket`
+/// any failure is fatal; with the defaults the daemon still serves NBD
+/// (say, a user without a writable home, or a second daemon) and warns.
+fn bind_admin(
+    state_dir: &Path,
+    socket: Option<&Path>,
+    explicit: bool,
+) -> anyhow::Result<Option<admin::server::AdminSocket>> {
+    let path = socket.map_or_else(|| state_dir.join("admin.sock"), Path::to_path_buf);
+    let bound = (|| {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
+        admin::server::bind(&path)
+    })();
+    match bound {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if !explicit => {
+            tracing::warn!("admin API disabled: {e:#}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 async fn bind(listen: &[String], socket: Option<PathBuf>) -> anyhow::Result<Vec<Listener>> {
     let mut listeners = Vec::new();
     for addr in listen {
-        let sa: SocketAddr = addr
-            .parse()
-            .with_context(|| format!("bad listen address '{addr}' (want IP:PORT, e.g. 127.0.0.1:10809 or [::1]:10809)"))?;
+        let sa: SocketAddr = addr.parse().with_context(|| {
+            format!(
+                "bad listen address '{addr}' (want IP:PORT, e.g. 127.0.0.1:10809 or [::1]:10809)"
+            )
+        })?;
         let l = tokio::net::TcpListener::bind(sa)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         listeners.push(Listener::Tcp(l));
     }
     if let Some(path) = socket {
-        let l = Listener::bind_unix(path.clone()).with_context(|| format!("cannot listen on {}", path.display()))?;
+        let l = Listener::bind_unix(path.clone())
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
         listeners.push(l);
     }
     Ok(listeners)
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, both of which stop the server gracefully.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// The server's TLS mode and credentials from the flags.
+fn tls_setup(
+    tls: Option<TlsArg>,
+    creds: Option<&Path>,
+    anonymous_clients: bool,
+) -> anyhow::Result<(TlsMode, Option<Arc<nbd_tls::ServerConfig>>)> {
+    let mode = match (tls, creds) {
+        (Some(TlsArg::Off), Some(_)) => bail!("--tls-creds given but --tls=off"),
+        (Some(TlsArg::Off), None) | (None, None) => return Ok((TlsMode::Off, None)),
+        (Some(m), None) => bail!(
+            "--tls={} needs --tls-creds DIR",
+            if m == TlsArg::Allow {
+                "allow"
+            } else {
+                "require"
+            }
+        ),
+        (Some(TlsArg::Allow), Some(_)) => TlsMode::Allow,
+        (Some(TlsArg::Require) | None, Some(_)) => TlsMode::Require,
+    };
+    let dir = creds.unwrap_or(Path::new("."));
+    let config = nbd_tls::server_config(&nbd_tls::ServerCreds::from_dir(dir), !anonymous_clients)?;
+    Ok((mode, Some(config)))
 }

@@ -1,0 +1,87 @@
+//! A fixed-size bitmap of atomic words: writers set bits without a lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub(crate) struct AtomicBitmap {
+    words: Box<[AtomicU64]>,
+}
+
+pub(crate) fn words_for(bits: u64) -> usize {
+    bits.div_ceil(64) as usize
+}
+
+impl AtomicBitmap {
+    pub fn new(bits: u64) -> Self {
+        AtomicBitmap {
+            words: (0..words_for(bits)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn from_words(words: &[u64]) -> Self {
+        AtomicBitmap {
+            words: words.iter().map(|&w| AtomicU64::new(w)).collect(),
+        }
+    }
+
+    #[inline]
+    pub fn get(&self, i: u64) -> bool {
+        self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+    }
+
+    /// True when every bit in `[a, b)` is set.
+    pub fn all_set(&self, a: u64, b: u64) -> bool {
+        (a..b).all(|i| self.get(i))
+    }
+
+    /// Length of the run of set bits ending just before `a`, at most `cap`.
+    /// A long run means a sequential writer is coming through.
+    pub fn run_before(&self, a: u64, cap: u64) -> u64 {
+        let mut n = 0;
+        while n < cap && n < a && self.get(a - 1 - n) {
+            n += 1;
+        }
+        n
+    }
+
+    #[inline]
+    pub fn set(&self, i: u64) {
+        self.words[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::AcqRel);
+    }
+
+    pub fn word(&self, w: usize) -> u64 {
+        self.words[w].load(Ordering::Acquire)
+    }
+
+    pub fn snapshot(&self) -> Vec<u64> {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
+    }
+
+    pub fn clear(&self) {
+        for w in self.words.iter() {
+            w.store(0, Ordering::Release);
+        }
+    }
+}
+
+/// Little-endian bytes of `words`, the on-disk form of every bitmap.
+pub(crate) fn to_bytes(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+pub(crate) fn from_bytes(bytes: &[u8], nwords: usize) -> Vec<u64> {
+    let mut out = vec![0u64; nwords];
+    for (i, c) in bytes.chunks(8).take(nwords).enumerate() {
+        let mut b = [0u8; 8];
+        b[..c.len()].copy_from_slice(c);
+        out[i] = u64::from_le_bytes(b);
+    }
+    out
+}
+
+#[inline]
+pub(crate) fn test_bit(words: &[u64], i: u64) -> bool {
+    words[(i / 64) as usize] & (1 << (i % 64)) != 0
+}

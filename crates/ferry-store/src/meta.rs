@@ -1,0 +1,203 @@
+//! The per-disk catalogue (`manifest.json`) and the rules for names.
+//!
+//! Every change to the set of snapshots, checkpoints or bitmap generations
+//! is one atomic replacement of the manifest: write a temporary file, fsync
+//! it, rename it over the old one, fsync the directory. After a crash the
+//! manifest is either the old or the new one, never a mix; files that the
+//! surviving manifest does not name are leftovers of an interrupted change
+//! and are removed when the disk is opened.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, StoreError};
+
+pub(crate) const MANIFEST: &str = "manifest.json";
+const FORMAT_VERSION: u32 = 1;
+
+/// Checks a disk, snapshot or checkpoint name: 1 to 64 of
+/// `[A-Za-z0-9._-]`, not starting with `.`. Names become file names and
+/// export names (`DISK@SNAP`), so `/`, `@`, `..` and the like never pass.
+pub fn validate_name(kind: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName(format!(
+            "invalid {kind} name '{}': use 1-64 characters from A-Z a-z 0-9 . _ - , not starting with '.'",
+            name.escape_default()
+        )))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct CheckpointMeta {
+    pub name: String,
+    /// First bitmap generation of this checkpoint: "dirty since" it is the
+    /// union of this generation and every later one.
+    pub gen_id: u64,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct SnapshotMeta {
+    pub name: String,
+    /// Creation order; preserved-block records carry the newest snapshot
+    /// seq of their time, which decides which snapshots they belong to.
+    pub seq: u64,
+    /// First bitmap generation after the snapshot (None: no checkpoint
+    /// existed, so the snapshot carries no dirty contexts).
+    pub gen_end: Option<u64>,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Manifest {
+    pub version: u32,
+    pub source: PathBuf,
+    pub size: u64,
+    pub granularity: u64,
+    /// Next id for generations and snapshot seqs (one counter, so both
+    /// are ordered in time against each other).
+    pub next_id: u64,
+    /// Bitmap generations, oldest first; the last one is the active one
+    /// while any checkpoint exists. File: `gens/ID.bits`.
+    pub gens: Vec<u64>,
+    pub checkpoints: Vec<CheckpointMeta>,
+    pub snapshots: Vec<SnapshotMeta>,
+}
+
+impl Manifest {
+    pub fn new(source: PathBuf, size: u64, granularity: u64) -> Self {
+        Manifest {
+            version: FORMAT_VERSION,
+            source,
+            size,
+            granularity,
+            next_id: 1,
+            gens: Vec::new(),
+            checkpoints: Vec::new(),
+            snapshots: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.checkpoints.is_empty() && self.snapshots.is_empty()
+    }
+
+    pub fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    pub fn load(dir: &Path) -> Result<Option<Manifest>> {
+        let path = dir.join(MANIFEST);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
+            StoreError::BadState(format!("{}: damaged manifest: {e}", path.display()))
+        })?;
+        if m.version != FORMAT_VERSION {
+            return Err(StoreError::BadState(format!(
+                "{}: unsupported format version {}",
+                path.display(),
+                m.version
+            )));
+        }
+        Ok(Some(m))
+    }
+
+    /// Replaces the manifest atomically and durably.
+    pub fn store(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        write_atomic(dir, MANIFEST, &text)?;
+        Ok(())
+    }
+}
+
+/// temp + fsync + rename + fsync(dir): the file is either old or new.
+pub(crate) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `path` with `len` zero bytes and makes it durable, directory
+/// entry included. The zeroes are written, not a hole: a later
+/// `fdatasync` of an in-place update then has no block allocation to
+/// commit to the file system journal, which makes it several times
+/// cheaper (it is on the first-write path of every tracked block).
+pub(crate) fn create_zeroed(path: &Path, len: u64) -> io::Result<File> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)?;
+    let chunk = vec![0u8; len.min(1 << 20) as usize];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(f)
+}
+
+pub(crate) fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "s1", "disk.raw", "A-b_c.9", &"x".repeat(64)] {
+            validate_name("snapshot", good).unwrap();
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a@b",
+            "../x",
+            "a b",
+            "é",
+            &"x".repeat(65),
+            "a\0",
+        ] {
+            assert!(validate_name("snapshot", bad).is_err(), "{bad:?} passed");
+        }
+    }
+}

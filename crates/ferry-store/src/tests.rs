@@ -1,0 +1,504 @@
+//! Layer tests for [`Volume`] and [`SnapshotView`]: content, dirty
+//! tracking, and crash simulation (the volume is dropped without flush or
+//! clean shutdown and reopened from its state directory).
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::blockdev::{BlockDev, Extent, ZeroMode};
+use crate::error::StoreError;
+use crate::volume::Volume;
+
+const GRAN: u64 = 64 * 1024;
+const SIZE: u64 = 4 << 20; // 64 blocks
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    image: PathBuf,
+    state: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    File::create(&image).unwrap().set_len(SIZE).unwrap();
+    let state = dir.path().join("state");
+    Fixture {
+        _dir: dir,
+        image,
+        state,
+    }
+}
+
+impl Fixture {
+    fn open(&self) -> Arc<Volume> {
+        Volume::open("disk", &self.image, &self.state, GRAN).unwrap()
+    }
+}
+
+fn read(dev: &dyn BlockDev, off: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    dev.read_at(&mut b, off).unwrap();
+    b
+}
+
+fn all(dev: &dyn BlockDev) -> Vec<u8> {
+    read(dev, 0, dev.size() as usize)
+}
+
+fn dirty_of(dev: &dyn BlockDev, ctx: &str) -> Vec<u64> {
+    let ext = dev.extents(ctx, 0, dev.size(), usize::MAX).unwrap();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    for Extent { length, flags } in ext {
+        if flags & 1 != 0 {
+            out.extend(pos / GRAN..(pos + length) / GRAN);
+        }
+        pos += length;
+    }
+    out
+}
+
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn no_state_until_first_use() {
+    let f = fixture();
+    let v = f.open();
+    v.write_at(&[1; 4096], 0, false).unwrap();
+    assert!(
+        !f.state.exists(),
+        "state directory created without a snapshot"
+    );
+    assert_eq!(v.contexts(), vec!["base:allocation".to_string()]);
+}
+
+#[test]
+fn snapshot_freezes_content_and_shares_preserved_blocks() {
+    let f = fixture();
+    let v = f.open();
+    v.write_at(&vec![0xaa; SIZE as usize], 0, false).unwrap();
+    let before = all(&*v);
+    v.create_snapshot("s1", false).unwrap();
+    v.create_snapshot("s2", false).unwrap();
+    // First overwrite: preserved once for both snapshots.
+    v.write_at(&[0xbb; 100], GRAN + 10, false).unwrap();
+    v.write_zeroes(
+        3 * GRAN,
+        2 * GRAN,
+        ZeroMode {
+            may_trim: true,
+            fast: false,
+            fua: false,
+        },
+    )
+    .unwrap();
+    v.trim(10 * GRAN, GRAN, false).unwrap();
+    let s1 = v.snapshot_view("s1").unwrap();
+    let s2 = v.snapshot_view("s2").unwrap();
+    assert_eq!(all(&*s1), before);
+    assert_eq!(all(&*s2), before);
+    assert_eq!(read(&*v, GRAN + 10, 100), vec![0xbb; 100]);
+    let infos = v.snapshots();
+    assert_eq!(infos[0].preserved_blocks, 4);
+    assert_eq!(infos[1].preserved_blocks, 4);
+    // 4 slots in the store, not 8: sharing.
+    let store = f.state.join("disk/cow.store");
+    assert!(
+        allocated(&store) <= 4 * (GRAN + 4096) + 4096,
+        "{}",
+        allocated(&store)
+    );
+    // A third snapshot sees the new content; unaligned reads across blocks.
+    v.create_snapshot("s3", false).unwrap();
+    v.write_at(&[0xcc; 3 * GRAN as usize], GRAN / 2, false)
+        .unwrap();
+    let s3 = v.snapshot_view("s3").unwrap();
+    assert_eq!(read(&*s3, GRAN + 10, 100), vec![0xbb; 100]);
+    assert_eq!(
+        read(&*s1, GRAN / 2 - 5, 3 * GRAN as usize + 10),
+        before[(GRAN / 2 - 5) as usize..][..3 * GRAN as usize + 10]
+    );
+    // The inline cached path: never for a preserved block, and right
+    // whenever it answers.
+    let mut b = vec![0u8; 100];
+    assert!(!s1.read_at_nowait(&mut b, GRAN + 10).unwrap());
+    if s1.read_at_nowait(&mut b, 20 * GRAN).unwrap() {
+        assert_eq!(b, before[20 * GRAN as usize..][..100]);
+    }
+    assert!(s1.write_at(&[0], 0, false).is_err());
+    assert!(s1.caps().read_only);
+}
+
+#[test]
+fn crash_keeps_snapshots_and_dirty_bits() {
+    let f = fixture();
+    let v = f.open();
+    v.write_at(&vec![1; SIZE as usize], 0, false).unwrap();
+    v.create_checkpoint("c1").unwrap();
+    v.write_at(&[2; 10], 5 * GRAN, false).unwrap();
+    let snap_content = all(&*v);
+    v.create_snapshot("s1", false).unwrap();
+    v.write_at(&[3; 10], 5 * GRAN, false).unwrap();
+    v.write_at(&[3; 10], 9 * GRAN, false).unwrap();
+    let live_content = all(&*v);
+    // No flush, no orderly close: the process "dies".
+    crash(v);
+    let v = f.open();
+    assert_eq!(all(&*v), live_content);
+    assert_eq!(all(&*v.snapshot_view("s1").unwrap()), snap_content);
+    // The frozen generation (c1 up to s1) is exact; the active one may
+    // report whole marking windows around what was written.
+    let s1 = v.snapshot_view("s1").unwrap();
+    assert_eq!(dirty_of(&*s1, "qemu:dirty-bitmap:c1"), vec![5]);
+    let live = v.dirty_blocks("c1").unwrap();
+    assert!(live.contains(&5) && live.contains(&9), "{live:?}");
+    assert!(live.iter().all(|&b| b < 16), "{live:?}");
+    assert_eq!(dirty_of(&*v, "qemu:dirty-bitmap:c1"), live);
+    // New writes after the restart are tracked and preserved again.
+    v.write_at(&[4; 10], 9 * GRAN, false).unwrap();
+    v.write_at(&[4; 10], 20 * GRAN, false).unwrap();
+    assert_eq!(all(&*v.snapshot_view("s1").unwrap()), snap_content);
+    assert!(v.dirty_blocks("c1").unwrap().contains(&20));
+    drop(s1);
+    // A clean close leaves exact bits.
+    drop(v);
+    let v = f.open();
+    assert_eq!(v.dirty_blocks("c1").unwrap(), [live, vec![20]].concat());
+}
+
+/// Drops the volume the way a crash would: without the clean-close work.
+fn crash(v: Arc<Volume>) {
+    v.crashed.store(true, Ordering::SeqCst);
+    drop(v);
+}
+
+#[test]
+fn clean_close_keeps_exact_dirty_bits() {
+    let f = fixture();
+    let v = f.open();
+    v.create_checkpoint("c1").unwrap();
+    v.write_at(&[2; 10], 5 * GRAN, false).unwrap();
+    v.write_at(&[2; 10], 9 * GRAN, false).unwrap();
+    drop(v);
+    let v = f.open();
+    assert_eq!(v.dirty_blocks("c1").unwrap(), vec![5, 9]);
+}
+
+#[test]
+fn interrupted_changes_leave_nothing_behind() {
+    let f = fixture();
+    let v = f.open();
+    v.create_checkpoint("c1").unwrap();
+    drop(v);
+    // A generation file written by a create that died before the manifest.
+    let stray = f.state.join("disk/gens/999.bits");
+    std::fs::write(&stray, [0xff; 16]).unwrap();
+    let v = f.open();
+    assert!(!stray.exists());
+    assert_eq!(v.checkpoints().len(), 1);
+    assert!(v.dirty_blocks("c1").unwrap().is_empty());
+}
+
+#[test]
+fn checkpoints_stay_exact_for_any_older_one_and_after_deletes() {
+    let f = fixture();
+    let v = f.open();
+    v.write_at(&[9; 10], 0, false).unwrap();
+    v.create_checkpoint("a").unwrap();
+    v.write_at(&[1; 10], GRAN, false).unwrap();
+    v.create_checkpoint("b").unwrap();
+    v.write_at(&[1; 10], 2 * GRAN, false).unwrap();
+    v.create_snapshot("s", true).unwrap();
+    v.write_at(&[1; 10], 3 * GRAN - 1, false).unwrap(); // spans blocks 2 and 3
+    assert_eq!(v.dirty_blocks("a").unwrap(), vec![1, 2, 3]);
+    assert_eq!(v.dirty_blocks("b").unwrap(), vec![2, 3]);
+    assert_eq!(v.dirty_blocks("s").unwrap(), vec![2, 3]);
+    let s = v.snapshot_view("s").unwrap();
+    assert_eq!(
+        s.contexts(),
+        vec![
+            "base:allocation",
+            "qemu:dirty-bitmap:a",
+            "qemu:dirty-bitmap:b"
+        ]
+    );
+    assert_eq!(dirty_of(&*s, "qemu:dirty-bitmap:a"), vec![1, 2]);
+    assert!(matches!(
+        s.extents("qemu:dirty-bitmap:s", 0, GRAN, 10),
+        Err(StoreError::UnknownContext(_))
+    ));
+    v.delete_checkpoint("b").unwrap();
+    assert_eq!(v.dirty_blocks("a").unwrap(), vec![1, 2, 3]);
+    assert_eq!(v.dirty_blocks("s").unwrap(), vec![2, 3]);
+    v.delete_checkpoint("a").unwrap();
+    assert_eq!(v.dirty_blocks("s").unwrap(), vec![2, 3]);
+    drop(s); // a view keeps the disk (and its state lock) alive
+    drop(v);
+    let v = f.open();
+    assert_eq!(v.dirty_blocks("s").unwrap(), vec![2, 3]);
+    v.delete_checkpoint("s").unwrap();
+    assert_eq!(
+        std::fs::read_dir(f.state.join("disk/gens"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert!(matches!(
+        v.delete_checkpoint("s"),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn revert_restores_and_delete_frees_space() {
+    let f = fixture();
+    let v = f.open();
+    v.write_at(&vec![5; SIZE as usize], 0, false).unwrap();
+    let old = all(&*v);
+    v.create_snapshot("s1", false).unwrap();
+    v.write_at(&vec![6; 16 * GRAN as usize], 8 * GRAN, false)
+        .unwrap();
+    v.create_snapshot("s2", false).unwrap();
+    v.write_at(&vec![7; 4 * GRAN as usize], 10 * GRAN, false)
+        .unwrap();
+    let r = v.revert("s1").unwrap();
+    assert_eq!(r.blocks, 16);
+    assert_eq!(all(&*v), old);
+    // s2 kept its content through the revert (which wrote to the origin).
+    let s2 = v.snapshot_view("s2").unwrap();
+    assert_eq!(read(&*s2, 10 * GRAN, 4), vec![6; 4]);
+    let store = f.state.join("disk/cow.store");
+    let before = allocated(&store);
+    let d = v.delete_snapshot("s1").unwrap();
+    // s2 got its own copies when the revert rewrote blocks it shared.
+    assert_eq!(d.freed_blocks, 16);
+    assert_eq!(v.snapshots()[0].preserved_blocks, 16);
+    let after = allocated(&store);
+    assert!(
+        before - after >= 16 * GRAN,
+        "freed {} bytes",
+        before - after
+    );
+    assert!(v.snapshot_view("s1").is_err());
+    v.delete_snapshot("s2").unwrap();
+    assert!(allocated(&store) < GRAN);
+    // Writes after the last snapshot is gone preserve nothing.
+    v.write_at(&[1; 10], 0, false).unwrap();
+    assert!(allocated(&store) < GRAN);
+}
+
+#[test]
+fn deleted_view_fails_and_names_are_checked() {
+    let f = fixture();
+    let v = f.open();
+    v.create_snapshot("s1", false).unwrap();
+    let s1 = v.snapshot_view("s1").unwrap();
+    v.delete_snapshot("s1").unwrap();
+    assert!(matches!(
+        s1.read_at(&mut [0; 10], 0),
+        Err(StoreError::NotFound(_))
+    ));
+    for bad in ["", "../x", "a/b", "a@b", ".x"] {
+        assert!(matches!(
+            v.create_snapshot(bad, false),
+            Err(StoreError::InvalidName(_))
+        ));
+        assert!(matches!(
+            v.create_checkpoint(bad),
+            Err(StoreError::InvalidName(_))
+        ));
+    }
+    v.create_snapshot("s1", false).unwrap();
+    assert!(matches!(
+        v.create_snapshot("s1", false),
+        Err(StoreError::Exists(_))
+    ));
+    v.create_checkpoint("c").unwrap();
+    assert!(matches!(
+        v.create_snapshot("c", true),
+        Err(StoreError::Exists(_))
+    ));
+    assert!(
+        v.snapshots().iter().all(|s| s.name != "c"),
+        "half-created snapshot left"
+    );
+    assert!(matches!(v.revert("nope"), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        v.delete_snapshot("nope"),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn other_disk_in_same_state_dir_is_refused() {
+    let f = fixture();
+    let v = f.open();
+    v.create_checkpoint("c").unwrap();
+    // Same name, still open: the lock refuses a second owner.
+    assert!(matches!(
+        Volume::open("disk", &f.image, &f.state, GRAN),
+        Err(StoreError::BadState(_))
+    ));
+    drop(v);
+    let other = f.image.with_file_name("other.raw");
+    File::create(&other).unwrap().set_len(SIZE).unwrap();
+    assert!(matches!(
+        Volume::open("disk", &other, &f.state, GRAN),
+        Err(StoreError::BadState(_))
+    ));
+}
+
+/// Writers race snapshot creation: each snapshot holds every write
+/// acknowledged before `create` started and none issued after it returned.
+#[test]
+fn snapshot_is_a_write_fence() {
+    let f = fixture();
+    let v = f.open();
+    v.create_checkpoint("c0").unwrap();
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (v, acked, stop) = (v.clone(), acked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 1u64;
+            while stop.load(Ordering::SeqCst) == 0 && i < 60 * 8 {
+                // Sequence number i goes to 8 KiB piece i.
+                v.write_at(&i.to_le_bytes().repeat(1024), (i % 480) * 8192, false)
+                    .unwrap();
+                acked.store(i, Ordering::SeqCst);
+                i += 1;
+            }
+        })
+    };
+    let mut checks = Vec::new();
+    for n in 0..5 {
+        let lo = acked.load(Ordering::SeqCst);
+        let name = format!("s{n}");
+        v.create_snapshot(&name, false).unwrap();
+        let hi = acked.load(Ordering::SeqCst) + 1; // at most one in flight
+        checks.push((name, lo, hi));
+    }
+    stop.store(1, Ordering::SeqCst);
+    writer.join().unwrap();
+    for (name, lo, hi) in checks {
+        let s = v.snapshot_view(&name).unwrap();
+        for i in 1..480u64 {
+            let got = u64::from_le_bytes(read(&*s, i * 8192, 8).try_into().unwrap());
+            if i <= lo {
+                assert_eq!(got, i, "{name}: acknowledged write {i} missing");
+            }
+            if i > hi {
+                assert_eq!(got, 0, "{name}: write {i} issued after create is visible");
+            }
+        }
+    }
+}
+
+/// A disk whose size is not a multiple of the granularity: the short last
+/// block is preserved, read and reverted like the others.
+#[test]
+fn short_last_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("odd.raw");
+    let size = 3 * GRAN + 1000;
+    std::fs::write(&image, vec![7u8; size as usize]).unwrap();
+    let v = Volume::open("odd", &image, &dir.path().join("state"), GRAN).unwrap();
+    v.create_snapshot("s", true).unwrap();
+    v.write_at(&vec![9u8; (2 * GRAN + 1000) as usize], GRAN, false)
+        .unwrap();
+    let s = v.snapshot_view("s").unwrap();
+    assert_eq!(all(&*s), vec![7u8; size as usize]);
+    assert_eq!(v.dirty_blocks("s").unwrap(), vec![1, 2, 3]);
+    v.revert("s").unwrap();
+    assert_eq!(all(&*v), vec![7u8; size as usize]);
+    drop(s);
+    crash(v);
+    let v = Volume::open("odd", &image, &dir.path().join("state"), GRAN).unwrap();
+    assert_eq!(
+        all(&*v.snapshot_view("s").unwrap()),
+        vec![7u8; size as usize]
+    );
+}
+
+/// Readers of a snapshot race writers that overwrite (and so preserve)
+/// the same blocks: every read must return the frozen content. Several
+/// rounds, each with a fresh snapshot, since the race only exists while
+/// blocks are overwritten for the first time.
+#[test]
+fn snapshot_reads_race_first_overwrites() {
+    let f = fixture();
+    // Small blocks: many first overwrites, so the race lasts.
+    let v = Volume::open("disk", &f.image, &f.state, 4096).unwrap();
+    let mut content = vec![0u8; SIZE as usize];
+    for (i, b) in content.iter_mut().enumerate() {
+        *b = (i / 4096) as u8 ^ 0x5a;
+    }
+    v.write_at(&content, 0, false).unwrap();
+    v.create_checkpoint("c").unwrap();
+    let base = Arc::new(content);
+    for round in 0..6u64 {
+        // Writers are stopped: this is the snapshot's content.
+        let frozen = Arc::new(all(&*v));
+        let name = format!("s{round}");
+        v.create_snapshot(&name, false).unwrap();
+        let stop = Arc::new(AtomicU64::new(0));
+        let writers: Vec<_> = (0..4u64)
+            .map(|t| {
+                let (v, stop) = (v.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut x = t + 1 + 10 * round;
+                    while stop.load(Ordering::SeqCst) == 0 {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let off = (x >> 33) % (SIZE - 8192);
+                        v.write_at(&[(t + round) as u8; 8192], off, false).unwrap();
+                    }
+                })
+            })
+            .collect();
+        let readers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (s, frozen) = (v.snapshot_view(&name).unwrap(), frozen.clone());
+                std::thread::spawn(move || {
+                    let mut x = t + 99 + round;
+                    for _ in 0..10_000 {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let off = (x >> 33) % (SIZE - 100_000);
+                        let len = 1 + (x >> 7) as usize % 100_000;
+                        let got = read(&*s, off, len);
+                        assert!(
+                            got == frozen[off as usize..][..len],
+                            "snapshot read at {off}+{len} saw a live write"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().unwrap();
+        }
+        stop.store(1, Ordering::SeqCst);
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert_eq!(all(&*v.snapshot_view(&name).unwrap()), *frozen);
+    }
+    // Every block that differs from the first content is dirty since c.
+    let live = all(&*v);
+    let dirty = v.dirty_blocks("c").unwrap();
+    for b in 0..SIZE / 4096 {
+        let r = (b * 4096) as usize..((b + 1) * 4096) as usize;
+        if live[r.clone()] != base[r] {
+            assert!(dirty.contains(&b), "block {b} changed but is not dirty");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Snapshot/checkpoint overhead benchmark: the live export of one nbdferry
+# (release build) serving a 1 GiB fully allocated image, measured with fio's
+# nbd engine under four states of the disk:
+#   none    no checkpoint, no snapshot (the untracked baseline)
+#   cp1     one checkpoint (dirty tracking)
+#   snap1   one snapshot (copy-on-write of first overwrites)
+#   snap4   four snapshots (a preserved block is shared by all four)
+# Before every run the checkpoints/snapshots are deleted and created again,
+# so every write-block is a *first* write for tracking / copy-on-write:
+# the worst case, not the steady state.
+#
+# Workloads (fio, one connection):
+#   seqwrite  1 MiB sequential writes over the whole disk, QD16   -> MB/s
+#   randwrite 4 KiB random writes, QD32, RUNTIME seconds          -> IOPS
+#   seqread   1 MiB sequential reads of the whole disk, QD16      -> MB/s
+#
+# Goals: cp1 >= 0.95x none (writes); reads with snapshots >= 0.95x none;
+# snap1 first-overwrite writes >= 0.5x none.
+#
+# Usage: proto-tests/bench/bench-snapshots.sh [--runs N] [--fio-runtime S] [--no-build] [--keep]
+#   NBDFERRY_BIN=path overrides the binary.
+# Needs: cargo, fio (nbd engine), python3.
+set -euo pipefail
+
+RUNS=3
+FIO_RUNTIME=10
+BUILD=1
+KEEP=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --runs) RUNS="$2"; shift 2 ;;
+        --fio-runtime) FIO_RUNTIME="$2"; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        --keep) KEEP=1; shift ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+BIN="${NBDFERRY_BIN:-$ROOT/target/release/nbdferry}"
+
+for t in fio python3; do
+    command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 1; }
+done
+if [ "$BUILD" = 1 ]; then
+    (cd "$ROOT" && cargo build --release -p nbdferry)
+fi
+[ -x "$BIN" ] || { echo "no release binary at $BIN" >&2; exit 1; }
+
+WORK="$(mktemp -d /tmp/nbdferry-snapbench.XXXXXX)"
+SERVER_PID=""
+cleanup() {
+    if [ -n "$SERVER_PID" ]; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 100); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.05
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    if [ "$KEEP" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+IMG="$WORK/disk.raw"
+SIZE=$((1024 * 1024 * 1024))
+echo "creating a 1 GiB allocated image" >&2
+python3 - "$IMG" "$SIZE" <<'EOF'
+import os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+block = os.urandom(1 << 20)
+with open(path, "wb") as f:
+    for _ in range(size >> 20):
+        f.write(block)
+EOF
+
+STATE="$WORK/state"
+ADMIN="$STATE/admin.sock"
+"$BIN" serve --listen 127.0.0.1:0 --name disk --state-dir "$STATE" "$IMG" 2>"$WORK/server.log" &
+SERVER_PID=$!
+PORT=""
+for _ in $(seq 400); do
+    line=$(grep -m1 '^listening on ' "$WORK/server.log" || true)
+    if [ -n "$line" ]; then
+        PORT=$(sed -E 's/^listening on 127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
+        break
+    fi
+    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
+    sleep 0.05
+done
+[ -n "$PORT" ] || { echo "nbdferry not ready" >&2; exit 1; }
+URI="nbd://127.0.0.1:$PORT/disk"
+
+ctl() { "$BIN" "$@" --admin "$ADMIN" >/dev/null; }
+
+# reset_state STATE: delete every snapshot/checkpoint, then create STATE's.
+reset_state() {
+    local n
+    for n in a b c d; do
+        ctl snapshot delete disk "s$n" 2>/dev/null || true
+    done
+    ctl checkpoint delete disk c1 2>/dev/null || true
+    case "$1" in
+        none) ;;
+        cp1) ctl checkpoint create disk c1 ;;
+        snap1) ctl snapshot create disk sa ;;
+        snap4) for n in a b c d; do ctl snapshot create disk "s$n"; done ;;
+    esac
+    # Start every measurement with clean page cache: no run pays for the
+    # writeback of the one before it.
+    sync
+}
+
+# fio_run WORKLOAD OUT.json
+fio_run() {
+    local args=(--name=b --ioengine=nbd --uri="$URI" --output-format=json --output="$2")
+    case "$1" in
+        seqwrite) args+=(--rw=write --bs=1m --iodepth=16 --size=1g) ;;
+        randwrite) args+=(--rw=randwrite --bs=4k --iodepth=32 --runtime="$FIO_RUNTIME" --time_based) ;;
+        seqread) args+=(--rw=read --bs=1m --iodepth=16 --size=1g) ;;
+    esac
+    fio "${args[@]}" >/dev/null
+}
+
+metric() { # WORKLOAD OUT.json
+    python3 - "$1" "$2" <<'EOF'
+import json, sys
+w, path = sys.argv[1], sys.argv[2]
+j = json.load(open(path))["jobs"][0]
+if w == "randwrite":
+    print(j["write"]["iops"])
+elif w == "seqwrite":
+    print(j["write"]["bw_bytes"] / 1e6)
+else:
+    print(j["read"]["bw_bytes"] / 1e6)
+EOF
+}
+
+median() { python3 -c 'import sys, statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
+
+STATES=(none cp1 snap1 snap4)
+WORKLOADS=(seqwrite randwrite seqread)
+declare -A VALUES RESULT
+fio_run seqread "$WORK/warmup.json" # page cache warm for every state alike
+for r in $(seq "$RUNS"); do
+    for w in "${WORKLOADS[@]}"; do
+        # Alternate the states inside one run, starting at a different one
+        # each run, so drift and ordering hit them alike.
+        for k in "${!STATES[@]}"; do
+            s=${STATES[$(((k + r - 1) % ${#STATES[@]}))]}
+            reset_state "$s"
+            out="$WORK/$w-$s-$r.json"
+            fio_run "$w" "$out"
+            v=$(metric "$w" "$out")
+            echo "run $r $w $s: $v" >&2
+            VALUES[$w,$s]="${VALUES[$w,$s]:-} $v"
+        done
+    done
+done
+for w in "${WORKLOADS[@]}"; do
+    for s in "${STATES[@]}"; do
+        # shellcheck disable=SC2086
+        RESULT[$w,$s]=$(median ${VALUES[$w,$s]})
+    done
+done
+STORE_KB=$(du -k "$STATE/disks/disk/cow.store" 2>/dev/null | cut -f1 || echo 0)
+
+python3 - "$RUNS" "$FIO_RUNTIME" "$STORE_KB" \
+    "${RESULT[seqwrite,none]}" "${RESULT[seqwrite,cp1]}" "${RESULT[seqwrite,snap1]}" "${RESULT[seqwrite,snap4]}" \
+    "${RESULT[randwrite,none]}" "${RESULT[randwrite,cp1]}" "${RESULT[randwrite,snap1]}" "${RESULT[randwrite,snap4]}" \
+    "${RESULT[seqread,none]}" "${RESULT[seqread,cp1]}" "${RESULT[seqread,snap1]}" "${RESULT[seqread,snap4]}" <<'EOF'
+import sys
+a = sys.argv[1:]
+runs, rt, store_kb = a[0], a[1], a[2]
+v = [float(x) for x in a[3:]]
+rows = [("seqwrite 1M QD16 (MB/s)", v[0:4], 0.95, 0.5),
+        (f"randwrite 4k QD32 {rt}s (IOPS)", v[4:8], 0.95, 0.5),
+        ("seqread 1M QD16 (MB/s)", v[8:12], 0.95, 0.95)]
+print(f"\nmedian of {runs} runs; state recreated before every run (first writes only)")
+print(f"{'workload':30} {'none':>10} {'cp1':>10} {'snap1':>10} {'snap4':>10}   ratios cp1/snap1/snap4 (goal cp1, snap)")
+for name, (n, c, s1, s4), gc, gs in rows:
+    ok = lambda r, g: "ok" if r >= g else "MISS"
+    print(f"{name:30} {n:10.0f} {c:10.0f} {s1:10.0f} {s4:10.0f}   "
+          f"{c/n:.2f} {ok(c/n, gc)} / {s1/n:.2f} {ok(s1/n, gs)} / {s4/n:.2f} {ok(s4/n, gs)}  (>= {gc}, >= {gs})")
+print(f"preserved-block store after the last run: {int(store_kb)//1024} MiB")
+EOF
