@@ -36,6 +36,8 @@ async fn run(
     cfg.tls = tls.is_some();
     let mut hs = ClientHandshake::new(cfg);
     let mut input = BytesMut::with_capacity(4096);
+    // TLS is up but the server has not said anything through it yet.
+    let mut tls_unconfirmed = false;
     loop {
         let step = hs.feed(&mut input)?;
         let out = hs.take_output();
@@ -75,6 +77,7 @@ async fn run(
                     })?;
                 stream = Box::new(upgraded);
                 hs.tls_established()?;
+                tls_unconfirmed = true;
                 continue;
             }
         }
@@ -83,12 +86,30 @@ async fn run(
         }
         // In TLS 1.3 the server judges our certificate after we think the
         // handshake is over: its verdict arrives as an alert on this read.
+        // Some servers (gnutls: nbdkit, qemu-nbd) just drop the connection
+        // instead of sending an alert.
         let n = stream.read_buf(&mut input).await.map_err(|e| match tls {
             Some(_) if e.to_string().contains("alert") => {
                 Error::Tls(nbd_tls::describe_handshake_error(&e, nbd_tls::Side::Client))
             }
+            Some(_) if tls_unconfirmed => Error::Tls(format!(
+                "the server ended the TLS session right after the handshake ({e}): \
+                 it probably rejected our client certificate (client-cert.pem/client-key.pem \
+                 signed by the server's CA?)"
+            )),
             _ => e.into(),
         })?;
+        if n > 0 {
+            tls_unconfirmed = false;
+        }
+        if n == 0 && tls_unconfirmed {
+            return Err(Error::Tls(
+                "the server closed the TLS session right after the handshake: it probably \
+                 rejected our client certificate (client-cert.pem/client-key.pem signed by \
+                 the server's CA?)"
+                    .into(),
+            ));
+        }
         if n == 0 {
             if hs.awaiting_export_name() {
                 return Err(HandshakeError::ExportNameRejected(hs.export().to_string()).into());

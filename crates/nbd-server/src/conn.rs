@@ -20,8 +20,8 @@ use crate::execute::Session;
 use crate::frame::FrameReader;
 use crate::limits::Limits;
 use crate::outgoing::ReplySink;
-use crate::split::Split;
 use crate::registry::{Export, Registry};
+use crate::split::Split;
 
 /// How long a shutting-down server waits for a stalled client.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -36,7 +36,11 @@ pub struct ConnContext {
 
 /// Serves one connection to the end. Errors are the connection's own and
 /// only end it.
-pub async fn serve<S: Split>(mut stream: S, ctx: Arc<ConnContext>, peer: String) -> std::io::Result<()> {
+pub async fn serve<S: Split>(
+    mut stream: S,
+    ctx: Arc<ConnContext>,
+    peer: String,
+) -> std::io::Result<()> {
     let deadline = tokio::time::Instant::now() + ctx.limits.handshake_timeout;
     let mut hs = ServerHandshake::new(ctx.handshake.clone());
     let phase = match bounded(&ctx, deadline, negotiate(&mut stream, &mut hs, &ctx)).await {
@@ -51,7 +55,7 @@ pub async fn serve<S: Split>(mut stream: S, ctx: Arc<ConnContext>, peer: String)
                 tracing::warn!(%peer, "STARTTLS acknowledged without TLS credentials");
                 return Ok(());
             };
-            let accept = acceptor.accept_with(Prefixed::new(leftover.to_vec(), stream), |c| c.set_buffer_limit(None));
+            let accept = acceptor.accept(Prefixed::new(leftover.to_vec(), stream));
             let mut tls = match bounded(&ctx, deadline, accept).await {
                 Some(Ok(t)) => t,
                 Some(Err(e)) => {

@@ -35,7 +35,9 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(bad)?;
     if certs.is_empty() {
-        return Err(TlsError::NoCertificate { path: path.to_path_buf() });
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
     }
     for c in &certs {
         check_validity(path, c)?;
@@ -72,7 +74,9 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
             path: path.to_path_buf(),
             source,
         },
-        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey { path: path.to_path_buf() },
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
+            path: path.to_path_buf(),
+        },
         other => TlsError::BadPem {
             path: path.to_path_buf(),
             message: other.to_string(),
@@ -94,16 +98,23 @@ fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(store)
 }
 
-fn key_mismatch(e: rustls::Error) -> TlsError {
-    match e {
-        rustls::Error::InconsistentKeys(k) => TlsError::KeyMismatch(format!("{k:?}")),
+/// rustls' "inconsistent keys" as a message naming both files.
+fn key_mismatch(cert: &Path, key: &Path) -> impl FnOnce(rustls::Error) -> TlsError {
+    move |e| match e {
+        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+            key: key.to_path_buf(),
+            cert: cert.to_path_buf(),
+        },
         other => TlsError::Config(other.to_string()),
     }
 }
 
 /// A server configuration. With `verify_clients`, clients must present a
 /// certificate signed by the CA (qemu's `verify-peer=on` default).
-pub fn server_config(creds: &ServerCreds, verify_clients: bool) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    creds: &ServerCreds,
+    verify_clients: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let chain = load_certs(&creds.cert)?;
     let key = load_key(&creds.key)?;
@@ -111,21 +122,27 @@ pub fn server_config(creds: &ServerCreds, verify_clients: bool) -> Result<Arc<Se
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = if verify_clients {
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&creds.ca)?), provider)
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&creds.ca)?), provider)
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
         builder.with_client_cert_verifier(verifier)
     } else {
         builder.with_no_client_auth()
     };
-    let cfg = builder.with_single_cert(chain, key).map_err(key_mismatch)?;
+    let cfg = builder
+        .with_single_cert(chain, key)
+        .map_err(key_mismatch(&creds.cert, &creds.key))?;
     Ok(Arc::new(cfg))
 }
 
 /// A client configuration. Without `verify_server` any server certificate
 /// is accepted (libnbd's `tls-verify-peer=false`); the link is still
 /// encrypted but not authenticated.
-pub fn client_config(creds: &ClientCreds, verify_server: bool) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    creds: &ClientCreds,
+    verify_server: bool,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -144,7 +161,7 @@ pub fn client_config(creds: &ClientCreds, verify_server: bool) -> Result<Arc<Cli
     let cfg = match (&creds.cert, &creds.key) {
         (Some(cert), Some(key)) => builder
             .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-            .map_err(key_mismatch)?,
+            .map_err(key_mismatch(cert, key))?,
         _ => builder.with_no_client_auth(),
     };
     Ok(Arc::new(cfg))
@@ -172,7 +189,12 @@ impl ServerCertVerifier for AcceptAnyServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -181,7 +203,12 @@ impl ServerCertVerifier for AcceptAnyServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

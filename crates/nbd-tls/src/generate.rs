@@ -6,7 +6,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 
 use crate::creds::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
@@ -33,22 +34,34 @@ fn write(dir: &Path, name: &str, text: &str, secret: bool) -> Result<PathBuf, Tl
             path: path.clone(),
             source,
         })?;
-    f.write_all(text.as_bytes()).map_err(|source| TlsError::Write {
-        path: path.clone(),
-        source,
-    })?;
+    f.write_all(text.as_bytes())
+        .map_err(|source| TlsError::Write {
+            path: path.clone(),
+            source,
+        })?;
     Ok(path)
 }
 
 /// Writes a fresh CA, a server certificate valid for `server_names` (plus
 /// localhost and the loopback addresses) and a client certificate whose
 /// CN is `client_name`. Refuses to overwrite existing files.
-pub fn generate_test_pki(dir: &Path, server_names: &[String], client_name: &str) -> Result<GeneratedFiles, TlsError> {
+pub fn generate_test_pki(
+    dir: &Path,
+    server_names: &[String],
+    client_name: &str,
+) -> Result<GeneratedFiles, TlsError> {
     std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
         path: dir.to_path_buf(),
         source,
     })?;
-    for name in [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY] {
+    for name in [
+        CA_CERT,
+        CA_KEY,
+        SERVER_CERT,
+        SERVER_KEY,
+        CLIENT_CERT,
+        CLIENT_KEY,
+    ] {
         if dir.join(name).exists() {
             return Err(TlsError::Write {
                 path: dir.join(name),
@@ -59,8 +72,13 @@ pub fn generate_test_pki(dir: &Path, server_names: &[String], client_name: &str)
     let ca_key = KeyPair::generate().map_err(gen_err)?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "nbdferry test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.distinguished_name
+        .push(DnType::CommonName, "nbdferry test CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_cert = ca.self_signed(&ca_key).map_err(gen_err)?;
     let issuer = Issuer::new(ca, ca_key);
 
@@ -72,13 +90,17 @@ pub fn generate_test_pki(dir: &Path, server_names: &[String], client_name: &str)
     }
     let server_key = KeyPair::generate().map_err(gen_err)?;
     let mut server = CertificateParams::new(sans.clone()).map_err(gen_err)?;
-    server.distinguished_name.push(DnType::CommonName, sans[0].as_str());
+    server
+        .distinguished_name
+        .push(DnType::CommonName, sans[0].as_str());
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = server.signed_by(&server_key, &issuer).map_err(gen_err)?;
 
     let client_key = KeyPair::generate().map_err(gen_err)?;
     let mut client = CertificateParams::new(vec![client_name.to_string()]).map_err(gen_err)?;
-    client.distinguished_name.push(DnType::CommonName, client_name);
+    client
+        .distinguished_name
+        .push(DnType::CommonName, client_name);
     client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let client_cert = client.signed_by(&client_key, &issuer).map_err(gen_err)?;
 
@@ -105,13 +127,22 @@ mod tests {
         let files = generate_test_pki(dir.path(), &["nbd.example".into()], "backup-01").unwrap();
         assert_eq!(files.len(), 6);
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(SERVER_KEY)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(SERVER_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         server_config(&ServerCreds::from_dir(dir.path()), true).unwrap();
         client_config(&ClientCreds::from_dir(dir.path()), true).unwrap();
         let cert = CertificateDer::from_pem_file(dir.path().join(CLIENT_CERT)).unwrap();
-        assert_eq!(peer_identities(Some(&[cert])), vec!["backup-01".to_string()]);
-        assert!(generate_test_pki(dir.path(), &[], "x").is_err(), "must not overwrite");
+        assert_eq!(
+            peer_identities(Some(&[cert])),
+            vec!["backup-01".to_string()]
+        );
+        assert!(
+            generate_test_pki(dir.path(), &[], "x").is_err(),
+            "must not overwrite"
+        );
     }
 
     #[test]
@@ -126,7 +157,16 @@ mod tests {
         };
         let err = server_config(&creds, false).unwrap_err().to_string();
         assert!(err.contains("do not belong together"), "{err}");
+        assert!(
+            err.contains(&b.path().join(SERVER_KEY).display().to_string()),
+            "{err}"
+        );
         let missing = ServerCreds::from_dir(&a.path().join("nope"));
-        assert!(server_config(&missing, false).unwrap_err().to_string().contains("cannot read"));
+        assert!(
+            server_config(&missing, false)
+                .unwrap_err()
+                .to_string()
+                .contains("cannot read")
+        );
     }
 }

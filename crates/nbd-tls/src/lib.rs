@@ -10,7 +10,9 @@ mod identity;
 mod prefixed;
 
 pub use config::{client_config, server_config};
-pub use creds::{CA_CERT, CLIENT_CERT, CLIENT_KEY, ClientCreds, SERVER_CERT, SERVER_KEY, ServerCreds};
+pub use creds::{
+    CA_CERT, CLIENT_CERT, CLIENT_KEY, ClientCreds, SERVER_CERT, SERVER_KEY, ServerCreds,
+};
 pub use error::{Side, TlsError, describe_handshake_error};
 pub use generate::{GeneratedFiles, generate_test_pki};
 pub use identity::peer_identities;
