@@ -444,9 +444,9 @@ fn info_uses_go_and_lists_exports() {
         .collect();
     assert_eq!(names, ["disk", "other"]);
     assert_eq!(v["exports"][1]["export-size"], 2 * MIB);
-    // TLS URIs are parsed but refused clearly.
+    // A TLS URI without credentials is refused before connecting.
     let (_, err) = run_fail(nbdferry().args(["info", "nbds://127.0.0.1:1/"]));
-    assert!(err.contains("TLS not supported yet"), "{err}");
+    assert!(err.contains("TLS needs a CA"), "{err}");
 }
 
 #[test]
@@ -519,5 +519,47 @@ fn server_killed_mid_copy_fails_cleanly() {
         !out.exists(),
         "a failed copy must not leave a complete-looking destination"
     );
+    drop(kit);
+}
+
+#[test]
+fn copy_times_out_when_the_server_stops_answering() {
+    // Signal numbers on Linux (the harness only names the fatal ones).
+    const SIGSTOP: i32 = 19;
+    const SIGCONT: i32 = 18;
+    let (dir, img, _) = source_image(111);
+    // A slow server (every read delayed) so the copy is surely in progress
+    // when the server is frozen.
+    let kit = nbdkit_tcp(&[
+        "--filter=delay".to_string(),
+        "file".to_string(),
+        format!("file={}", img.display()),
+        "rdelay=200ms".to_string(),
+    ]);
+    let out = dir.path().join("frozen.raw");
+    let part = dir.path().join("frozen.raw.part");
+    let child = nbdferry()
+        .args(["copy", "--progress=none", "--timeout", "2"])
+        .args(["--connections", "1", "--requests", "2"])
+        .arg(kit.uri(""))
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn copy");
+    let mut guard = ChildGuard(child);
+    wait_until(READY_DEADLINE, "the copy to start writing", || {
+        part.exists()
+    });
+    // Frozen, not dead: the socket stays open and nothing comes back.
+    assert!(send_signal(kit.pid(), SIGSTOP));
+    let status = wait_child(&mut guard.0, Duration::from_secs(30));
+    assert!(send_signal(kit.pid(), SIGCONT));
+    let status = status.expect("copy hung on a server that stopped answering");
+    assert!(!status.success(), "copy succeeded against a frozen server");
+    let mut err = String::new();
+    std::io::Read::read_to_string(guard.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("did not answer for 2s"), "{err}");
+    assert!(!out.exists(), "a failed copy must not look complete");
     drop(kit);
 }

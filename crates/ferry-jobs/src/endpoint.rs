@@ -2,6 +2,7 @@
 //! standard input/output, and the `null:` sink.
 
 use std::fs::File;
+use std::io::IoSliceMut;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use bytes::Bytes;
 use nbd_client::{Client, ConnectOptions, NbdUri};
 use nbd_proto::consts::{BASE_ALLOCATION, state};
 use rustix::fs::{FallocateFlags, SeekFrom};
+use rustix::io::ReadWriteFlags;
+use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 
@@ -60,13 +63,64 @@ pub(crate) async fn connect(uri: &NbdUri, opts: &ConnectOptions) -> Result<Arc<C
     ))
 }
 
-/// A local file or block device, read and written with positional I/O on
-/// the blocking pool.
+/// A local file or block device. Reads are served in place from the page
+/// cache when they can be, else on the blocking pool (in parallel); writes
+/// and zeroing go to the file's writer thread.
 #[derive(Clone)]
 pub(crate) struct LocalFile {
     pub file: Arc<File>,
     pub path: PathBuf,
     pub block_device: bool,
+    writer: Option<std::sync::mpsc::Sender<WriteJob>>,
+}
+
+/// Work for a file's writer thread.
+enum WriteJob {
+    Write(u64, Bytes, oneshot::Sender<std::io::Result<()>>),
+    Zero(u64, u64, oneshot::Sender<std::io::Result<()>>),
+}
+
+/// Runs the writes of one file, one after the other. Buffered writes to one
+/// file serialise on its inode lock in the kernel anyway: concurrent
+/// writers only spin there (9% of the CPU of a copy into tmpfs with 64
+/// writers). One thread fed by a queue also saves the hand-over to the
+/// blocking pool for every write while the queue is busy. Ends when the
+/// last sender is dropped.
+fn writer_thread(file: Arc<File>, jobs: std::sync::mpsc::Receiver<WriteJob>) {
+    for job in jobs {
+        match job {
+            WriteJob::Write(offset, data, done) => {
+                let r = file.write_all_at(&data, offset);
+                // Let go of the buffer before the waiter wakes, so that it
+                // can take the buffer back for its next read.
+                drop(data);
+                let _ = done.send(r);
+            }
+            WriteJob::Zero(offset, len, done) => {
+                let _ = done.send(zero_range(&file, offset, len));
+            }
+        }
+    }
+}
+
+/// Makes a range read as zeroes without allocating it: punch a hole
+/// (files, and devices that support discard-with-zeroes), else zero the
+/// range in place, else write zero bytes.
+fn zero_range(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let keep = FallocateFlags::KEEP_SIZE;
+    if rustix::fs::fallocate(f, FallocateFlags::PUNCH_HOLE | keep, offset, len).is_ok()
+        || rustix::fs::fallocate(f, FallocateFlags::ZERO_RANGE | keep, offset, len).is_ok()
+    {
+        return Ok(());
+    }
+    let zeroes = vec![0u8; len.min(1 << 20) as usize];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
+        f.write_all_at(&zeroes[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
 }
 
 impl LocalFile {
@@ -82,10 +136,23 @@ impl LocalFile {
             .map_err(io_err("cannot stat", path))?
             .file_type()
             .is_block_device();
+        let file = Arc::new(file);
+        let writer = if write {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let f = file.clone();
+            std::thread::Builder::new()
+                .name("file-writer".into())
+                .spawn(move || writer_thread(f, rx))
+                .map_err(io_err("cannot start a writer thread for", path))?;
+            Some(tx)
+        } else {
+            None
+        };
         Ok(LocalFile {
-            file: Arc::new(file),
+            file,
             path: path.to_path_buf(),
             block_device,
+            writer,
         })
     }
 
@@ -96,46 +163,72 @@ impl LocalFile {
     }
 
     pub async fn read(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
-        let f = self.file.clone();
-        let r = tokio::task::spawn_blocking(move || f.read_exact_at(&mut buf, offset).map(|_| buf))
-            .await
-            .map_err(|e| Error::Invalid(format!("I/O task failed: {e}")))?;
-        r.map_err(io_err("cannot read", &self.path))
-    }
-
-    pub async fn write(&self, offset: u64, buf: Bytes) -> Result<()> {
-        let f = self.file.clone();
-        let r = tokio::task::spawn_blocking(move || f.write_all_at(&buf, offset))
-            .await
-            .map_err(|e| Error::Invalid(format!("I/O task failed: {e}")))?;
-        r.map_err(io_err("cannot write", &self.path))
-    }
-
-    /// Makes a range read as zeroes without allocating it: punch a hole
-    /// (files, and devices that support discard-with-zeroes), else zero the
-    /// range in place, else write zero bytes.
-    pub async fn zero(&self, offset: u64, len: u64) -> Result<()> {
-        let f = self.file.clone();
-        let r = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let keep = FallocateFlags::KEEP_SIZE;
-            if rustix::fs::fallocate(&*f, FallocateFlags::PUNCH_HOLE | keep, offset, len).is_ok()
-                || rustix::fs::fallocate(&*f, FallocateFlags::ZERO_RANGE | keep, offset, len)
-                    .is_ok()
-            {
-                return Ok(());
+        // What the page cache holds is read right here: handing a read to
+        // the blocking pool and back costs two thread wake-ups, more than
+        // copying a cached piece. Only the rest (a miss that needs the
+        // disk) goes to the blocking pool.
+        let mut done = 0;
+        while done < buf.len() {
+            let slice = &mut [IoSliceMut::new(&mut buf[done..])];
+            match rustix::io::preadv2(
+                &*self.file,
+                slice,
+                offset + done as u64,
+                ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                // AGAIN: not cached; OPNOTSUPP: no NOWAIT support here.
+                Err(_) => break,
             }
-            let zeroes = vec![0u8; len.min(1 << 20) as usize];
-            let mut pos = offset;
-            while pos < offset + len {
-                let n = (offset + len - pos).min(zeroes.len() as u64) as usize;
-                f.write_all_at(&zeroes[..n], pos)?;
-                pos += n as u64;
-            }
-            Ok(())
+        }
+        if done == buf.len() {
+            return Ok(buf);
+        }
+        let f = self.file.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            f.read_exact_at(&mut buf[done..], offset + done as u64)
+                .map(|_| buf)
         })
         .await
         .map_err(|e| Error::Invalid(format!("I/O task failed: {e}")))?;
-        r.map_err(io_err("cannot zero", &self.path))
+        r.map_err(io_err("cannot read", &self.path))
+    }
+
+    /// Hands a job to the writer thread and waits for its result.
+    async fn run(
+        &self,
+        what: &'static str,
+        job: impl FnOnce(oneshot::Sender<std::io::Result<()>>) -> WriteJob,
+    ) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || {
+            Error::Invalid(format!(
+                "{}: the writer thread stopped",
+                self.path.display()
+            ))
+        };
+        self.writer
+            .as_ref()
+            .ok_or_else(|| Error::Invalid(format!("{} is open read-only", self.path.display())))?
+            .send(job(tx))
+            .map_err(|_| gone())?;
+        rx.await
+            .map_err(|_| gone())?
+            .map_err(io_err(what, &self.path))
+    }
+
+    pub async fn write(&self, offset: u64, buf: Bytes) -> Result<()> {
+        self.run("cannot write", |tx| WriteJob::Write(offset, buf, tx))
+            .await
+    }
+
+    /// Makes a range read as zeroes without allocating it (see
+    /// [`zero_range`]).
+    pub async fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        self.run("cannot zero", |tx| WriteJob::Zero(offset, len, tx))
+            .await
     }
 
     /// Extents of `[offset, offset+len)` from SEEK_DATA/SEEK_HOLE as

@@ -323,6 +323,7 @@ impl Connection {
         Ok(())
     }
 
+    /// A request header in the negotiated form.
     fn encode(
         &self,
         mut flags: u16,
@@ -675,16 +676,18 @@ impl std::fmt::Display for TimedOut {
 
 impl std::error::Error for TimedOut {}
 
+/// The timeout, if `e` is the inactivity timeout.
+fn timed_out(e: &std::io::Error) -> Option<Duration> {
+    e.get_ref()?.downcast_ref::<TimedOut>().map(|t| t.0)
+}
+
 type Reader = BufReader<Watched>;
 
 async fn reader_task(rd: Watched, shared: Arc<Shared>, info: Arc<ExportInfo>) {
     let mut r = BufReader::with_capacity(READ_BUFFER, rd);
     let why = match read_replies(&mut r, &shared, &info).await {
         Ok(()) => Dead::Closed("server closed the connection".into()),
-        Err(Error::Io(e)) if e.get_ref().is_some_and(|i| i.is::<TimedOut>()) => {
-            let t = e.into_inner().and_then(|i| i.downcast::<TimedOut>().ok());
-            Dead::Timeout(t.map_or(Duration::ZERO, |t| t.0))
-        }
+        Err(Error::Io(ref e)) if let Some(t) = timed_out(e) => Dead::Timeout(t),
         Err(Error::Protocol(m)) => Dead::Protocol(m),
         Err(e) => Dead::Closed(e.to_string()),
     };

@@ -27,13 +27,13 @@ pub struct CopyArgs {
     /// or null: to discard.
     dst: String,
     /// Connections per NBD endpoint (when the server allows multi-conn).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = CopyOptions::default().connections)]
     connections: usize,
     /// Requests in flight per connection.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = CopyOptions::default().requests)]
     requests: usize,
     /// Largest request, in bytes (suffixes K, M accepted).
-    #[arg(long, default_value = "256K", value_parser = parse_size)]
+    #[arg(long, default_value_t = CopyOptions::default().request_size, value_parser = parse_size)]
     request_size: u64,
     /// Flush the destination to stable storage before finishing.
     #[arg(long)]
@@ -42,6 +42,10 @@ pub struct CopyArgs {
     /// writing them (for servers that cannot report allocation).
     #[arg(long)]
     destination_is_zero: bool,
+    /// Fail when an NBD server leaves requests unanswered for this many
+    /// seconds (0: wait forever).
+    #[arg(long, value_name = "SECS", default_value_t = CopyOptions::default().io_timeout.map_or(0, |d| d.as_secs()))]
+    timeout: u64,
     /// Progress display.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto, num_args = 0..=1, default_missing_value = "bar")]
     progress: ProgressMode,
@@ -67,6 +71,7 @@ pub async fn run(args: CopyArgs) -> anyhow::Result<()> {
         request_size: args.request_size,
         flush: args.flush,
         destination_is_zero: args.destination_is_zero,
+        io_timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
         ..CopyOptions::default()
     };
     let progress = Arc::new(Progress::new());
