@@ -94,6 +94,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
 
     /// Sends a reply now if no other write is under way, else queues it.
     pub async fn send(&self, out: Outgoing) -> std::io::Result<()> {
+        if out.data.len() > MAX_DIRECT_REPLY {
+            self.queue(out);
+            return Ok(());
+        }
         match self.wr.try_lock() {
             Ok(mut w) => {
                 let mut slices = Vec::with_capacity(out.parts.len());
@@ -107,6 +111,12 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
         }
     }
 }
+
+/// Larger replies go through the writer task even when the socket is free:
+/// the reader can then copy the next request's data while the writer
+/// copies this one into the socket (qemu-img convert's 2 MiB reads gained
+/// about 10% with it; small replies are cheaper sent directly).
+const MAX_DIRECT_REPLY: usize = 256 * 1024;
 
 /// Sends queued replies until every sender is gone, then shuts the stream
 /// down.
