@@ -41,6 +41,9 @@ fi
 [ -x "$BIN" ] || { echo "no release binary at $BIN" >&2; exit 1; }
 
 WORK="$(mktemp -d /tmp/nbdferry-bench.XXXXXX)"
+# Copies land on tmpfs: the benchmark measures the servers, not the
+# writeback of the previous run's output.
+OUT="$(mktemp -d /dev/shm/nbdferry-bench-out.XXXXXX)"
 PIDS=()
 cleanup() {
     local p
@@ -59,6 +62,7 @@ cleanup() {
         echo "kept $WORK" >&2
     else
         rm -rf "$WORK"
+        rm -rf "$OUT"
     fi
 }
 trap cleanup EXIT
@@ -113,12 +117,12 @@ now() { date +%s.%N; }
 # run_once WORKLOAD SERVER -> prints elapsed seconds
 run_once() {
     local w="$1" s="$2" u="${URI[$2]}" t0 t1
-    rm -f "$WORK/sparse-out.raw" "$WORK/out.raw"
+    rm -f "$OUT/sparse-out.raw" "$OUT/out.raw"
     t0=$(now)
     case "$w" in
         copy-null) nbdcopy "$u" null: >/dev/null ;;
-        copy-sparse) nbdcopy "$u" "$WORK/sparse-out.raw" >/dev/null ;;
-        qemu-img-convert) qemu-img convert -f raw -O raw "$u" "$WORK/out.raw" >/dev/null ;;
+        copy-sparse) nbdcopy "$u" "$OUT/sparse-out.raw" >/dev/null ;;
+        qemu-img-convert) qemu-img convert -f raw -O raw "$u" "$OUT/out.raw" >/dev/null ;;
     esac
     t1=$(now)
     python3 -c "print(f'{$t1 - $t0:.4f}')"
