@@ -9,9 +9,9 @@ use nbd_proto::client_handshake::{ClientConfig, ClientStep};
 use nbd_proto::option::ServerEntry;
 use nbd_proto::reply::Extent;
 
+use crate::ExportInfo;
 use crate::connection::Connection;
 use crate::error::{Error, Result};
-use crate::export::ExportInfo;
 use crate::negotiate::negotiate;
 use crate::stream::{BoxStream, NbdStream, connect_transport};
 use crate::tls::{TlsOptions, TlsSetup};
@@ -229,7 +229,7 @@ async fn handshake(
     tls: Option<&TlsSetup>,
 ) -> Result<(ExportInfo, BoxStream)> {
     match negotiate(stream, cfg, timeout, tls).await? {
-        (ClientStep::Done(n), stream) => Ok(((*n).into(), stream)),
+        (ClientStep::Done(n), stream) => Ok((*n, stream)),
         _ => Err(Error::Protocol(
             "handshake ended without opening the export".into(),
         )),

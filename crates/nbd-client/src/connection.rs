@@ -30,8 +30,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 
+use crate::ExportInfo;
 use crate::error::{Error, Result};
-use crate::export::ExportInfo;
 use crate::stream::{BoxStream, ReadHalf, WriteHalf};
 
 /// Largest non-data chunk payload accepted: a block status chunk of 2^20

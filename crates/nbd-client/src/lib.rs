@@ -11,7 +11,6 @@
 mod client;
 mod connection;
 mod error;
-mod export;
 mod negotiate;
 mod stream;
 mod tls;
@@ -20,8 +19,9 @@ mod uri;
 pub use client::{Client, ConnectOptions, ContextExtents, list_exports};
 pub use connection::Connection;
 pub use error::{Error, Result};
-pub use export::ExportInfo;
 pub use nbd_proto::client_handshake::BlockSize;
+/// What a connection learned about its export.
+pub use nbd_proto::client_handshake::ClientNegotiated as ExportInfo;
 pub use nbd_proto::option::ServerEntry;
 pub use nbd_proto::reply::{Extent, ReplyMode};
 pub use stream::{BoxStream, NbdStream, connect_transport};

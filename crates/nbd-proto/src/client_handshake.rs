@@ -11,7 +11,9 @@
 
 use bytes::{Buf, BytesMut};
 
-use crate::consts::{MAX_STRING, OPTION_REPLY_HEADER_LEN, cflag, hflag, info, opt, rep, tflag};
+use crate::consts::{
+    DEFAULT_MAX_PAYLOAD, MAX_STRING, OPTION_REPLY_HEADER_LEN, cflag, hflag, info, opt, rep, tflag,
+};
 use crate::handshake::{
     GREETING_LEN, decode_export_name_reply, decode_greeting, export_name_reply_len,
 };
@@ -113,6 +115,68 @@ pub struct ClientNegotiated {
     pub handshake_flags: u16,
     /// The server did not know GO, so EXPORT_NAME was used.
     pub used_export_name: bool,
+}
+
+/// What the negotiated flags and sizes allow.
+impl ClientNegotiated {
+    fn flag(&self, f: u16) -> bool {
+        self.flags & f != 0
+    }
+    pub fn read_only(&self) -> bool {
+        self.flag(tflag::READ_ONLY)
+    }
+    pub fn can_flush(&self) -> bool {
+        self.flag(tflag::SEND_FLUSH)
+    }
+    pub fn can_fua(&self) -> bool {
+        self.flag(tflag::SEND_FUA)
+    }
+    pub fn is_rotational(&self) -> bool {
+        self.flag(tflag::ROTATIONAL)
+    }
+    pub fn can_trim(&self) -> bool {
+        self.flag(tflag::SEND_TRIM)
+    }
+    pub fn can_zero(&self) -> bool {
+        self.flag(tflag::SEND_WRITE_ZEROES)
+    }
+    pub fn can_df(&self) -> bool {
+        self.flag(tflag::SEND_DF)
+    }
+    pub fn can_multi_conn(&self) -> bool {
+        self.flag(tflag::CAN_MULTI_CONN)
+    }
+    pub fn can_cache(&self) -> bool {
+        self.flag(tflag::SEND_CACHE)
+    }
+    pub fn can_fast_zero(&self) -> bool {
+        self.flag(tflag::SEND_FAST_ZERO)
+    }
+    /// Alignment every request must honour (1 when not advertised: a
+    /// server that says nothing accepts any alignment).
+    pub fn min_block(&self) -> u32 {
+        self.block_size.map_or(1, |b| b.minimum)
+    }
+    pub fn preferred_block(&self) -> u32 {
+        self.block_size.map_or(4096, |b| b.preferred)
+    }
+    /// Largest READ/WRITE payload. Without advice, 32 MiB is what every
+    /// server accepts.
+    pub fn max_payload(&self) -> u32 {
+        self.block_size.map_or(DEFAULT_MAX_PAYLOAD, |b| {
+            b.maximum.min(DEFAULT_MAX_PAYLOAD.max(b.preferred))
+        })
+    }
+    /// The id of a selected context.
+    pub fn context_id(&self, name: &str) -> Option<u32> {
+        self.contexts
+            .iter()
+            .find(|(_, n)| n == name)
+            .map(|(id, _)| *id)
+    }
+    pub fn has_context(&self, name: &str) -> bool {
+        self.context_id(name).is_some()
+    }
 }
 
 /// Why the handshake failed.
