@@ -24,34 +24,15 @@
 # Needs: cargo, qemu-utils, libnbd-bin, python3, iproute2 (ss), /usr/bin/time.
 set -euo pipefail
 
+# shellcheck source=proto-tests/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 RUNS=5
 CASES="read-null,read-file,upload"
-BUILD=1
-KEEP=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --runs) RUNS="$2"; shift 2 ;;
-        --cases) CASES="$2"; shift 2 ;;
-        --no-build) BUILD=0; shift ;;
-        --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
-        *) echo "unknown argument: $1" >&2; exit 2 ;;
-    esac
-done
-
-HERE="$(cd "$(dirname "$0")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
-BIN="${NBDFERRY_BIN:-$ROOT/target/release/nbdferry}"
+bench_parse_args 24 --cases=CASES -- "$@"
 read -r -a EXTRA <<<"${NBDFERRY_COPY_ARGS:-}"
-
-for t in qemu-nbd nbdcopy python3 ss /usr/bin/time; do
-    command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 1; }
-done
-
-if [ "$BUILD" = 1 ]; then
-    (cd "$ROOT" && cargo build --release -p nbdferry)
-fi
-[ -x "$BIN" ] || { echo "no release binary at $BIN" >&2; exit 1; }
+bench_need_tools qemu-nbd nbdcopy python3 ss /usr/bin/time
+bench_build
 BASE_BIN="${NBDFERRY_BASE_BIN:-}"
 if [ -n "$BASE_BIN" ]; then
     [ -x "$BASE_BIN" ] || { echo "no baseline binary at $BASE_BIN" >&2; exit 1; }
@@ -59,65 +40,13 @@ fi
 
 # The image lives on disk (page cache warm after creation); outputs and
 # upload targets go to /dev/shm so that writeback does not add noise.
-WORK="$(mktemp -d /tmp/nbdferry-bench-client.XXXXXX)"
-SHM="$(mktemp -d /dev/shm/nbdferry-bench-client.XXXXXX)"
-READ_PID="" READ_PORT=""
+bench_tmpdir WORK /tmp/nbdferry-bench-client.XXXXXX
+bench_tmpdir SHM /dev/shm/nbdferry-bench-client.XXXXXX
 UP_PID="" UP_PORT=""
+bench_make_image
 
-stop_pid() {
-    kill -TERM "$1" 2>/dev/null || true
-    for _ in $(seq 100); do
-        kill -0 "$1" 2>/dev/null || break
-        sleep 0.05
-    done
-    kill -KILL "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
-
-cleanup() {
-    local p
-    for p in $READ_PID $UP_PID; do stop_pid "$p"; done
-    if [ "$KEEP" = 1 ]; then
-        echo "kept $WORK $SHM" >&2
-    else
-        rm -rf "$WORK" "$SHM"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-IMG="$WORK/img4g.raw"
-python3 "$HERE/mk-image.py" "$IMG" >&2
-VSIZE=$(stat -c %s "$IMG")
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# A connect() probe would end a non-persistent qemu-nbd, so watch the
-# listening socket instead.
-wait_listen() { # port pid
-    for _ in $(seq 400); do
-        ss -Hltn "sport = :$1" | grep -q . && return 0
-        kill -0 "$2" 2>/dev/null || { echo "server $2 died" >&2; return 1; }
-        sleep 0.05
-    done
-    echo "port $1 not listening" >&2
-    return 1
-}
-
-# start_qemu VAR_PID VAR_PORT qemu-nbd-args... : starts qemu-nbd on a free port.
-start_qemu() {
-    local -n _pid="$1" _port="$2"
-    shift 2
-    _port=$(free_port)
-    qemu-nbd -t -e 8 -f raw -b 127.0.0.1 -p "$_port" "$@" 2>>"$WORK/qemu-nbd.log" &
-    _pid=$!
-    wait_listen "$_port" "$_pid"
-}
-
-start_qemu READ_PID READ_PORT -r "$IMG"
-READ_URI="nbd://127.0.0.1:$READ_PORT/"
+bench_start_qemu "$WORK/qemu-nbd.log" -r "$IMG"
+READ_URI="nbd://127.0.0.1:$PORT/"
 
 TARGET="$SHM/target.raw"
 OUT="$SHM/out.raw"
@@ -127,10 +56,11 @@ prepare() {
     case "$1" in
         read-file) rm -f "$OUT" "$OUT.part" ;;
         upload)
-            if [ -n "$UP_PID" ]; then stop_pid "$UP_PID"; UP_PID=""; fi
+            if [ -n "$UP_PID" ]; then bench_stop "$UP_PID"; UP_PID=""; fi
             rm -f "$TARGET"
             truncate -s "$VSIZE" "$TARGET"
-            start_qemu UP_PID UP_PORT --discard=unmap "$TARGET"
+            bench_start_qemu "$WORK/qemu-nbd.log" --discard=unmap "$TARGET"
+            UP_PID=$SERVER_PID UP_PORT=$PORT
             ;;
     esac
 }
@@ -157,15 +87,15 @@ run_once() {
     local argv t0 t1
     prepare "$1"
     mapfile -t argv < <(command_for "$1" "$2")
-    t0=$(date +%s.%N)
+    t0=$(now)
     /usr/bin/time -o "$WORK/time" -f '%U %S' "${argv[@]}" >/dev/null 2>"$WORK/client.err" || {
         echo "$2 failed on $1:" >&2
         cat "$WORK/client.err" >&2
         exit 1
     }
-    t1=$(date +%s.%N)
+    t1=$(now)
     CPU=$(awk '{print $1 + $2}' "$WORK/time")
-    WALL=$(python3 -c "print(f'{$t1 - $t0:.4f}')")
+    WALL=$(elapsed "$t0" "$t1")
 }
 
 # check CASE CLIENT: the copy the last run made equals the image.
@@ -175,7 +105,7 @@ check() {
         read-null) return 0 ;;
         read-file) f="$OUT" ;;
         upload)
-            stop_pid "$UP_PID"
+            bench_stop "$UP_PID"
             UP_PID=""
             f="$TARGET"
             ;;
@@ -183,8 +113,6 @@ check() {
     cmp -s "$f" "$IMG" || { echo "content mismatch: $2 on $1" >&2; exit 1; }
     echo "   $2 $1: content ok, $(du -k "$f" | cut -f1) KiB allocated" >&2
 }
-
-median() { python3 -c 'import sys, statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
 CLIENTS=(nbdferry nbdcopy)
 if [ -n "$BASE_BIN" ]; then CLIENTS+=(baseline); fi
@@ -211,7 +139,7 @@ for c in "${CASE_LIST[@]}"; do
     done
     unset wall cpu
     # Free the memory the last output holds on /dev/shm.
-    if [ -n "$UP_PID" ]; then stop_pid "$UP_PID"; UP_PID=""; fi
+    if [ -n "$UP_PID" ]; then bench_stop "$UP_PID"; UP_PID=""; fi
     rm -f "$OUT" "$TARGET"
 done
 

@@ -23,49 +23,16 @@
 # Needs: cargo, fio (nbd engine), python3.
 set -euo pipefail
 
+# shellcheck source=proto-tests/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 RUNS=3
 FIO_RUNTIME=10
-BUILD=1
-KEEP=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --runs) RUNS="$2"; shift 2 ;;
-        --fio-runtime) FIO_RUNTIME="$2"; shift 2 ;;
-        --no-build) BUILD=0; shift ;;
-        --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
-        *) echo "unknown argument: $1" >&2; exit 2 ;;
-    esac
-done
+bench_parse_args 25 --fio-runtime=FIO_RUNTIME -- "$@"
+bench_need_tools fio python3
+bench_build
 
-HERE="$(cd "$(dirname "$0")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
-BIN="${NBDFERRY_BIN:-$ROOT/target/release/nbdferry}"
-
-for t in fio python3; do
-    command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 1; }
-done
-if [ "$BUILD" = 1 ]; then
-    (cd "$ROOT" && cargo build --release -p nbdferry)
-fi
-[ -x "$BIN" ] || { echo "no release binary at $BIN" >&2; exit 1; }
-
-WORK="$(mktemp -d /tmp/nbdferry-snapbench.XXXXXX)"
-SERVER_PID=""
-cleanup() {
-    if [ -n "$SERVER_PID" ]; then
-        kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 100); do
-            kill -0 "$SERVER_PID" 2>/dev/null || break
-            sleep 0.05
-        done
-        kill -KILL "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    if [ "$KEEP" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_tmpdir WORK /tmp/nbdferry-snapbench.XXXXXX
 
 IMG="$WORK/disk.raw"
 SIZE=$((1024 * 1024 * 1024))
@@ -81,19 +48,7 @@ EOF
 
 STATE="$WORK/state"
 ADMIN="$STATE/admin.sock"
-"$BIN" serve --listen 127.0.0.1:0 --name disk --state-dir "$STATE" "$IMG" 2>"$WORK/server.log" &
-SERVER_PID=$!
-PORT=""
-for _ in $(seq 400); do
-    line=$(grep -m1 '^listening on ' "$WORK/server.log" || true)
-    if [ -n "$line" ]; then
-        PORT=$(sed -E 's/^listening on 127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
-        break
-    fi
-    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$WORK/server.log" >&2; exit 1; }
-    sleep 0.05
-done
-[ -n "$PORT" ] || { echo "nbdferry not ready" >&2; exit 1; }
+bench_start_ferry nbdferry "$WORK/server.log" serve --listen 127.0.0.1:0 --name disk --state-dir "$STATE" "$IMG"
 URI="nbd://127.0.0.1:$PORT/disk"
 
 ctl() { "$BIN" "$@" --admin "$ADMIN" >/dev/null; }
@@ -140,8 +95,6 @@ else:
     print(j["read"]["bw_bytes"] / 1e6)
 EOF
 }
-
-median() { python3 -c 'import sys, statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
 STATES=(none cp1 snap1 snap4)
 WORKLOADS=(seqwrite randwrite seqread)

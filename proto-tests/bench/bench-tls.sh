@@ -18,99 +18,27 @@
 # Needs: cargo, qemu-utils, nbdkit, libnbd-bin, python3, iproute2 (ss).
 set -euo pipefail
 
+# shellcheck source=proto-tests/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 RUNS=3
 NOEXT=0
-BUILD=1
-KEEP=0
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --runs) RUNS="$2"; shift 2 ;;
-        --no-extents) NOEXT=1; shift ;;
-        --no-build) BUILD=0; shift ;;
-        --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
-        *) echo "unknown argument: $1" >&2; exit 2 ;;
-    esac
-done
+bench_parse_args 18 --no-extents+NOEXT -- "$@"
 [ "$RUNS" -ge 1 ] 2>/dev/null || { echo "--runs needs a positive number" >&2; exit 2; }
+bench_need_tools qemu-nbd nbdkit nbdcopy python3 ss cmp
+bench_build
 
-HERE="$(cd "$(dirname "$0")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
-BIN="${NBDFERRY_BIN:-$ROOT/target/release/nbdferry}"
-
-for t in qemu-nbd nbdkit nbdcopy python3 ss cmp; do
-    command -v "$t" >/dev/null || { echo "missing tool: $t" >&2; exit 1; }
-done
-
-if [ "$BUILD" = 1 ]; then
-    (cd "$ROOT" && cargo build --release -p nbdferry)
-fi
-[ -x "$BIN" ] || { echo "no release binary at $BIN" >&2; exit 1; }
-
-WORK="$(mktemp -d /tmp/nbdferry-bench-tls.XXXXXX)"
-PIDS=()
-cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do
-        kill -TERM "$p" 2>/dev/null || true
-    done
-    for p in "${PIDS[@]}"; do
-        for _ in $(seq 100); do
-            kill -0 "$p" 2>/dev/null || break
-            sleep 0.05
-        done
-        kill -KILL "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
-    done
-    if [ "$KEEP" = 1 ]; then
-        echo "kept $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-IMG="$WORK/img4g.raw"
-python3 "$HERE/mk-image.py" "$IMG" >&2
-VSIZE=$(stat -c %s "$IMG")
+bench_tmpdir WORK /tmp/nbdferry-bench-tls.XXXXXX
+bench_make_image
 PKI="$WORK/pki"
 "$BIN" certs init "$PKI" >/dev/null
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# No probe connections: a probe would count as a client (and fail TLS).
-wait_listen() { # port pid
-    for _ in $(seq 400); do
-        ss -Hltn "sport = :$1" | grep -q . && return 0
-        kill -0 "$2" 2>/dev/null || { echo "server $2 died" >&2; return 1; }
-        sleep 0.05
-    done
-    echo "port $1 not listening" >&2
-    return 1
-}
-
-# start_ferry NAME ARGS... -> sets PORT
+# start_ferry NAME ARGS... -> sets PORT and SERVER_PID
 start_ferry() {
-    local name="$1" line pid
+    local name="$1"
     shift
-    "$BIN" serve --read-only --listen 127.0.0.1:0 --state-dir "$WORK/state-$name" "$@" "$IMG" \
-        2>"$WORK/$name.log" &
-    pid=$!
-    PIDS+=("$pid")
-    PORT=""
-    for _ in $(seq 400); do
-        line=$(grep -m1 '^listening on ' "$WORK/$name.log" || true)
-        if [ -n "$line" ]; then
-            PORT=$(sed -E 's/^listening on 127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
-            break
-        fi
-        kill -0 "$pid" 2>/dev/null || { cat "$WORK/$name.log" >&2; exit 1; }
-        sleep 0.05
-    done
-    [ -n "$PORT" ] || { echo "$name not ready" >&2; cat "$WORK/$name.log" >&2; exit 1; }
+    bench_start_ferry "$name" "$WORK/$name.log" serve --read-only --listen 127.0.0.1:0 \
+        --state-dir "$WORK/state-$name" "$@" "$IMG"
 }
 
 declare -A URI SPID
@@ -118,20 +46,17 @@ TLSQ="?tls-certificates=$PKI"
 
 start_ferry ferry-tls --tls=require --tls-creds "$PKI"
 URI[ferry-tls]="nbds://127.0.0.1:$PORT/$TLSQ"
-SPID[ferry-tls]=${PIDS[-1]}
+SPID[ferry-tls]=$SERVER_PID
 
 start_ferry ferry-plain
 URI[ferry-plain]="nbd://127.0.0.1:$PORT/"
-SPID[ferry-plain]=${PIDS[-1]}
+SPID[ferry-plain]=$SERVER_PID
 
-QPORT=$(free_port)
-qemu-nbd -r -t -e 8 -f raw -b 127.0.0.1 -p "$QPORT" \
+bench_start_qemu "$WORK/qemu-nbd.log" -r \
     --object "tls-creds-x509,id=tls0,endpoint=server,dir=$PKI,verify-peer=on" --tls-creds tls0 \
-    "$IMG" 2>"$WORK/qemu-nbd.log" &
-PIDS+=("$!")
-SPID[qemu-tls]=$!
-wait_listen "$QPORT" "$!"
-URI[qemu-tls]="nbds://127.0.0.1:$QPORT/$TLSQ"
+    "$IMG"
+SPID[qemu-tls]=$SERVER_PID
+URI[qemu-tls]="nbds://127.0.0.1:$PORT/$TLSQ"
 
 KPORT=$(free_port)
 nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$KPORT" \
@@ -147,11 +72,7 @@ SERVERS=(ferry-tls qemu-tls nbdkit-tls ferry-plain)
 # Sanity: every server hands out the image, byte for byte (over TLS where
 # it is a TLS server), before anything is timed.
 for s in "${SERVERS[@]}"; do
-    f="$WORK/check.raw"
-    rm -f "$f"
-    nbdcopy "${URI[$s]}" "$f"
-    cmp -s "$f" "$IMG" || { echo "content mismatch from $s" >&2; exit 1; }
-    rm -f "$f"
+    bench_check_served "${URI[$s]}" "$s" "$WORK/check.raw"
 done
 # ...and the TLS servers really refuse plaintext.
 for s in ferry-tls qemu-tls nbdkit-tls; do
@@ -163,8 +84,6 @@ for s in ferry-tls qemu-tls nbdkit-tls; do
     fi
 done
 
-now() { date +%s.%N; }
-
 # run_once WORKLOAD SERVER -> prints elapsed seconds
 run_once() {
     local w="$1" u="${URI[$2]}" t0 t1
@@ -174,10 +93,8 @@ run_once() {
         copy-null-noext) nbdcopy --no-extents "$u" null: ;;
     esac
     t1=$(now)
-    python3 -c "print(f'{$t1 - $t0:.4f}')"
+    elapsed "$t0" "$t1"
 }
-
-median() { python3 -c 'import sys, statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
 WORKLOADS=(copy-null)
 [ "$NOEXT" = 1 ] && WORKLOADS+=(copy-null-noext)
@@ -185,25 +102,8 @@ WORKLOADS=(copy-null)
 declare -A RESULT
 for w in "${WORKLOADS[@]}"; do
     echo "== $w" >&2
-    for s in "${SERVERS[@]}"; do run_once "$w" "$s" >/dev/null; done # warm-up
-    declare -A times=()
-    n=${#SERVERS[@]}
-    for r in $(seq "$RUNS"); do
-        for i in $(seq 0 $((n - 1))); do
-            s=${SERVERS[$(((i + r - 1) % n))]}
-            t=$(run_once "$w" "$s")
-            echo "   run $r $s: ${t}s" >&2
-            times[$s]="${times[$s]:-} $t"
-        done
-    done
-    for s in "${SERVERS[@]}"; do
-        # shellcheck disable=SC2086
-        RESULT[$w,$s]=$(median ${times[$s]})
-    done
-    unset times
+    bench_time_servers "$w" 1 # order rotated each round
 done
-
-hwm() { awk '/^VmHWM/ {print $2 " " $3}' "/proc/$1/status"; }
 
 ARGS=("$VSIZE" "$RUNS")
 for w in "${WORKLOADS[@]}"; do
