@@ -65,7 +65,8 @@ pub async fn serve<S: Split>(
                 None => return Ok(()),
             };
             let ids = nbd_tls::peer_identities(tls.get_ref().1.peer_certificates());
-            tracing::info!(%peer, client = %ids.join(","), "TLS established");
+            let suite = tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+            tracing::info!(%peer, client = %ids.join(","), ?suite, "TLS established");
             hs.tls_established(ids);
             match bounded(&ctx, deadline, negotiate(&mut tls, &mut hs, &ctx)).await {
                 Some(Ok(Phase::Done(n, pending))) => {
