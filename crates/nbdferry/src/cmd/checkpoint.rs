@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use hyper::Method;
 use serde_json::json;
 
-use super::snapshot::check_names;
+use super::snapshot::{check_names, unix_now};
 use crate::admin::client::{request, segment};
 
 #[derive(clap::Args)]
@@ -38,13 +38,7 @@ pub async fn run(args: CheckpointArgs) -> anyhow::Result<()> {
         .unwrap_or_else(crate::admin::default_admin_socket);
     let answer = match args.action {
         Action::Create { disk, name } => {
-            let name = name.unwrap_or_else(|| {
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                format!("cp-{t}")
-            });
+            let name = name.unwrap_or_else(|| format!("cp-{}", unix_now()));
             check_names(&disk, &name, "checkpoint")?;
             let path = format!("/v1/disks/{}/checkpoints", segment(&disk));
             request(&sock, Method::POST, &path, Some(json!({ "name": name }))).await?

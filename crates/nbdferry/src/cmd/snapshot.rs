@@ -93,7 +93,8 @@ pub fn check_names(disk: &str, name: &str, kind: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the epoch, for default snapshot and checkpoint names.
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
