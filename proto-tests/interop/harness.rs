@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -39,20 +38,15 @@ pub const SIGINT: i32 = 2;
 pub const SIGKILL: i32 = 9;
 pub const SIGTERM: i32 = 15;
 
-// SAFETY: these are the plain POSIX prototypes from <unistd.h>/<signal.h>;
-// both functions only take integers and touch no memory we own, so calling
-// them can not cause undefined behaviour (they are declared `safe`).
-unsafe extern "C" {
-    safe fn kill(pid: i32, sig: i32) -> i32;
-    safe fn lseek(fd: i32, offset: i64, whence: i32) -> i64;
-}
-
-const SEEK_DATA: i32 = 3;
-const SEEK_HOLE: i32 = 4;
-
 /// Send a signal to a pid. Returns false if the process does not exist.
 pub fn send_signal(pid: u32, sig: i32) -> bool {
-    kill(pid as i32, sig) == 0
+    let (Some(pid), Some(sig)) = (
+        rustix::process::Pid::from_raw(pid as i32),
+        rustix::process::Signal::from_named_raw(sig),
+    ) else {
+        return false;
+    };
+    rustix::process::kill_process(pid, sig).is_ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -972,20 +966,18 @@ pub fn allocated_bytes(path: &Path) -> u64 {
 pub fn data_map(path: &Path) -> Vec<(u64, u64, bool)> {
     let f = File::open(path).unwrap_or_else(|e| panic!("open {path:?}: {e}"));
     let size = f.metadata().unwrap().len();
-    let fd = f.as_raw_fd();
+    let seek = |to: rustix::fs::SeekFrom| rustix::fs::seek(&f, to).map_or(size, |o| o.min(size));
     let mut out = Vec::new();
     let mut pos = 0u64;
     while pos < size {
-        let d = lseek(fd, pos as i64, SEEK_DATA);
-        let data_start = if d < 0 { size } else { (d as u64).min(size) };
+        let data_start = seek(rustix::fs::SeekFrom::Data(pos));
         if data_start > pos {
             out.push((pos, data_start - pos, false));
         }
         if data_start >= size {
             break;
         }
-        let h = lseek(fd, data_start as i64, SEEK_HOLE);
-        let hole_start = if h < 0 { size } else { (h as u64).min(size) };
+        let hole_start = seek(rustix::fs::SeekFrom::Hole(data_start));
         out.push((data_start, hole_start - data_start, true));
         pos = hole_start;
     }
