@@ -372,6 +372,9 @@ pub struct Server {
     /// Export name used by `uri()` / `unix_uri()`.
     pub name: String,
     pub log: Arc<Mutex<Vec<String>>>,
+    /// A private state directory (admin socket, snapshot state) unless the
+    /// test chose one, so that no test touches the system default.
+    _state: Option<tempfile::TempDir>,
 }
 
 impl Server {
@@ -379,6 +382,13 @@ impl Server {
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Server {
         let mut cmd = nbdferry();
         cmd.arg("serve").args(args);
+        let state = if args.iter().any(|a| a.as_ref() == "--state-dir") {
+            None
+        } else {
+            let dir = tempfile::tempdir().expect("state dir");
+            cmd.arg("--state-dir").arg(dir.path());
+            Some(dir)
+        };
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let desc = describe(&cmd);
         let mut child = cmd
@@ -412,6 +422,7 @@ impl Server {
             socket: None,
             name: String::new(),
             log,
+            _state: state,
         };
         match rx.recv_timeout(READY_DEADLINE) {
             Ok(Some(line)) => {
