@@ -64,6 +64,7 @@ pub fn package_of(bin: &str) -> &'static str {
         "nbd-client" => "nbd-client",
         "fio" => "fio",
         "certtool" => "gnutls-bin",
+        "losetup" => "mount (util-linux)",
         _ => "the package providing it",
     }
 }

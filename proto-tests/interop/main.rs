@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod blockdev;
 mod cli;
 mod client;
 mod hostile;

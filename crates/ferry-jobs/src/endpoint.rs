@@ -235,6 +235,11 @@ impl LocalFile {
     /// (length, reads-as-zero) runs. A file system without support reports
     /// everything as data, which is still correct.
     pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        if self.block_device {
+            // Linux answers SEEK_DATA on a block device with ENXIO, which
+            // would read the whole device as one hole.
+            return Ok(vec![(len, false)]);
+        }
         let end = offset + len;
         let mut out = Vec::new();
         let mut pos = offset;

@@ -120,6 +120,15 @@ impl FileDev {
     }
 
     fn allocation(&self, offset: u64, len: u64, max: usize) -> Vec<Extent> {
+        if self.block_device {
+            // A block device has no holes to find, and SEEK_DATA on one does
+            // not say "all data": Linux answered ENXIO here, which would turn
+            // the whole device into a hole and its reads into zeroes.
+            return vec![Extent {
+                length: len,
+                flags: 0,
+            }];
+        }
         let end = offset + len;
         let mut out: Vec<Extent> = Vec::new();
         let push = |out: &mut Vec<Extent>, length: u64, flags: u32| match out.last_mut() {
