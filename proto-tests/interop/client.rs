@@ -473,18 +473,23 @@ fn garbage_server_fails_fast() {
     t.join().unwrap();
 }
 
-#[test]
-fn server_killed_mid_copy_fails_cleanly() {
-    let (dir, img, _) = source_image(110);
-    // A slow server (every read delayed) so the copy is surely in progress.
+/// A copy from an nbdkit whose reads are delayed by `rdelay`, into DST in
+/// `dir`, waited on until it is surely in progress (DST.part exists).
+/// Returns the server, the running copy and DST.
+fn copy_from_slow_server(
+    dir: &Path,
+    img: &Path,
+    rdelay: &str,
+    extra: &[&str],
+) -> (PeerServer, ChildGuard, PathBuf) {
     let kit = nbdkit_tcp(&[
         "--filter=delay".to_string(),
         "file".to_string(),
         format!("file={}", img.display()),
-        "rdelay=300ms".to_string(),
+        format!("rdelay={rdelay}"),
     ]);
-    let out = dir.path().join("killed.raw");
-    let part = dir.path().join("killed.raw.part");
+    let out = dir.join("slow.raw");
+    let part = dir.join("slow.raw.part");
     let child = nbdferry()
         .args([
             "copy",
@@ -494,16 +499,30 @@ fn server_killed_mid_copy_fails_cleanly() {
             "--requests",
             "2",
         ])
+        .args(extra)
         .arg(kit.uri(""))
         .arg(&out)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn copy");
-    let mut guard = ChildGuard(child);
+    let guard = ChildGuard(child);
     wait_until(READY_DEADLINE, "the copy to start writing", || {
         part.exists()
     });
+    (kit, guard, out)
+}
+
+fn stderr_of(guard: &mut ChildGuard) -> String {
+    let mut err = String::new();
+    std::io::Read::read_to_string(guard.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    err
+}
+
+#[test]
+fn server_killed_mid_copy_fails_cleanly() {
+    let (dir, img, _) = source_image(110);
+    let (kit, mut guard, out) = copy_from_slow_server(dir.path(), &img, "300ms", &[]);
     assert!(
         guard.0.try_wait().unwrap().is_none(),
         "copy finished before the kill"
@@ -512,8 +531,7 @@ fn server_killed_mid_copy_fails_cleanly() {
     let status =
         wait_child(&mut guard.0, Duration::from_secs(30)).expect("copy hung after the server died");
     assert!(!status.success(), "copy succeeded although the server died");
-    let mut err = String::new();
-    std::io::Read::read_to_string(guard.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let err = stderr_of(&mut guard);
     assert!(err.contains("error:"), "{err}");
     assert!(
         !out.exists(),
@@ -528,37 +546,15 @@ fn copy_times_out_when_the_server_stops_answering() {
     const SIGSTOP: i32 = 19;
     const SIGCONT: i32 = 18;
     let (dir, img, _) = source_image(111);
-    // A slow server (every read delayed) so the copy is surely in progress
-    // when the server is frozen.
-    let kit = nbdkit_tcp(&[
-        "--filter=delay".to_string(),
-        "file".to_string(),
-        format!("file={}", img.display()),
-        "rdelay=200ms".to_string(),
-    ]);
-    let out = dir.path().join("frozen.raw");
-    let part = dir.path().join("frozen.raw.part");
-    let child = nbdferry()
-        .args(["copy", "--progress=none", "--timeout", "2"])
-        .args(["--connections", "1", "--requests", "2"])
-        .arg(kit.uri(""))
-        .arg(&out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn copy");
-    let mut guard = ChildGuard(child);
-    wait_until(READY_DEADLINE, "the copy to start writing", || {
-        part.exists()
-    });
+    let (kit, mut guard, out) =
+        copy_from_slow_server(dir.path(), &img, "200ms", &["--timeout", "2"]);
     // Frozen, not dead: the socket stays open and nothing comes back.
     assert!(send_signal(kit.pid(), SIGSTOP));
     let status = wait_child(&mut guard.0, Duration::from_secs(30));
     assert!(send_signal(kit.pid(), SIGCONT));
     let status = status.expect("copy hung on a server that stopped answering");
     assert!(!status.success(), "copy succeeded against a frozen server");
-    let mut err = String::new();
-    std::io::Read::read_to_string(guard.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let err = stderr_of(&mut guard);
     assert!(err.contains("did not answer for 2s"), "{err}");
     assert!(!out.exists(), "a failed copy must not look complete");
     drop(kit);

@@ -1186,6 +1186,25 @@ pub struct RawConn {
     pub tflags: u16,
 }
 
+/// The peer hung up (a reset counts: a server closing with unread input
+/// sends one).
+fn closed_by_peer(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// A read timeout expired.
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 impl RawConn {
     pub fn tcp(addr: SocketAddr) -> RawConn {
         let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("connect");
@@ -1227,22 +1246,8 @@ impl RawConn {
                 Ok(0) => return ReadOutcome::Closed,
                 Ok(k) => got += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionReset
-                            | io::ErrorKind::ConnectionAborted
-                            | io::ErrorKind::BrokenPipe
-                    ) =>
-                {
-                    return ReadOutcome::Closed;
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(e) if closed_by_peer(&e) => return ReadOutcome::Closed,
+                Err(e) if timed_out(&e) => {
                     panic!("server neither answered nor closed in time (got {got}/{n} bytes)")
                 }
                 Err(e) => panic!("read error: {e}"),
@@ -1273,20 +1278,8 @@ impl RawConn {
                     );
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
-                    ) =>
-                {
-                    return;
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
+                Err(e) if closed_by_peer(&e) => return,
+                Err(e) if timed_out(&e) => {
                     panic!("{what}: server did not close the connection in time")
                 }
                 Err(e) => panic!("{what}: read error {e}"),

@@ -101,8 +101,12 @@ impl CowStore {
     }
 
     pub fn create(path: &Path, gran: u64) -> io::Result<Self> {
-        let file = crate::meta::create_zeroed(path, 0)?;
-        Ok(CowStore {
+        Ok(Self::over(crate::meta::create_zeroed(path, 0)?, gran))
+    }
+
+    /// A store over `file` with nothing allocated yet.
+    fn over(file: File, gran: u64) -> Self {
+        CowStore {
             file,
             gran,
             alloc: Mutex::new(Alloc {
@@ -111,7 +115,7 @@ impl CowStore {
             }),
             lsn: AtomicU64::new(1),
             sync: GroupSync::default(),
-        })
+        }
     }
 
     /// Opens the store and returns its valid records, in slot order.
@@ -119,16 +123,7 @@ impl CowStore {
     pub fn open(path: &Path, gran: u64) -> io::Result<(Self, Vec<Record>)> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let len = file.metadata()?.len();
-        let mut store = CowStore {
-            file,
-            gran,
-            alloc: Mutex::new(Alloc {
-                next: 0,
-                free: Vec::new(),
-            }),
-            lsn: AtomicU64::new(1),
-            sync: GroupSync::default(),
-        };
+        let mut store = Self::over(file, gran);
         let nslots = len.div_ceil(store.slot_size());
         let mut recs = Vec::new();
         let mut free = Vec::new();

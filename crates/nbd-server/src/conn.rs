@@ -19,7 +19,7 @@ use crate::bufpool::POOL;
 use crate::execute::Session;
 use crate::frame::FrameReader;
 use crate::limits::Limits;
-use crate::outgoing::ReplySink;
+use crate::outgoing::{Permits, ReplySink};
 use crate::registry::{Export, Registry};
 use crate::split::Split;
 
@@ -273,7 +273,10 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
             }
             reader.discard(payload_len).await?;
             let mut out = session.error_reply(&req, code, message);
-            out.permits = vec![slot];
+            out.permits = Some(Permits {
+                _slot: slot,
+                _bytes: None,
+            });
             sink.send(out).await?;
             continue;
         }
@@ -281,14 +284,16 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
             cmd::READ | cmd::WRITE => req.length as u32,
             _ => 0,
         };
-        let permits = vec![
-            slot,
-            bytes
-                .clone()
-                .acquire_many_owned(weight)
-                .await
-                .map_err(std::io::Error::other)?,
-        ];
+        let permits = Permits {
+            _slot: slot,
+            _bytes: Some(
+                bytes
+                    .clone()
+                    .acquire_many_owned(weight)
+                    .await
+                    .map_err(std::io::Error::other)?,
+            ),
+        };
         let mut payload = Vec::new();
         if req.command == cmd::WRITE {
             payload = POOL.get(req.length as usize);
@@ -297,7 +302,7 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
                 .await?;
         }
         if let Some(mut out) = session.try_inline(&req) {
-            out.permits = permits;
+            out.permits = Some(permits);
             sink.send(out).await?;
             continue;
         }
@@ -305,7 +310,7 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
         let sink = sink.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = session.execute(&req, payload);
-            out.permits = permits;
+            out.permits = Some(permits);
             sink.queue(out);
         });
     }

@@ -23,7 +23,14 @@ pub enum Part {
 pub struct Outgoing {
     pub parts: Vec<Part>,
     pub data: Vec<u8>,
-    pub permits: Vec<OwnedSemaphorePermit>,
+    pub permits: Option<Permits>,
+}
+
+/// The in-flight budget a request holds until its reply is sent: a slot,
+/// and for READ/WRITE the bytes of its buffer.
+pub struct Permits {
+    pub _slot: OwnedSemaphorePermit,
+    pub _bytes: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Outgoing {
