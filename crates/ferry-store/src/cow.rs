@@ -11,6 +11,11 @@
 //! which means the origin write it protected was never issued: it is
 //! simply free space.
 //!
+//! Slots are written with `O_DIRECT` where the filesystem allows it: the
+//! copy must reach the disk before the origin write anyway, so going
+//! through the page cache would only add a memory copy and writeback work
+//! on the write path (the store is rarely read back).
+//!
 //! Which snapshots a record belongs to is not stored: replaying the valid
 //! records in LSN order and giving each to every existing snapshot that is
 //! not newer than its `snap_seq` and has no slot for that block yet
@@ -20,13 +25,16 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use rustix::fs::FallocateFlags;
+use rustix::fs::{FallocateFlags, OFlags};
+use rustix::io::Errno;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::aligned::AlignedBuf;
 use crate::sync::GroupSync;
 
 const HDR: u64 = 4096;
@@ -41,17 +49,30 @@ pub(crate) struct Record {
     pub snap_seq: u64,
 }
 
+/// Slot buffers kept for reuse: at most this many, each at most
+/// `POOL_BUF_MAX` bytes (a sequential writer's batch fits).
+const POOL_BUFS: usize = 4;
+const POOL_BUF_MAX: usize = 8 << 20;
+
 struct Alloc {
     next: u64,
+    /// Free slots, sorted descending so that `pop` hands out ascending,
+    /// mostly consecutive slots: one write per batch.
     free: Vec<u64>,
 }
 
 pub(crate) struct CowStore {
+    /// Buffered: scans, reads, hole punching and syncs.
     file: File,
+    /// The same file opened `O_DIRECT`, for slot writes; `None` (or
+    /// `direct_ok` false after an EINVAL) where the filesystem refuses.
+    direct: Option<File>,
+    direct_ok: AtomicBool,
     gran: u64,
     alloc: Mutex<Alloc>,
     lsn: AtomicU64,
     sync: GroupSync,
+    bufs: Mutex<Vec<AlignedBuf>>,
 }
 
 fn pwrite_all(file: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
@@ -101,13 +122,21 @@ impl CowStore {
     }
 
     pub fn create(path: &Path, gran: u64) -> io::Result<Self> {
-        Ok(Self::over(crate::meta::create_zeroed(path, 0)?, gran))
+        Ok(Self::over(path, crate::meta::create_zeroed(path, 0)?, gran))
     }
 
-    /// A store over `file` with nothing allocated yet.
-    fn over(file: File, gran: u64) -> Self {
+    /// A store over `file` (at `path`) with nothing allocated yet.
+    fn over(path: &Path, file: File, gran: u64) -> Self {
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(OFlags::DIRECT.bits() as i32)
+            .open(path)
+            .inspect_err(|e| tracing::debug!("{}: no O_DIRECT ({e})", path.display()))
+            .ok();
         CowStore {
             file,
+            direct_ok: AtomicBool::new(direct.is_some()),
+            direct,
             gran,
             alloc: Mutex::new(Alloc {
                 next: 0,
@@ -115,6 +144,7 @@ impl CowStore {
             }),
             lsn: AtomicU64::new(1),
             sync: GroupSync::default(),
+            bufs: Mutex::new(Vec::new()),
         }
     }
 
@@ -123,7 +153,7 @@ impl CowStore {
     pub fn open(path: &Path, gran: u64) -> io::Result<(Self, Vec<Record>)> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let len = file.metadata()?.len();
-        let mut store = Self::over(file, gran);
+        let mut store = Self::over(path, file, gran);
         let nslots = len.div_ceil(store.slot_size());
         let mut recs = Vec::new();
         let mut free = Vec::new();
@@ -141,6 +171,7 @@ impl CowStore {
             }
         }
         store.lsn = AtomicU64::new(max_lsn + 1);
+        free.reverse();
         store.alloc = Mutex::new(Alloc { next: nslots, free });
         Ok((store, recs))
     }
@@ -148,73 +179,122 @@ impl CowStore {
     /// Writes one preserved block into a free slot (see `write_many`).
     #[cfg(test)]
     pub fn write(&self, block: u64, snap_seq: u64, data: &[u8]) -> io::Result<u64> {
-        Ok(self.write_many(snap_seq, &[(block, data)])?[0])
+        let slots = self.write_many(snap_seq, &[(block, data.len())], |_, buf| {
+            buf.copy_from_slice(data);
+            Ok::<_, io::Error>(())
+        })?;
+        Ok(slots[0])
     }
 
-    /// Writes preserved blocks `(block, old data)` into free slots and
-    /// returns the slots. Consecutive slots go out in one `pwritev`. Not
-    /// durable until [`commit`](Self::commit) returns.
-    pub fn write_many(&self, snap_seq: u64, items: &[(u64, &[u8])]) -> io::Result<Vec<u64>> {
-        let slots: Vec<u64> = {
-            let mut a = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
-            (0..items.len())
-                .map(|_| match a.free.pop() {
-                    Some(s) => s,
-                    None => {
-                        a.next += 1;
-                        a.next - 1
-                    }
-                })
-                .collect()
-        };
-        let mut hdrs = vec![0u8; items.len() * HDR as usize];
-        for ((block, data), hdr) in items.iter().zip(hdrs.chunks_mut(HDR as usize)) {
-            debug_assert!(data.len() as u64 <= self.gran);
+    /// Preserves blocks: for each item `(block, len)`, `fill(k, buf)` puts
+    /// the block's old data (`len` bytes, at most the granularity) into
+    /// `buf`, and the record goes into a free slot. Returns the slots.
+    /// Consecutive slots go out in one write. Not durable until
+    /// [`commit`](Self::commit) returns.
+    pub fn write_many<E: From<io::Error>>(
+        &self,
+        snap_seq: u64,
+        items: &[(u64, usize)],
+        mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+    ) -> Result<Vec<u64>, E> {
+        let slot = self.slot_size() as usize;
+        let mut buf = self.take_buf(items.len() * slot);
+        for (k, &(block, len)) in items.iter().enumerate() {
+            debug_assert!(len > 0 && len as u64 <= self.gran);
+            let (hdr, data) = buf[k * slot..(k + 1) * slot].split_at_mut(HDR as usize);
+            fill(k, &mut data[..len])?;
+            data[len..].fill(0);
             let lsn = self.lsn.fetch_add(1, Ordering::Relaxed);
             let fields = [
                 MAGIC,
                 lsn,
-                *block,
+                block,
                 snap_seq,
-                data.len() as u64,
-                xxh3_64(data),
+                len as u64,
+                xxh3_64(&data[..len]),
             ];
             for (i, v) in fields.iter().enumerate() {
                 hdr[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
             }
             let h = xxh3_64(&hdr[..48]);
             hdr[48..56].copy_from_slice(&h.to_le_bytes());
+            hdr[HDR_USED..].fill(0);
         }
-        let hdr = |i: usize| &hdrs[i * HDR as usize..(i + 1) * HDR as usize];
-        // Runs of consecutive slots with full blocks (a short last block
-        // ends a run), at most 512 slots (IOV_MAX is 1024).
+        let slots = self.alloc_slots(items.len());
         let mut i = 0;
-        while i < items.len() {
+        while i < slots.len() {
             let mut j = i + 1;
-            while j < items.len()
-                && j - i < 512
-                && slots[j] == slots[j - 1] + 1
-                && items[j - 1].1.len() as u64 == self.gran
-            {
+            while j < slots.len() && slots[j] == slots[j - 1] + 1 {
                 j += 1;
             }
-            let iov: Vec<io::IoSlice<'_>> = (i..j)
-                .flat_map(|k| [io::IoSlice::new(hdr(k)), io::IoSlice::new(items[k].1)])
-                .collect();
-            let total: usize = iov.iter().map(|v| v.len()).sum();
-            let n = rustix::io::pwritev(&self.file, &iov, self.slot_off(slots[i])).unwrap_or(0);
-            if n < total {
-                // Short or failed: write slot by slot (rewriting the same
-                // bytes is harmless).
-                for k in i..j {
-                    let mut buf = hdr(k).to_vec();
-                    buf.extend_from_slice(items[k].1);
-                    pwrite_all(&self.file, &buf, self.slot_off(slots[k]))?;
-                }
+            if let Err(e) = self.write_slots(&buf[i * slot..j * slot], self.slot_off(slots[i])) {
+                // Nothing points at these slots yet: they are free again.
+                self.free_slots(&slots);
+                return Err(e.into());
             }
             i = j;
         }
+        self.put_buf(buf);
         Ok(slots)
+    }
+
+    fn alloc_slots(&self, n: usize) -> Vec<u64> {
+        let mut a = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        (0..n)
+            .map(|_| match a.free.pop() {
+                Some(s) => s,
+                None => {
+                    a.next += 1;
+                    a.next - 1
+                }
+            })
+            .collect()
+    }
+
+    fn free_slots(&self, slots: &[u64]) {
+        let mut a = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        a.free.extend_from_slice(slots);
+        a.free.sort_unstable_by(|x, y| y.cmp(x));
+        a.free.dedup();
+    }
+
+    /// Writes whole slots at `off`, directly where possible.
+    fn write_slots(&self, mut bytes: &[u8], mut off: u64) -> io::Result<()> {
+        if let Some(direct) = self.direct.as_ref() {
+            while self.direct_ok.load(Ordering::Relaxed) && !bytes.is_empty() {
+                match rustix::io::pwrite(direct, bytes, off) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        bytes = &bytes[n..];
+                        off += n as u64;
+                    }
+                    Err(Errno::INTR) => {}
+                    Err(Errno::INVAL) => {
+                        tracing::debug!("O_DIRECT write refused; preserved blocks go buffered");
+                        self.direct_ok.store(false, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        pwrite_all(&self.file, bytes, off)
+    }
+
+    /// A zeroed-once, aligned buffer of at least `len` bytes (its tail
+    /// beyond `len` is unused).
+    fn take_buf(&self, len: usize) -> AlignedBuf {
+        let mut pool = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        match pool.iter().position(|b| b.len() >= len) {
+            Some(i) => pool.swap_remove(i),
+            None => AlignedBuf::zeroed(len),
+        }
+    }
+
+    fn put_buf(&self, buf: AlignedBuf) {
+        let mut pool = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        if buf.len() <= POOL_BUF_MAX && pool.len() < POOL_BUFS {
+            pool.push(buf);
+        }
     }
 
     /// Makes every record written so far durable (shared `fdatasync`).
@@ -246,8 +326,7 @@ impl CowStore {
                 pwrite_all(&self.file, &[0u8; HDR_USED], self.slot_off(slot))?;
             }
         }
-        let mut a = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
-        a.free.extend_from_slice(slots);
+        self.free_slots(slots);
         Ok(())
     }
 }
@@ -297,5 +376,33 @@ mod tests {
         // The torn slot is reused first.
         assert_eq!(s.write(9, 3, &[3u8; 8192]).unwrap(), b);
         assert!(recs[0].lsn < s.lsn.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn direct_and_buffered_writes_read_back_alike() {
+        let d = tempfile::tempdir().unwrap();
+        for direct in [true, false] {
+            let p = d.path().join(format!("cow-{direct}.store"));
+            let s = CowStore::create(&p, 4096).unwrap();
+            // Where the filesystem refuses O_DIRECT both rounds go buffered.
+            s.direct_ok.store(direct, Ordering::Relaxed);
+            let items: Vec<(u64, usize)> = (0..5).map(|b| (b, 4096 - b as usize)).collect();
+            let slots = s
+                .write_many(9, &items, |k, buf| {
+                    buf.fill(k as u8 + 1);
+                    Ok::<_, io::Error>(())
+                })
+                .unwrap();
+            assert_eq!(slots, [0, 1, 2, 3, 4], "fresh slots are consecutive");
+            s.commit().unwrap();
+            drop(s);
+            let (s, recs) = CowStore::open(&p, 4096).unwrap();
+            assert_eq!(recs.len(), 5);
+            for r in &recs {
+                let mut b = [0u8; 2];
+                s.read(r.slot, 4094 - r.block, &mut b).unwrap();
+                assert_eq!(b, [r.slot as u8 + 1; 2], "direct={direct} slot {}", r.slot);
+            }
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! built from, and its layers: the file ([`FileDev`]), and a live disk with
 //! checkpoints and snapshots ([`Volume`], [`SnapshotView`]).
 
+mod aligned;
 mod bitmap;
 mod blockdev;
 mod cow;

@@ -435,23 +435,20 @@ impl Volume {
         }
         let cow = self.cow();
         let mut written = Vec::with_capacity(todo.len());
-        // One read and one vectored write per run of consecutive blocks.
+        // One batch (and so one store write) per run of consecutive blocks.
         let mut i = 0;
         while i < todo.len() {
             let mut j = i + 1;
             while j < todo.len() && todo[j] == todo[j - 1] + 1 {
                 j += 1;
             }
-            let off = todo[i] * self.gran;
-            let end = ((todo[j - 1] + 1) * self.gran).min(self.size);
-            let mut buf = vec![0u8; (end - off) as usize];
-            self.file.read_at(&mut buf, off)?;
-            let items: Vec<(u64, &[u8])> = todo[i..j]
+            let items: Vec<(u64, usize)> = todo[i..j]
                 .iter()
-                .copied()
-                .zip(buf.chunks(self.gran as usize))
+                .map(|&blk| (blk, (self.gran.min(self.size - blk * self.gran)) as usize))
                 .collect();
-            let slots = cow.write_many(newest, &items)?;
+            let slots = cow.write_many(newest, &items, |k, buf| {
+                self.file.read_at(buf, items[k].0 * self.gran)
+            })?;
             written.extend(todo[i..j].iter().copied().zip(slots));
             i = j;
         }
