@@ -277,7 +277,7 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
                 _slot: slot,
                 _bytes: None,
             });
-            sink.send(out).await?;
+            sink.send(out)?;
             continue;
         }
         let weight = match req.command {
@@ -303,7 +303,7 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
         }
         if let Some(mut out) = session.try_inline(&req) {
             out.permits = Some(permits);
-            sink.send(out).await?;
+            sink.send(out)?;
             continue;
         }
         let session = session.clone();

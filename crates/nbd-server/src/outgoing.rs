@@ -1,8 +1,20 @@
 //! Replies on their way out, and the writer task that sends them: it
 //! gathers every finished reply it can find and sends headers and data with
 //! one vectored write, without copying data into a header buffer.
+//!
+//! The reader task never waits for the socket. A reply it makes is written
+//! at once only as far as the socket takes it without blocking; the rest
+//! is left to the writer. So a client that has many reads in flight and
+//! then asks for block status gets that answer promptly: the request is
+//! read and answered while read replies still wait to be sent, and replies
+//! without a data payload jump the queue of data replies. nbdcopy, for
+//! one, waits for block status at every 128 MiB; served in order, it first
+//! took every read reply, freed all its buffers, and page-faulted them all
+//! in again (4x its faults, about 20% of its run time).
 
 use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
 use std::sync::Arc;
@@ -65,19 +77,42 @@ impl Outgoing {
 const MAX_BATCH_MESSAGES: usize = 64;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
+/// The stream, and what a direct send could not finish: the writer sends
+/// that remainder (and flushes) before anything else.
+struct Wire<W> {
+    w: W,
+    carry: Option<(Outgoing, usize)>,
+}
+
+impl<W: AsyncWrite + Unpin> Wire<W> {
+    /// Sends (and flushes) what a direct send left over.
+    async fn finish_carry(&mut self) -> std::io::Result<()> {
+        if let Some((out, done)) = self.carry.take() {
+            let mut slices = Vec::with_capacity(out.parts.len());
+            out.slices(&mut slices);
+            let mut rest = &mut slices[..];
+            IoSlice::advance_slices(&mut rest, done);
+            write_all_vectored(&mut self.w, rest).await?;
+        }
+        Ok(())
+    }
+}
+
 /// The sending side of a connection: replies from the blocking pool queue
 /// up for the writer task; replies made on the reader's task are written
 /// directly when the socket is free, which saves waking the writer (a
 /// cross-thread wakeup per request otherwise).
 pub struct ReplySink<W> {
-    queue: mpsc::UnboundedSender<Outgoing>,
-    wr: Arc<Mutex<W>>,
+    urgent: mpsc::UnboundedSender<Outgoing>,
+    bulk: mpsc::UnboundedSender<Outgoing>,
+    wr: Arc<Mutex<Wire<W>>>,
 }
 
 impl<W> Clone for ReplySink<W> {
     fn clone(&self) -> Self {
         ReplySink {
-            queue: self.queue.clone(),
+            urgent: self.urgent.clone(),
+            bulk: self.bulk.clone(),
             wr: self.wr.clone(),
         }
     }
@@ -87,35 +122,78 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
     /// A sink over `w` and its writer task, which ends (after shutting the
     /// stream down) once every sink is dropped.
     pub fn new(w: W) -> (Self, tokio::task::JoinHandle<std::io::Result<()>>) {
-        let (queue, rx) = mpsc::unbounded_channel();
-        let wr = Arc::new(Mutex::new(w));
-        let writer = tokio::spawn(write_loop(wr.clone(), rx));
-        (ReplySink { queue, wr }, writer)
+        let (urgent, urgent_rx) = mpsc::unbounded_channel();
+        let (bulk, bulk_rx) = mpsc::unbounded_channel();
+        let wr = Arc::new(Mutex::new(Wire { w, carry: None }));
+        let writer = tokio::spawn(write_loop(wr.clone(), urgent_rx, bulk_rx));
+        (ReplySink { urgent, bulk, wr }, writer)
     }
 
     /// Queues a reply for the writer task (from any thread).
     pub fn queue(&self, out: Outgoing) {
+        let q = if out.data.is_empty() {
+            &self.urgent
+        } else {
+            &self.bulk
+        };
         // The writer only goes away with the connection.
-        let _ = self.queue.send(out);
+        let _ = q.send(out);
     }
 
-    /// Sends a reply now if no other write is under way, else queues it.
-    pub async fn send(&self, out: Outgoing) -> std::io::Result<()> {
+    /// Sends a reply now, as far as the socket takes it without waiting,
+    /// if no other write is under way; queues it otherwise.
+    pub fn send(&self, out: Outgoing) -> std::io::Result<()> {
         if out.data.len() > MAX_DIRECT_REPLY {
             self.queue(out);
             return Ok(());
         }
-        match self.wr.try_lock() {
-            Ok(mut w) => {
-                let mut slices = Vec::with_capacity(out.parts.len());
-                out.slices(&mut slices);
-                write_all_vectored(&mut *w, &mut slices).await
-            }
-            Err(_) => {
+        let mut wire = match self.wr.try_lock() {
+            Ok(wire) if wire.carry.is_none() => wire,
+            _ => {
                 self.queue(out);
-                Ok(())
+                return Ok(());
             }
+        };
+        let done = write_without_waiting(&mut wire.w, &out)?;
+        if let Some(done) = done {
+            wire.carry = Some((out, done));
+            drop(wire);
+            // Wakes the writer to finish it.
+            self.queue(Outgoing::default());
         }
+        Ok(())
+    }
+}
+
+/// Writes and flushes `out` as far as `w` allows without waiting. Returns
+/// how many bytes went out if that is not everything (or the flush is
+/// still pending), None when the reply is fully sent.
+fn write_without_waiting<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    out: &Outgoing,
+) -> std::io::Result<Option<usize>> {
+    // Polled once with a waker that does nothing: Pending just means "not
+    // now"; the writer task polls again with its own waker.
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut all = Vec::with_capacity(out.parts.len());
+    out.slices(&mut all);
+    let mut slices = &mut all[..];
+    let mut done = 0;
+    while !slices.is_empty() {
+        let n = slices.len().min(512);
+        match Pin::new(&mut *w).poll_write_vectored(&mut cx, &slices[..n]) {
+            Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                done += n;
+                IoSlice::advance_slices(&mut slices, n);
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(Some(done)),
+        }
+    }
+    match Pin::new(&mut *w).poll_flush(&mut cx) {
+        Poll::Ready(r) => r.map(|()| None),
+        Poll::Pending => Ok(Some(done)),
     }
 }
 
@@ -125,18 +203,31 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
 /// about 10% with it; small replies are cheaper sent directly).
 const MAX_DIRECT_REPLY: usize = 256 * 1024;
 
-/// Sends queued replies until every sender is gone, then shuts the stream
-/// down.
+/// Sends queued replies, payload-less ones first, until every sender is
+/// gone, then shuts the stream down.
 async fn write_loop<W: AsyncWrite + Unpin>(
-    wr: Arc<Mutex<W>>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    wr: Arc<Mutex<Wire<W>>>,
+    mut urgent: mpsc::UnboundedReceiver<Outgoing>,
+    mut bulk: mpsc::UnboundedReceiver<Outgoing>,
 ) -> std::io::Result<()> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH_MESSAGES);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            biased;
+            Some(m) = urgent.recv() => m,
+            Some(m) = bulk.recv() => m,
+            else => break,
+        };
+        let mut bytes = first.data.len();
         batch.push(first);
-        let mut bytes = 0;
+        while batch.len() < MAX_BATCH_MESSAGES {
+            match urgent.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
         while batch.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
+            match bulk.try_recv() {
                 Ok(m) => {
                     bytes += m.data.len();
                     batch.push(m);
@@ -144,16 +235,20 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
+        let mut wire = wr.lock().await;
+        wire.finish_carry().await?;
         let mut slices = Vec::with_capacity(batch.len() * 3);
         for m in &batch {
             m.slices(&mut slices);
         }
-        write_all_vectored(&mut *wr.lock().await, &mut slices).await?;
+        write_all_vectored(&mut wire.w, &mut slices).await?;
+        drop(wire);
         batch.clear();
     }
-    let mut w = wr.lock().await;
-    w.flush().await?;
-    w.shutdown().await
+    let mut wire = wr.lock().await;
+    wire.finish_carry().await?;
+    wire.w.flush().await?;
+    wire.w.shutdown().await
 }
 
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
