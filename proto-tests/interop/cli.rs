@@ -53,6 +53,19 @@ fn cli_errors_are_one_line() {
     ] {
         expect_cli_error(&os(&["--listen", bad, &imgs]), &format!("--listen {bad}"));
     }
+    // Usage errors found by the argument parser are one line too.
+    let e = expect_cli_error(&os(&["--listen", "127.0.0.1:0"]), "no FILE");
+    assert!(e.contains("<FILE>"), "{e}");
+    let e = expect_cli_error(&os(&["--max-inflight", "many", &imgs]), "bad number");
+    assert!(e.contains("--max-inflight"), "{e}");
+    expect_cli_error(&os(&["--no-such-flag", &imgs]), "unknown flag");
+    for bad in ["96K", "2K", "128M", "lots", "0"] {
+        let e = expect_cli_error(
+            &os(&["--listen", "127.0.0.1:0", "--granularity", bad, &imgs]),
+            &format!("--granularity {bad}"),
+        );
+        assert!(e.contains("granularity") || e.contains("size"), "{e}");
+    }
     // Port already in use.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
@@ -87,6 +100,14 @@ fn cli_errors_are_one_line() {
         (
             "wrong type",
             format!("listen = 5\n[[export]]\nname = \"a\"\npath = \"{imgs}\"\n"),
+        ),
+        (
+            "bad granularity in config",
+            format!("[[export]]\nname = \"a\"\npath = \"{imgs}\"\ngranularity = \"3K\"\n"),
+        ),
+        (
+            "granularity of the wrong type",
+            format!("[[export]]\nname = \"a\"\npath = \"{imgs}\"\ngranularity = true\n"),
         ),
     ];
     for (what, text) in cases {

@@ -51,6 +51,11 @@ fn pull_hash(dir: &Path, uri: &str) -> u64 {
 
 /// Blocks reported dirty (bit 0) by `nbdinfo --map=CONTEXT`.
 fn dirty_blocks(uri: &str, context: &str) -> BTreeSet<u64> {
+    dirty_blocks_at(uri, context, GRAN)
+}
+
+/// As `dirty_blocks`, for a disk tracked in blocks of `gran` bytes.
+fn dirty_blocks_at(uri: &str, context: &str, gran: u64) -> BTreeSet<u64> {
     let out = run(peer("nbdinfo").arg(format!("--map={context}")).arg(uri));
     let mut set = BTreeSet::new();
     let mut expect = 0;
@@ -65,10 +70,10 @@ fn dirty_blocks(uri: &str, context: &str) -> BTreeSet<u64> {
         expect = off + len;
         if ty & 1 != 0 {
             assert!(
-                off % GRAN == 0 && (len % GRAN == 0 || off + len == IMG_SIZE),
+                off % gran == 0 && (len % gran == 0 || off + len == IMG_SIZE),
                 "unaligned dirty extent `{line}`"
             );
-            set.extend(off / GRAN..(off + len).div_ceil(GRAN));
+            set.extend(off / gran..(off + len).div_ceil(gran));
         }
     }
     assert_eq!(expect, IMG_SIZE, "map does not cover the disk");
@@ -76,8 +81,12 @@ fn dirty_blocks(uri: &str, context: &str) -> BTreeSet<u64> {
 }
 
 fn blocks_of(log: &[(u64, u64)]) -> BTreeSet<u64> {
+    blocks_of_at(log, GRAN)
+}
+
+fn blocks_of_at(log: &[(u64, u64)], gran: u64) -> BTreeSet<u64> {
     log.iter()
-        .flat_map(|&(o, l)| o / GRAN..(o + l).div_ceil(GRAN))
+        .flat_map(|&(o, l)| o / gran..(o + l).div_ceil(gran))
         .collect()
 }
 
@@ -323,6 +332,96 @@ fn dirty_bitmaps_match_the_write_log() {
     assert_eq!(
         dirty_blocks(&s.uri(), "qemu:dirty-bitmap:s2"),
         blocks_of(&log3)
+    );
+    s.stop();
+}
+
+/// `--granularity` (and `granularity` in the config file) sets the block
+/// size of dirty tracking and copy-on-write for a disk's new state; a disk
+/// with state keeps its own, and says so.
+#[test]
+fn granularity_is_set_per_disk_and_kept() {
+    let (dir, img) = fixture(306);
+    let state = dir.path().join("state");
+    let st = state.to_str().unwrap();
+    let serve = |gran: &str| {
+        Server::serve(
+            dir.path(),
+            &img,
+            &["--name", "disk", "--state-dir", st, "--granularity", gran],
+        )
+        .with_name("disk")
+    };
+    let s = serve("16K");
+    let out = cli(&state, &["checkpoint", "create", "disk", "c1"]);
+    assert!(
+        out.replace(' ', "").contains("\"granularity\":16384"),
+        "{out}"
+    );
+    let before = pull_hash(dir.path(), &s.uri());
+    cli(&state, &["snapshot", "create", "disk", "s1"]);
+    let mut rng = Rng::new(306);
+    let (cmds, log) = random_ops(&mut rng, 40);
+    qemu_io(&s.uri(), &cmds);
+    let want = blocks_of_at(&log, 16 * KIB);
+    assert_eq!(
+        dirty_blocks_at(&s.uri(), "qemu:dirty-bitmap:c1", 16 * KIB),
+        want
+    );
+    assert_eq!(pull_hash(dir.path(), &s.uri_for("disk@s1")), before);
+    s.stop();
+
+    // Restarted with another size: the state keeps 16K, and the log says so.
+    let s = serve("1M");
+    let out = cli(&state, &["checkpoint", "list", "disk"]);
+    assert!(
+        out.replace(' ', "").contains("\"granularity\":16384"),
+        "{out}"
+    );
+    assert_eq!(
+        dirty_blocks_at(&s.uri(), "qemu:dirty-bitmap:c1", 16 * KIB),
+        want
+    );
+    assert_eq!(pull_hash(dir.path(), &s.uri_for("disk@s1")), before);
+    assert!(
+        s.log_text()
+            .contains("keeps the granularity of its existing state"),
+        "{}",
+        s.log_text()
+    );
+    s.stop();
+
+    // Per export in the config file, here for a disk without state.
+    let img2 = dir.path().join("second.raw");
+    make_sparse_image(&img2, IMG_SIZE, 307);
+    let cfg = dir.path().join("g.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[export]]\nname = \"other\"\npath = \"{}\"\ngranularity = \"256K\"\n",
+            img2.display()
+        ),
+    )
+    .unwrap();
+    let state2 = dir.path().join("state2");
+    let s = Server::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        state2.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ])
+    .with_name("other");
+    let out = cli(&state2, &["checkpoint", "create", "other", "c1"]);
+    assert!(
+        out.replace(' ', "").contains("\"granularity\":262144"),
+        "{out}"
+    );
+    qemu_io(&s.uri(), &["write -P 7 300000 10".to_string()]);
+    assert_eq!(
+        dirty_blocks_at(&s.uri(), "qemu:dirty-bitmap:c1", 256 * KIB),
+        BTreeSet::from([1])
     );
     s.stop();
 }

@@ -24,4 +24,5 @@ pub use meta::validate_name;
 pub use snapshot::SnapshotView;
 pub use volume::{
     CheckpointInfo, DEFAULT_GRANULARITY, DeleteInfo, RevertInfo, SnapshotInfo, Volume,
+    validate_granularity,
 };

@@ -55,6 +55,19 @@ use crate::meta::{self, CheckpointMeta, Manifest, SnapshotMeta, validate_name};
 use crate::snapshot::SnapshotView;
 
 pub const DEFAULT_GRANULARITY: u64 = 64 * 1024;
+
+/// Checks a tracking/copy-on-write block size: a power of two from 4 KiB
+/// (the page size, and O_DIRECT's alignment) to 64 MiB (one preserved
+/// block is buffered whole).
+pub fn validate_granularity(granularity: u64) -> Result<()> {
+    if granularity.is_power_of_two() && (4096..=64 << 20).contains(&granularity) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName(format!(
+            "granularity {granularity} must be a power of two from 4096 (4K) to 67108864 (64M)"
+        )))
+    }
+}
 pub(crate) const BASE_ALLOCATION: &str = "base:allocation";
 const COW_STORE: &str = "cow.store";
 /// Stripe locks serialise two first writes to the same block so the block
@@ -180,11 +193,7 @@ impl Volume {
         granularity: u64,
     ) -> Result<Arc<Volume>> {
         validate_name("disk", name)?;
-        if !granularity.is_power_of_two() || granularity < 4096 {
-            return Err(StoreError::InvalidName(format!(
-                "granularity {granularity} must be a power of two of at least 4096"
-            )));
-        }
+        validate_granularity(granularity)?;
         let file = FileDev::open(path, false)?;
         let size = file.size();
         let source = fs::canonicalize(path)?;

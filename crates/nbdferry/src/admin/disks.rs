@@ -92,13 +92,15 @@ impl Disks {
     /// Adds export `name` for `path`. Writable disks get snapshots and
     /// checkpoints under the disk name: the export name, or for the
     /// nameless default export the file name. Existing snapshots are
-    /// published again.
+    /// published again. `granularity` (default 64 KiB) applies to a disk
+    /// without state; one with state keeps its own.
     pub fn add_export(
         &self,
         name: &str,
         description: &str,
         path: &Path,
         read_only: bool,
+        granularity: Option<u64>,
     ) -> anyhow::Result<()> {
         use anyhow::Context;
         let disk_name = if validate_name("disk", name).is_ok() {
@@ -119,8 +121,17 @@ impl Disks {
         }
         let (dev, vol): (Arc<dyn BlockDev>, Option<Arc<Volume>>) = match (&disk_name, read_only) {
             (Some(d), false) => {
-                let vol = Volume::open(d, path, &self.disks_dir, DEFAULT_GRANULARITY)
+                let asked = granularity.unwrap_or(DEFAULT_GRANULARITY);
+                let vol = Volume::open(d, path, &self.disks_dir, asked)
                     .with_context(|| format!("cannot open {}", path.display()))?;
+                if granularity.is_some_and(|g| g != vol.granularity()) {
+                    tracing::warn!(
+                        disk = d.as_str(),
+                        "keeps the granularity of its existing state, {} bytes, not the {asked} asked for \
+                         (delete its snapshots and checkpoints to change it)",
+                        vol.granularity()
+                    );
+                }
                 (vol.clone(), Some(vol))
             }
             _ => {

@@ -33,7 +33,7 @@ pub struct CopyArgs {
     #[arg(long, default_value_t = CopyOptions::default().requests)]
     requests: usize,
     /// Largest request, in bytes (suffixes K, M accepted).
-    #[arg(long, default_value_t = CopyOptions::default().request_size, value_parser = parse_size)]
+    #[arg(long, default_value_t = CopyOptions::default().request_size, value_parser = super::size::parse_request_size)]
     request_size: u64,
     /// Flush the destination to stable storage before finishing.
     #[arg(long)]
@@ -49,19 +49,6 @@ pub struct CopyArgs {
     /// Progress display.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto, num_args = 0..=1, default_missing_value = "bar")]
     progress: ProgressMode,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&s[..i], 1 << 10),
-        Some((i, 'm' | 'M')) => (&s[..i], 1 << 20),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("bad size '{s}'"))?;
-    match n.checked_mul(mult) {
-        Some(v) if v > 0 && v <= 32 << 20 => Ok(v),
-        _ => Err(format!("request size '{s}' must be between 1 byte and 32M")),
-    }
 }
 
 pub async fn run(args: CopyArgs) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ mod demo;
 mod info;
 mod map;
 mod serve;
+mod size;
 mod snapshot;
 
 #[derive(clap::Subcommand)]

@@ -65,6 +65,11 @@ pub struct ServeArgs {
     /// authenticated; per-export allow lists then match nobody).
     #[arg(long)]
     tls_anonymous_clients: bool,
+    /// Dirty-tracking and copy-on-write block size of disks whose state is
+    /// created from now on (a power of two, 4K to 64M; a disk keeps the
+    /// size it was created with) [default: 64K].
+    #[arg(long, value_name = "BYTES", value_parser = super::size::parse_granularity)]
+    granularity: Option<u64>,
     /// Client certificate name (CN or SAN) allowed to use the export
     /// (repeatable); without it any certificate signed by the CA is.
     #[arg(long = "allow-client", value_name = "NAME")]
@@ -114,6 +119,25 @@ struct ExportConfig {
     /// Client certificate names allowed to use this export.
     #[serde(default)]
     allow_clients: Vec<String>,
+    /// As `--granularity`, for this export: bytes, or a string like "1M".
+    granularity: Option<Bytes>,
+}
+
+/// A byte count in the config file: `65536` or `"64K"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Bytes {
+    Number(u64),
+    Text(String),
+}
+
+impl Bytes {
+    fn granularity(&self) -> Result<u64, String> {
+        match self {
+            Bytes::Number(n) => super::size::parse_granularity(&n.to_string()),
+            Bytes::Text(s) => super::size::parse_granularity(s),
+        }
+    }
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -156,7 +180,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             bail!("{}: no [[export]] defined", path.display());
         }
         for (i, e) in cfg.exports.iter().enumerate() {
-            add_export(&disks, &e.name, &e.description, &e.path, e.read_only)?;
+            let granularity = match &e.granularity {
+                Some(g) => Some(g.granularity().map_err(|m| {
+                    anyhow::anyhow!("{}: export '{}': {m}", path.display(), e.name)
+                })?),
+                None => args.granularity,
+            };
+            add_export(
+                &disks,
+                &e.name,
+                &e.description,
+                &e.path,
+                e.read_only,
+                granularity,
+            )?;
             access.push((
                 e.name.clone(),
                 e.tls == Some(TlsArg::Require),
@@ -174,6 +211,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.description.as_deref().unwrap_or(""),
             file,
             args.read_only,
+            args.granularity,
         )?;
         registry.set_default(&name);
         access.push((name, false, args.allow_clients));
@@ -243,12 +281,13 @@ fn add_export(
     description: &str,
     path: &Path,
     read_only: bool,
+    granularity: Option<u64>,
 ) -> anyhow::Result<()> {
     if name.len() > nbd_proto::consts::MAX_STRING || name.contains('\0') {
         bail!("export name '{name}' is not a valid NBD string");
     }
     // Writable disks get the snapshot/checkpoint layer (ferry_store::Volume).
-    disks.add_export(name, description, path, read_only)
+    disks.add_export(name, description, path, read_only, granularity)
 }
 
 /// Binds the admin socket. With an explicit `--state-dir`/`--admin-socket`
