@@ -509,3 +509,46 @@ fn structured_read_errors_are_chunks() {
     c.disconnect();
     sc.finish();
 }
+
+/// A client that sends many requests before reading any reply (so the
+/// socket fills in the middle of replies) still gets every reply whole:
+/// each cookie once, each READ's bytes equal to the image, and the
+/// payload-less FLUSH replies (sent ahead of queued data) never land
+/// inside a READ's data.
+#[test]
+fn replies_stay_whole_when_the_client_reads_late() {
+    let scene = Scene::new(9, &[]);
+    let image = std::fs::read(&scene.img).unwrap();
+    let mut c = scene.client();
+    let len = 256 * 1024u32;
+    let mut expect = std::collections::HashMap::new();
+    for i in 0..120u64 {
+        // Unaligned offsets, some overlapping, all inside the image.
+        let off = (i * 7 * u64::from(len) / 3 + i * 512) % (HOSTILE_SIZE - u64::from(len));
+        assert!(c.send_request(0, CMD_READ, i, off, len), "server closed");
+        expect.insert(i, Some(off as usize));
+        if i % 8 == 7 {
+            assert!(
+                c.send_request(0, CMD_FLUSH, 1000 + i, 0, 0),
+                "server closed"
+            );
+            expect.insert(1000 + i, None);
+        }
+    }
+    while !expect.is_empty() {
+        let (err, cookie) = c.read_simple_reply().expect("server closed mid-way");
+        assert_eq!(err, 0, "request {cookie} failed");
+        let want = expect
+            .remove(&cookie)
+            .unwrap_or_else(|| panic!("unknown or repeated cookie {cookie}"));
+        if let Some(off) = want {
+            let got = c.must_read(len as usize, "READ data");
+            assert!(
+                got == image[off..off + len as usize],
+                "READ {cookie} at {off}: wrong bytes"
+            );
+        }
+    }
+    c.disconnect();
+    scene.finish();
+}
