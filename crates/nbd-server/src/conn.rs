@@ -227,7 +227,10 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
             }
         } else {
             tokio::select! {
-                r = reader.fill(hlen) => r?,
+                r = async {
+                    sink.room().await;
+                    reader.fill(hlen).await
+                } => r?,
                 _ = shutdown.cancelled() => {
                     draining = true;
                     continue;

@@ -18,9 +18,10 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use tokio::sync::{Mutex, OwnedSemaphorePermit, mpsc};
+use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, mpsc};
 
 /// A piece of a reply: encoded header bytes, or a range of the data buffer.
 pub enum Part {
@@ -85,16 +86,57 @@ struct Wire<W> {
 }
 
 impl<W: AsyncWrite + Unpin> Wire<W> {
-    /// Sends (and flushes) what a direct send left over.
-    async fn finish_carry(&mut self) -> std::io::Result<()> {
-        if let Some((out, done)) = self.carry.take() {
-            let mut slices = Vec::with_capacity(out.parts.len());
-            out.slices(&mut slices);
-            let mut rest = &mut slices[..];
-            IoSlice::advance_slices(&mut rest, done);
-            write_all_vectored(&mut self.w, rest).await?;
+    /// Sends (and flushes) what a direct send left over; returns the data
+    /// bytes of that reply.
+    async fn finish_carry(&mut self) -> std::io::Result<usize> {
+        let Some((out, done)) = self.carry.take() else {
+            return Ok(0);
+        };
+        let mut slices = Vec::with_capacity(out.parts.len());
+        out.slices(&mut slices);
+        let mut rest = &mut slices[..];
+        IoSlice::advance_slices(&mut rest, done);
+        write_all_vectored(&mut self.w, rest).await?;
+        Ok(out.data.len())
+    }
+}
+
+/// Data bytes of replies that wait for the writer. The reader takes no new
+/// request while there are more than this: a client that reads replies
+/// slower than they are made then pins a few MiB per connection, not all
+/// that its requests in flight may (`--max-inflight-bytes`), and requests
+/// it sends meanwhile (block status, say) are still answered ahead of
+/// most of the queued data.
+const BACKLOG_MAX: usize = 8 << 20;
+
+#[derive(Default)]
+struct Backlog {
+    bytes: AtomicUsize,
+    drained: Notify,
+    /// The writer is gone: nothing will drain, so nobody should wait.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Marks the backlog closed when the writer task ends, however it ends.
+struct CloseOnDrop(Arc<Backlog>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.drained.notify_one();
+    }
+}
+
+impl Backlog {
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn sent(&self, n: usize) {
+        if n > 0 {
+            self.bytes.fetch_sub(n, Ordering::AcqRel);
+            self.drained.notify_one();
         }
-        Ok(())
     }
 }
 
@@ -106,6 +148,7 @@ pub struct ReplySink<W> {
     urgent: mpsc::UnboundedSender<Outgoing>,
     bulk: mpsc::UnboundedSender<Outgoing>,
     wr: Arc<Mutex<Wire<W>>>,
+    backlog: Arc<Backlog>,
 }
 
 impl<W> Clone for ReplySink<W> {
@@ -114,6 +157,7 @@ impl<W> Clone for ReplySink<W> {
             urgent: self.urgent.clone(),
             bulk: self.bulk.clone(),
             wr: self.wr.clone(),
+            backlog: self.backlog.clone(),
         }
     }
 }
@@ -125,12 +169,34 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
         let (urgent, urgent_rx) = mpsc::unbounded_channel();
         let (bulk, bulk_rx) = mpsc::unbounded_channel();
         let wr = Arc::new(Mutex::new(Wire { w, carry: None }));
-        let writer = tokio::spawn(write_loop(wr.clone(), urgent_rx, bulk_rx));
-        (ReplySink { urgent, bulk, wr }, writer)
+        let backlog = Arc::new(Backlog::default());
+        let writer = tokio::spawn(write_loop(wr.clone(), backlog.clone(), urgent_rx, bulk_rx));
+        let sink = ReplySink {
+            urgent,
+            bulk,
+            wr,
+            backlog,
+        };
+        (sink, writer)
+    }
+
+    /// Returns once the replies waiting for the writer hold at most
+    /// `BACKLOG_MAX` bytes of data.
+    pub async fn room(&self) {
+        loop {
+            let drained = self.backlog.drained.notified();
+            if self.backlog.bytes.load(Ordering::Acquire) <= BACKLOG_MAX
+                || self.backlog.closed.load(Ordering::Acquire)
+            {
+                return;
+            }
+            drained.await;
+        }
     }
 
     /// Queues a reply for the writer task (from any thread).
     pub fn queue(&self, out: Outgoing) {
+        self.backlog.add(out.data.len());
         let q = if out.data.is_empty() {
             &self.urgent
         } else {
@@ -156,6 +222,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
         };
         let done = write_without_waiting(&mut wire.w, &out)?;
         if let Some(done) = done {
+            self.backlog.add(out.data.len());
             wire.carry = Some((out, done));
             drop(wire);
             // Wakes the writer to finish it.
@@ -207,9 +274,11 @@ const MAX_DIRECT_REPLY: usize = 256 * 1024;
 /// gone, then shuts the stream down.
 async fn write_loop<W: AsyncWrite + Unpin>(
     wr: Arc<Mutex<Wire<W>>>,
+    backlog: Arc<Backlog>,
     mut urgent: mpsc::UnboundedReceiver<Outgoing>,
     mut bulk: mpsc::UnboundedReceiver<Outgoing>,
 ) -> std::io::Result<()> {
+    let _close = CloseOnDrop(backlog.clone());
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH_MESSAGES);
     loop {
         let first = tokio::select! {
@@ -236,13 +305,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
         }
         let mut wire = wr.lock().await;
-        wire.finish_carry().await?;
+        backlog.sent(wire.finish_carry().await?);
         let mut slices = Vec::with_capacity(batch.len() * 3);
         for m in &batch {
             m.slices(&mut slices);
         }
         write_all_vectored(&mut wire.w, &mut slices).await?;
         drop(wire);
+        backlog.sent(bytes);
         batch.clear();
     }
     let mut wire = wr.lock().await;
