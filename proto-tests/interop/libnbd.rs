@@ -564,3 +564,62 @@ fn named_export_is_also_the_default() {
     }
     s.stop();
 }
+
+/// nbdsh sends 200 READs of 256 KiB (50 MiB, far beyond what the server
+/// queues for one connection plus what the socket buffers hold), then one
+/// BLOCK_STATUS, before reading any reply. The block status must come back
+/// well before the last READ (a server answering in order puts it last,
+/// after all 200; this one after about 80): the server
+/// holds READs back while its send queue is full but goes on answering
+/// other requests (nbdcopy waits on block status like this every 128 MiB).
+/// Every READ must still match the image.
+#[test]
+fn block_status_overtakes_queued_reads() {
+    let (dir, img) = fixture(41);
+    let s = Server::serve(dir.path(), &img, &[]);
+    let out = nbdsh_script(
+        dir.path(),
+        r##"
+import os
+import nbd
+
+image = open(os.environ["IMAGE"], "rb").read()
+h = nbd.NBD()
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(os.environ["NBD_URI"])
+L = 256 * 1024
+order = []
+bufs = []
+for i in range(200):
+    off = (i * 7 * L // 3) % (len(image) - L)
+    b = nbd.Buffer(L)
+    bufs.append((off, b))
+    h.aio_pread(b, off, completion=lambda err, i=i: order.append(("read", i)) or 1)
+h.aio_block_status(len(image), 0, lambda *a: 0,
+                   completion=lambda err: order.append(("status", 0)) or 1)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+pos = order.index(("status", 0))
+reads_after = len(order) - 1 - pos
+print("READS-AFTER-STATUS", reads_after)
+for off, b in bufs:
+    assert b.to_bytearray() == image[off:off + L], "READ at %d corrupted" % off
+print("DATA-OK")
+"##,
+        &[("NBD_URI", s.uri()), ("IMAGE", img.display().to_string())],
+    );
+    assert!(
+        out.contains("DATA-OK"),
+        "nbdsh script did not finish:\n{out}"
+    );
+    let after: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("READS-AFTER-STATUS "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count in:\n{out}"));
+    assert!(
+        after >= 50,
+        "block status came after all but {after} of 200 reads:\n{out}"
+    );
+    s.stop();
+}

@@ -2,6 +2,7 @@
 //! one reader (this task), the device calls on the blocking pool, and one
 //! writer task.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -204,6 +205,10 @@ async fn transmission<S: Split>(
     Ok(())
 }
 
+/// READs whose replies would go over the writer's backlog, in arrival
+/// order, with the permits they hold.
+type Deferred = VecDeque<(Request, Permits)>;
+
 async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>(
     reader: &mut FrameReader<R>,
     session: &Arc<Session>,
@@ -211,12 +216,39 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
     sink: &ReplySink<W>,
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
+    let mut deferred = Deferred::new();
+    read_requests(reader, session, limits, sink, shutdown, &mut deferred).await?;
+    // Everything accepted is answered, however the input ended.
+    for (req, permits) in deferred {
+        dispatch(req, Vec::new(), permits, session, sink)?;
+    }
+    Ok(())
+}
+
+/// Reads and starts requests until the client disconnects (or, after
+/// shutdown, has nothing more to say). While the writer is behind (its
+/// backlog full), READs wait in `deferred` but everything else still runs:
+/// a client that asks for block status behind a row of reads is answered
+/// at once, and a slow reader pins little memory.
+async fn read_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>(
+    reader: &mut FrameReader<R>,
+    session: &Arc<Session>,
+    limits: &Limits,
+    sink: &ReplySink<W>,
+    shutdown: &CancellationToken,
+    deferred: &mut Deferred,
+) -> std::io::Result<()> {
     let extended = session.mode == ReplyMode::Extended;
     let hlen = Request::header_len(extended);
     let count = Arc::new(Semaphore::new(limits.max_inflight));
     let bytes = Arc::new(Semaphore::new(limits.max_inflight_bytes));
     let mut draining = false;
     loop {
+        while sink.has_room()
+            && let Some((req, permits)) = deferred.pop_front()
+        {
+            dispatch(req, Vec::new(), permits, session, sink)?;
+        }
         let more = if draining {
             // Requests the client sent before it could know: answer them
             // with ESHUTDOWN rather than leave them unread (closing a socket
@@ -227,10 +259,8 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
             }
         } else {
             tokio::select! {
-                r = async {
-                    sink.room().await;
-                    reader.fill(hlen).await
-                } => r?,
+                r = reader.fill(hlen) => r?,
+                () = sink.room(), if !deferred.is_empty() => continue,
                 _ = shutdown.cancelled() => {
                     draining = true;
                     continue;
@@ -297,6 +327,10 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
                     .map_err(std::io::Error::other)?,
             ),
         };
+        if req.command == cmd::READ && (!deferred.is_empty() || !sink.has_room()) {
+            deferred.push_back((req, permits));
+            continue;
+        }
         let mut payload = Vec::new();
         if req.command == cmd::WRITE {
             payload = POOL.get(req.length as usize);
@@ -304,17 +338,29 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
                 .read_payload(&mut payload[..req.length as usize])
                 .await?;
         }
-        if let Some(mut out) = session.try_inline(&req) {
-            out.permits = Some(permits);
-            sink.send(out)?;
-            continue;
-        }
-        let session = session.clone();
-        let sink = sink.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut out = session.execute(&req, payload);
-            out.permits = Some(permits);
-            sink.queue(out);
-        });
+        dispatch(req, payload, permits, session, sink)?;
     }
+}
+
+/// Runs a request and sends its reply: on this task when the answer is at
+/// hand (cached data, block status), else on the blocking pool.
+fn dispatch<W: AsyncWrite + Unpin + Send + 'static>(
+    req: Request,
+    payload: Vec<u8>,
+    permits: Permits,
+    session: &Arc<Session>,
+    sink: &ReplySink<W>,
+) -> std::io::Result<()> {
+    if let Some(mut out) = session.try_inline(&req) {
+        out.permits = Some(permits);
+        return sink.send(out);
+    }
+    let session = session.clone();
+    let sink = sink.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = session.execute(&req, payload);
+        out.permits = Some(permits);
+        sink.queue(out);
+    });
+    Ok(())
 }

@@ -101,12 +101,10 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     }
 }
 
-/// Data bytes of replies that wait for the writer. The reader takes no new
-/// request while there are more than this: a client that reads replies
-/// slower than they are made then pins a few MiB per connection, not all
-/// that its requests in flight may (`--max-inflight-bytes`), and requests
-/// it sends meanwhile (block status, say) are still answered ahead of
-/// most of the queued data.
+/// Data bytes of replies that wait for the writer. Beyond this the reader
+/// holds READs back (and goes on with other requests): a client that reads
+/// replies slower than they are made then pins a few MiB per connection,
+/// not all that its requests in flight may (`--max-inflight-bytes`).
 const BACKLOG_MAX: usize = 8 << 20;
 
 #[derive(Default)]
@@ -180,14 +178,18 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
         (sink, writer)
     }
 
-    /// Returns once the replies waiting for the writer hold at most
-    /// `BACKLOG_MAX` bytes of data.
+    /// Whether the replies waiting for the writer hold at most
+    /// `BACKLOG_MAX` bytes of data (or the writer is gone).
+    pub fn has_room(&self) -> bool {
+        self.backlog.bytes.load(Ordering::Acquire) <= BACKLOG_MAX
+            || self.backlog.closed.load(Ordering::Acquire)
+    }
+
+    /// Returns once [`has_room`](Self::has_room).
     pub async fn room(&self) {
         loop {
             let drained = self.backlog.drained.notified();
-            if self.backlog.bytes.load(Ordering::Acquire) <= BACKLOG_MAX
-                || self.backlog.closed.load(Ordering::Acquire)
-            {
+            if self.has_room() {
                 return;
             }
             drained.await;
