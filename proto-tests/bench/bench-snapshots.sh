@@ -16,7 +16,9 @@
 #   seqread   1 MiB sequential reads of the whole disk, QD16      -> MB/s
 #
 # Goals: cp1 >= 0.95x none (writes); reads with snapshots >= 0.95x none;
-# snap1 first-overwrite writes >= 0.5x none.
+# snap1 first-overwrite writes >= 0.5x none. Reported twice: medians, and
+# the best run of each state (this VM's page-cache speed flips between
+# about 1.5 and 4 GB/s from run to run, and noise only ever slows a run).
 #
 # Also measured, as the ceiling for snap1's seqwrite: what this disk makes
 # durable per second (fio, 16 writers of 1 MiB O_DIRECT writes, each
@@ -104,7 +106,7 @@ EOF
 
 STATES=(none cp1 snap1 snap4)
 WORKLOADS=(seqwrite randwrite seqread)
-declare -A VALUES RESULT
+declare -A VALUES
 fio_run seqread "$WORK/warmup.json" # page cache warm for every state alike
 for r in $(seq "$RUNS"); do
     for w in "${WORKLOADS[@]}"; do
@@ -121,12 +123,6 @@ for r in $(seq "$RUNS"); do
         done
     done
 done
-for w in "${WORKLOADS[@]}"; do
-    for s in "${STATES[@]}"; do
-        # shellcheck disable=SC2086
-        RESULT[$w,$s]=$(median ${VALUES[$w,$s]})
-    done
-done
 STORE_KB=$(du -k "$STATE/disks/disk/cow.store" 2>/dev/null | cut -f1 || echo 0)
 
 ceiling() {
@@ -139,27 +135,35 @@ ceiling() {
 }
 CEILS=""
 for r in $(seq "$RUNS"); do CEILS="$CEILS $(ceiling)"; done
-# shellcheck disable=SC2086
-CEILING=$(median $CEILS)
 
-python3 - "$RUNS" "$FIO_RUNTIME" "$STORE_KB" "$CEILING" \
-    "${RESULT[seqwrite,none]}" "${RESULT[seqwrite,cp1]}" "${RESULT[seqwrite,snap1]}" "${RESULT[seqwrite,snap4]}" \
-    "${RESULT[randwrite,none]}" "${RESULT[randwrite,cp1]}" "${RESULT[randwrite,snap1]}" "${RESULT[randwrite,snap4]}" \
-    "${RESULT[seqread,none]}" "${RESULT[seqread,cp1]}" "${RESULT[seqread,snap1]}" "${RESULT[seqread,snap4]}" <<'EOF'
-import sys
+# Every run's figure goes to the report, which gives medians and the best
+# run of each (interference on a shared VM only ever slows a run down).
+ARGS=("$RUNS" "$FIO_RUNTIME" "$STORE_KB" "ceiling:${CEILS# }")
+for w in "${WORKLOADS[@]}"; do
+    for s in "${STATES[@]}"; do ARGS+=("$w,$s:${VALUES[$w,$s]# }"); done
+done
+python3 - "${ARGS[@]}" <<'EOF'
+import statistics, sys
 a = sys.argv[1:]
-runs, rt, store_kb, ceiling = a[0], a[1], a[2], float(a[3])
-v = [float(x) for x in a[4:]]
-rows = [("seqwrite 1M QD16 (MB/s)", v[0:4], 0.95, 0.5),
-        (f"randwrite 4k QD32 {rt}s (IOPS)", v[4:8], 0.95, 0.5),
-        ("seqread 1M QD16 (MB/s)", v[8:12], 0.95, 0.95)]
-print(f"\nmedian of {runs} runs; state recreated before every run (first writes only)")
-print(f"{'workload':30} {'none':>10} {'cp1':>10} {'snap1':>10} {'snap4':>10}   ratios cp1/snap1/snap4 (goal cp1, snap)")
-for name, (n, c, s1, s4), gc, gs in rows:
-    ok = lambda r, g: "ok" if r >= g else "MISS"
-    print(f"{name:30} {n:10.0f} {c:10.0f} {s1:10.0f} {s4:10.0f}   "
-          f"{c/n:.2f} {ok(c/n, gc)} / {s1/n:.2f} {ok(s1/n, gs)} / {s4/n:.2f} {ok(s4/n, gs)}  (>= {gc}, >= {gs})")
+runs, rt, store_kb = a[0], a[1], a[2]
+vals = {}
+for arg in a[3:]:
+    key, xs = arg.split(":")
+    vals[key] = [float(x) for x in xs.split()]
+states = ["none", "cp1", "snap1", "snap4"]
+rows = [("seqwrite", "seqwrite 1M QD16 (MB/s)", 0.95, 0.5),
+        ("randwrite", f"randwrite 4k QD32 {rt}s (IOPS)", 0.95, 0.5),
+        ("seqread", "seqread 1M QD16 (MB/s)", 0.95, 0.95)]
+ok = lambda r, g: "ok" if r >= g else "MISS"
+for label, stat in (("median", statistics.median), ("best", max)):
+    print(f"\n{label} of {runs} runs; state recreated before every run (first writes only)")
+    print(f"{'workload':30} {'none':>10} {'cp1':>10} {'snap1':>10} {'snap4':>10}   ratios cp1/snap1/snap4 (goal cp1, snap)")
+    for w, name, gc, gs in rows:
+        n, c, s1, s4 = (stat(vals[f"{w},{s}"]) for s in states)
+        print(f"{name:30} {n:10.0f} {c:10.0f} {s1:10.0f} {s4:10.0f}   "
+              f"{c/n:.2f} {ok(c/n, gc)} / {s1/n:.2f} {ok(s1/n, gs)} / {s4/n:.2f} {ok(s4/n, gs)}  (>= {gc}, >= {gs})")
+    ceiling, none, snap1 = (stat(vals[k]) for k in ("ceiling", "seqwrite,none", "seqwrite,snap1"))
+    print(f"disk ceiling, durable 1M writes x16 (fio direct+fdatasync): {ceiling:.0f} MB/s = "
+          f"{ceiling / none:.2f}x none; snap1 seqwrite reaches {snap1 / ceiling:.2f}x of it")
 print(f"preserved-block store after the last run: {int(store_kb)//1024} MiB")
-print(f"disk ceiling, durable 1M writes x16 (fio direct+fdatasync): {ceiling:.0f} MB/s = "
-      f"{ceiling / v[0]:.2f}x none; snap1 seqwrite reaches {v[2] / ceiling:.2f}x of it")
 EOF

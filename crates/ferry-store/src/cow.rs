@@ -11,10 +11,11 @@
 //! which means the origin write it protected was never issued: it is
 //! simply free space.
 //!
-//! Slots are written with `O_DIRECT` where the filesystem allows it: the
-//! copy must reach the disk before the origin write anyway, so going
-//! through the page cache would only add a memory copy and writeback work
-//! on the write path (the store is rarely read back).
+//! Large runs of slots (a sequential overwrite) are written with `O_DIRECT`
+//! where the filesystem allows it: the copy must reach the disk before the
+//! origin write anyway, so the page cache would only add a memory copy and
+//! writeback work (the store is rarely read back). Single slots of random
+//! writers go through the page cache, where one group sync flushes many.
 //!
 //! Which snapshots a record belongs to is not stored: replaying the valid
 //! records in LSN order and giving each to every existing snapshot that is
@@ -48,6 +49,9 @@ pub(crate) struct Record {
     pub block: u64,
     pub snap_seq: u64,
 }
+
+/// Runs of slots at least this large are written with O_DIRECT.
+const DIRECT_MIN: usize = 512 << 10;
 
 /// Slot buffers kept for reuse: at most this many, each at most
 /// `POOL_BUF_MAX` bytes (a sequential writer's batch fits).
@@ -258,9 +262,11 @@ impl CowStore {
         a.free.dedup();
     }
 
-    /// Writes whole slots at `off`, directly where possible.
+    /// Writes whole slots at `off`: a large run directly where possible, a
+    /// small one through the page cache (the next group sync writes many
+    /// of those at once, where each direct write would wait for the disk).
     fn write_slots(&self, mut bytes: &[u8], mut off: u64) -> io::Result<()> {
-        if let Some(direct) = self.direct.as_ref() {
+        if let Some(direct) = self.direct.as_ref().filter(|_| bytes.len() >= DIRECT_MIN) {
             while self.direct_ok.load(Ordering::Relaxed) && !bytes.is_empty() {
                 match rustix::io::pwrite(direct, bytes, off) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -380,27 +386,33 @@ mod tests {
 
     #[test]
     fn direct_and_buffered_writes_read_back_alike() {
+        const G: u64 = 65536;
         let d = tempfile::tempdir().unwrap();
         for direct in [true, false] {
             let p = d.path().join(format!("cow-{direct}.store"));
-            let s = CowStore::create(&p, 4096).unwrap();
+            let s = CowStore::create(&p, G).unwrap();
             // Where the filesystem refuses O_DIRECT both rounds go buffered.
             s.direct_ok.store(direct, Ordering::Relaxed);
-            let items: Vec<(u64, usize)> = (0..5).map(|b| (b, 4096 - b as usize)).collect();
+            // Ten slots: a run large enough to go direct.
+            let items: Vec<(u64, usize)> = (0..10).map(|b| (b, (G - b) as usize)).collect();
             let slots = s
                 .write_many(9, &items, |k, buf| {
                     buf.fill(k as u8 + 1);
                     Ok::<_, io::Error>(())
                 })
                 .unwrap();
-            assert_eq!(slots, [0, 1, 2, 3, 4], "fresh slots are consecutive");
+            assert_eq!(
+                slots,
+                (0..10).collect::<Vec<u64>>(),
+                "fresh slots are consecutive"
+            );
             s.commit().unwrap();
             drop(s);
-            let (s, recs) = CowStore::open(&p, 4096).unwrap();
-            assert_eq!(recs.len(), 5);
+            let (s, recs) = CowStore::open(&p, G).unwrap();
+            assert_eq!(recs.len(), 10);
             for r in &recs {
                 let mut b = [0u8; 2];
-                s.read(r.slot, 4094 - r.block, &mut b).unwrap();
+                s.read(r.slot, G - 2 - r.block, &mut b).unwrap();
                 assert_eq!(b, [r.slot as u8 + 1; 2], "direct={direct} slot {}", r.slot);
             }
         }
