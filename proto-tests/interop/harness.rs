@@ -467,6 +467,19 @@ impl Server {
         }
     }
 
+    /// `serve --listen 127.0.0.1:0 --state-dir STATE --config CFG`.
+    pub fn serve_config(state: &Path, cfg: &Path) -> Server {
+        let utf8 = |p: &Path| p.to_str().expect("utf-8 path").to_string();
+        Server::start(&[
+            "--listen".to_string(),
+            "127.0.0.1:0".to_string(),
+            "--state-dir".to_string(),
+            utf8(state),
+            "--config".to_string(),
+            utf8(cfg),
+        ])
+    }
+
     /// Serve `file` on 127.0.0.1:0 and on a Unix socket in `dir`.
     pub fn serve(dir: &Path, file: &Path, extra: &[&str]) -> Server {
         let sock = dir.join(format!("nbdferry-{}.sock", unique()));

@@ -183,14 +183,7 @@ fn mutated_sessions_neither_crash_nor_hang_the_server() {
     )
     .unwrap();
     let state = dir.path().join("state");
-    let mut s = Server::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let mut s = Server::serve_config(&state, &cfg);
     let addr = s.addr.expect("tcp address");
     let sessions: u64 = std::env::var("NBDFERRY_MUTATE_SESSIONS")
         .ok()

@@ -404,15 +404,7 @@ fn granularity_is_set_per_disk_and_kept() {
     )
     .unwrap();
     let state2 = dir.path().join("state2");
-    let s = Server::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        state2.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ])
-    .with_name("other");
+    let s = Server::serve_config(&state2, &cfg).with_name("other");
     let out = cli(&state2, &["checkpoint", "create", "other", "c1"]);
     assert!(
         out.replace(' ', "").contains("\"granularity\":262144"),
@@ -599,16 +591,7 @@ fn bad_input_gives_one_line_errors_and_leaves_nothing() {
         ),
     )
     .unwrap();
-    let st = state.to_str().unwrap();
-    let s = Server::start(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        st,
-        "--config",
-        cfg.to_str().unwrap(),
-    ])
-    .with_name("disk");
+    let s = Server::serve_config(&state, &cfg).with_name("disk");
 
     for bad in ["../x", "a/b", "a@b", ".hidden", "", &"x".repeat(65)] {
         let e = cli_fail(&state, &["snapshot", "create", "disk", bad]);

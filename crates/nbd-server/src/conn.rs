@@ -209,6 +209,11 @@ async fn transmission<S: Split>(
 /// order, with the permits they hold.
 type Deferred = VecDeque<(Request, Permits)>;
 
+/// Reads and starts requests until the client disconnects (or, after
+/// shutdown, has nothing more to say). While the writer is behind (its
+/// backlog full), READs wait in `deferred` but everything else still runs:
+/// a client that asks for block status behind a row of reads is answered
+/// at once, and a slow reader pins little memory.
 async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>(
     reader: &mut FrameReader<R>,
     session: &Arc<Session>,
@@ -217,129 +222,118 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
     shutdown: &CancellationToken,
 ) -> std::io::Result<()> {
     let mut deferred = Deferred::new();
-    read_requests(reader, session, limits, sink, shutdown, &mut deferred).await?;
+    let input: std::io::Result<()> = async {
+        let extended = session.mode == ReplyMode::Extended;
+        let hlen = Request::header_len(extended);
+        let count = Arc::new(Semaphore::new(limits.max_inflight));
+        let bytes = Arc::new(Semaphore::new(limits.max_inflight_bytes));
+        let mut draining = false;
+        loop {
+            while sink.has_room()
+                && let Some((req, permits)) = deferred.pop_front()
+            {
+                dispatch(req, Vec::new(), permits, session, sink)?;
+            }
+            let more = if draining {
+                // Requests the client sent before it could know: answer them
+                // with ESHUTDOWN rather than leave them unread (closing a socket
+                // with unread input resets it, losing replies in flight).
+                match tokio::time::timeout(Duration::ZERO, reader.fill(hlen)).await {
+                    Ok(r) => r?,
+                    Err(_) => return Ok(()),
+                }
+            } else {
+                tokio::select! {
+                    r = reader.fill(hlen) => r?,
+                    () = sink.room(), if !deferred.is_empty() => continue,
+                    _ = shutdown.cancelled() => {
+                        draining = true;
+                        continue;
+                    }
+                }
+            };
+            if !more {
+                return Ok(());
+            }
+            let req = Request::decode(reader.peek(hlen), extended)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+            reader.consume(hlen);
+            if req.command == cmd::DISC {
+                return Ok(());
+            }
+            // Bytes of payload that follow this header on the wire.
+            let payload_len = if req.command == cmd::WRITE
+                || (extended && req.flags & cmdflag::PAYLOAD_LEN != 0)
+            {
+                req.length
+            } else {
+                0
+            };
+            // Every request, refused ones too, holds a slot until its reply is
+            // sent: a client that never reads replies cannot make them pile up.
+            let slot = count
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(std::io::Error::other)?;
+            let checked = if draining {
+                Err((errno::ESHUTDOWN, "server is shutting down"))
+            } else if req.command != cmd::WRITE && payload_len > 0 {
+                Err((errno::EINVAL, "unexpected payload"))
+            } else {
+                session.validate(&req).map_err(|r| (r.errno, r.message))
+            };
+            if let Err((code, message)) = checked {
+                if payload_len > limits.discard_limit() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "payload too large to discard",
+                    ));
+                }
+                reader.discard(payload_len).await?;
+                let mut out = session.error_reply(&req, code, message);
+                out.permits = Some(Permits {
+                    _slot: slot,
+                    _bytes: None,
+                });
+                sink.send(out)?;
+                continue;
+            }
+            let weight = match req.command {
+                cmd::READ | cmd::WRITE => req.length as u32,
+                _ => 0,
+            };
+            let permits = Permits {
+                _slot: slot,
+                _bytes: Some(
+                    bytes
+                        .clone()
+                        .acquire_many_owned(weight)
+                        .await
+                        .map_err(std::io::Error::other)?,
+                ),
+            };
+            if req.command == cmd::READ && (!deferred.is_empty() || !sink.has_room()) {
+                deferred.push_back((req, permits));
+                continue;
+            }
+            let mut payload = Vec::new();
+            if req.command == cmd::WRITE {
+                payload = POOL.get(req.length as usize);
+                reader
+                    .read_payload(&mut payload[..req.length as usize])
+                    .await?;
+            }
+            dispatch(req, payload, permits, session, sink)?;
+        }
+    }
+    .await;
+    input?;
     // Everything accepted is answered, however the input ended.
     for (req, permits) in deferred {
         dispatch(req, Vec::new(), permits, session, sink)?;
     }
     Ok(())
-}
-
-/// Reads and starts requests until the client disconnects (or, after
-/// shutdown, has nothing more to say). While the writer is behind (its
-/// backlog full), READs wait in `deferred` but everything else still runs:
-/// a client that asks for block status behind a row of reads is answered
-/// at once, and a slow reader pins little memory.
-async fn read_requests<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>(
-    reader: &mut FrameReader<R>,
-    session: &Arc<Session>,
-    limits: &Limits,
-    sink: &ReplySink<W>,
-    shutdown: &CancellationToken,
-    deferred: &mut Deferred,
-) -> std::io::Result<()> {
-    let extended = session.mode == ReplyMode::Extended;
-    let hlen = Request::header_len(extended);
-    let count = Arc::new(Semaphore::new(limits.max_inflight));
-    let bytes = Arc::new(Semaphore::new(limits.max_inflight_bytes));
-    let mut draining = false;
-    loop {
-        while sink.has_room()
-            && let Some((req, permits)) = deferred.pop_front()
-        {
-            dispatch(req, Vec::new(), permits, session, sink)?;
-        }
-        let more = if draining {
-            // Requests the client sent before it could know: answer them
-            // with ESHUTDOWN rather than leave them unread (closing a socket
-            // with unread input resets it, losing replies in flight).
-            match tokio::time::timeout(Duration::ZERO, reader.fill(hlen)).await {
-                Ok(r) => r?,
-                Err(_) => return Ok(()),
-            }
-        } else {
-            tokio::select! {
-                r = reader.fill(hlen) => r?,
-                () = sink.room(), if !deferred.is_empty() => continue,
-                _ = shutdown.cancelled() => {
-                    draining = true;
-                    continue;
-                }
-            }
-        };
-        if !more {
-            return Ok(());
-        }
-        let req = Request::decode(reader.peek(hlen), extended)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-        reader.consume(hlen);
-        if req.command == cmd::DISC {
-            return Ok(());
-        }
-        // Bytes of payload that follow this header on the wire.
-        let payload_len =
-            if req.command == cmd::WRITE || (extended && req.flags & cmdflag::PAYLOAD_LEN != 0) {
-                req.length
-            } else {
-                0
-            };
-        // Every request, refused ones too, holds a slot until its reply is
-        // sent: a client that never reads replies cannot make them pile up.
-        let slot = count
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(std::io::Error::other)?;
-        let checked = if draining {
-            Err((errno::ESHUTDOWN, "server is shutting down"))
-        } else if req.command != cmd::WRITE && payload_len > 0 {
-            Err((errno::EINVAL, "unexpected payload"))
-        } else {
-            session.validate(&req).map_err(|r| (r.errno, r.message))
-        };
-        if let Err((code, message)) = checked {
-            if payload_len > limits.discard_limit() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "payload too large to discard",
-                ));
-            }
-            reader.discard(payload_len).await?;
-            let mut out = session.error_reply(&req, code, message);
-            out.permits = Some(Permits {
-                _slot: slot,
-                _bytes: None,
-            });
-            sink.send(out)?;
-            continue;
-        }
-        let weight = match req.command {
-            cmd::READ | cmd::WRITE => req.length as u32,
-            _ => 0,
-        };
-        let permits = Permits {
-            _slot: slot,
-            _bytes: Some(
-                bytes
-                    .clone()
-                    .acquire_many_owned(weight)
-                    .await
-                    .map_err(std::io::Error::other)?,
-            ),
-        };
-        if req.command == cmd::READ && (!deferred.is_empty() || !sink.has_room()) {
-            deferred.push_back((req, permits));
-            continue;
-        }
-        let mut payload = Vec::new();
-        if req.command == cmd::WRITE {
-            payload = POOL.get(req.length as usize);
-            reader
-                .read_payload(&mut payload[..req.length as usize])
-                .await?;
-        }
-        dispatch(req, payload, permits, session, sink)?;
-    }
 }
 
 /// Runs a request and sends its reply: on this task when the answer is at
