@@ -552,3 +552,51 @@ fn replies_stay_whole_when_the_client_reads_late() {
     c.disconnect();
     scene.finish();
 }
+
+/// READs of mixed large sizes while the send queue is full: deferred READs
+/// hold in-flight byte permits that a later request waits for, so the
+/// server must start them while it waits, or the connection stalls for
+/// good. Here a 16 MiB reply is being sent (the client holds off reading
+/// its data), READs of 32 + 32 + 32 + 12 MiB are deferred, and a last
+/// 32 MiB READ needs more of the default 128 MiB than the first reply
+/// frees.
+#[test]
+fn mixed_large_reads_do_not_stall() {
+    let scene = Scene::new(10, &[]);
+    let image = std::fs::read(&scene.img).unwrap();
+    let mut c = scene.client();
+    c.set_timeout(std::time::Duration::from_secs(20));
+    let sizes = [16 * MIB, 32 * MIB, 32 * MIB, 32 * MIB, 12 * MIB, 32 * MIB];
+    let place = |i: usize| (i as u64 * 3 * MIB + 4096 * i as u64) % (HOSTILE_SIZE - sizes[i]);
+    let check = |c: &mut RawConn, cookie: u64| {
+        let i = cookie as usize;
+        let (off, len) = (place(i) as usize, sizes[i] as usize);
+        let got = c.must_read(len, "READ data");
+        assert!(
+            got == image[off..off + len],
+            "READ {cookie} at {off}: wrong bytes"
+        );
+    };
+    assert!(c.send_request(0, CMD_READ, 0, place(0), sizes[0] as u32));
+    // Its header arriving means the 16 MiB reply is on its way out.
+    let (err, cookie) = c.read_simple_reply().expect("server closed");
+    assert_eq!((err, cookie), (0, 0));
+    for (i, &len) in sizes.iter().enumerate().skip(1) {
+        assert!(
+            c.send_request(0, CMD_READ, i as u64, place(i), len as u32),
+            "server closed"
+        );
+    }
+    check(&mut c, 0);
+    let mut left: std::collections::BTreeSet<u64> = (1..sizes.len() as u64).collect();
+    while !left.is_empty() {
+        let (err, cookie) = c
+            .read_simple_reply()
+            .unwrap_or_else(|| panic!("stalled or closed; waiting for {left:?}"));
+        assert_eq!(err, 0, "request {cookie} failed");
+        assert!(left.remove(&cookie), "unknown or repeated cookie {cookie}");
+        check(&mut c, cookie);
+    }
+    c.disconnect();
+    scene.finish();
+}

@@ -229,11 +229,7 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
         let bytes = Arc::new(Semaphore::new(limits.max_inflight_bytes));
         let mut draining = false;
         loop {
-            while sink.has_room()
-                && let Some((req, permits)) = deferred.pop_front()
-            {
-                dispatch(req, Vec::new(), permits, session, sink)?;
-            }
+            dispatch_ready(&mut deferred, session, sink)?;
             let more = if draining {
                 // Requests the client sent before it could know: answer them
                 // with ESHUTDOWN rather than leave them unread (closing a socket
@@ -271,11 +267,7 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
             };
             // Every request, refused ones too, holds a slot until its reply is
             // sent: a client that never reads replies cannot make them pile up.
-            let slot = count
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(std::io::Error::other)?;
+            let slot = acquire(count.clone().acquire_owned(), &mut deferred, session, sink).await?;
             let checked = if draining {
                 Err((errno::ESHUTDOWN, "server is shutting down"))
             } else if req.command != cmd::WRITE && payload_len > 0 {
@@ -303,15 +295,10 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
                 cmd::READ | cmd::WRITE => req.length as u32,
                 _ => 0,
             };
+            let held = bytes.clone().acquire_many_owned(weight);
             let permits = Permits {
                 _slot: slot,
-                _bytes: Some(
-                    bytes
-                        .clone()
-                        .acquire_many_owned(weight)
-                        .await
-                        .map_err(std::io::Error::other)?,
-                ),
+                _bytes: Some(acquire(held, &mut deferred, session, sink).await?),
             };
             if req.command == cmd::READ && (!deferred.is_empty() || !sink.has_room()) {
                 deferred.push_back((req, permits));
@@ -334,6 +321,38 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
         dispatch(req, Vec::new(), permits, session, sink)?;
     }
     Ok(())
+}
+
+/// Starts the deferred READs, in order, while the writer has room.
+fn dispatch_ready<W: AsyncWrite + Unpin + Send + 'static>(
+    deferred: &mut Deferred,
+    session: &Arc<Session>,
+    sink: &ReplySink<W>,
+) -> std::io::Result<()> {
+    while sink.has_room()
+        && let Some((req, permits)) = deferred.pop_front()
+    {
+        dispatch(req, Vec::new(), permits, session, sink)?;
+    }
+    Ok(())
+}
+
+/// Waits for an in-flight permit. Deferred READs may hold the very permits
+/// it waits for, so they are started meanwhile whenever the writer has
+/// room; otherwise a mix of request sizes could stall the connection.
+async fn acquire<T, W: AsyncWrite + Unpin + Send + 'static>(
+    permit: impl Future<Output = Result<T, tokio::sync::AcquireError>>,
+    deferred: &mut Deferred,
+    session: &Arc<Session>,
+    sink: &ReplySink<W>,
+) -> std::io::Result<T> {
+    tokio::pin!(permit);
+    loop {
+        tokio::select! {
+            p = &mut permit => return p.map_err(std::io::Error::other),
+            () = sink.room(), if !deferred.is_empty() => dispatch_ready(deferred, session, sink)?,
+        }
+    }
 }
 
 /// Runs a request and sends its reply: on this task when the answer is at

@@ -53,6 +53,17 @@ impl Drop for Outgoing {
 }
 
 impl Outgoing {
+    /// Bytes of data this reply carries (its buffer may be larger).
+    fn payload_len(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Data(r) => r.len(),
+                Part::Head(_) => 0,
+            })
+            .sum()
+    }
+
     pub fn head(head: BytesMut) -> Self {
         let mut out = Outgoing::default();
         out.parts.push(Part::Head(head));
@@ -97,7 +108,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
         let mut rest = &mut slices[..];
         IoSlice::advance_slices(&mut rest, done);
         write_all_vectored(&mut self.w, rest).await?;
-        Ok(out.data.len())
+        Ok(out.payload_len())
     }
 }
 
@@ -198,7 +209,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
 
     /// Queues a reply for the writer task (from any thread).
     pub fn queue(&self, out: Outgoing) {
-        self.backlog.add(out.data.len());
+        self.backlog.add(out.payload_len());
         let q = if out.data.is_empty() {
             &self.urgent
         } else {
@@ -211,7 +222,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
     /// Sends a reply now, as far as the socket takes it without waiting,
     /// if no other write is under way; queues it otherwise.
     pub fn send(&self, out: Outgoing) -> std::io::Result<()> {
-        if out.data.len() > MAX_DIRECT_REPLY {
+        if out.payload_len() > MAX_DIRECT_REPLY {
             self.queue(out);
             return Ok(());
         }
@@ -224,7 +235,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
         };
         let done = write_without_waiting(&mut wire.w, &out)?;
         if let Some(done) = done {
-            self.backlog.add(out.data.len());
+            self.backlog.add(out.payload_len());
             wire.carry = Some((out, done));
             drop(wire);
             // Wakes the writer to finish it.
@@ -289,7 +300,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             Some(m) = bulk.recv() => m,
             else => break,
         };
-        let mut bytes = first.data.len();
+        let mut bytes = first.payload_len();
         batch.push(first);
         while batch.len() < MAX_BATCH_MESSAGES {
             match urgent.try_recv() {
@@ -300,7 +311,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         while batch.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
             match bulk.try_recv() {
                 Ok(m) => {
-                    bytes += m.data.len();
+                    bytes += m.payload_len();
                     batch.push(m);
                 }
                 Err(_) => break,
