@@ -510,6 +510,15 @@ fn structured_read_errors_are_chunks() {
     sc.finish();
 }
 
+/// Reads the data of READ reply `cookie` and checks it against the image.
+fn expect_data(c: &mut RawConn, image: &[u8], cookie: u64, off: usize, len: usize) {
+    let got = c.must_read(len, "READ data");
+    assert!(
+        got == image[off..off + len],
+        "READ {cookie} at {off}: wrong bytes"
+    );
+}
+
 /// A client that sends many requests before reading any reply (so the
 /// socket fills in the middle of replies) still gets every reply whole:
 /// each cookie once, each READ's bytes equal to the image, and the
@@ -542,11 +551,7 @@ fn replies_stay_whole_when_the_client_reads_late() {
             .remove(&cookie)
             .unwrap_or_else(|| panic!("unknown or repeated cookie {cookie}"));
         if let Some(off) = want {
-            let got = c.must_read(len as usize, "READ data");
-            assert!(
-                got == image[off..off + len as usize],
-                "READ {cookie} at {off}: wrong bytes"
-            );
+            expect_data(&mut c, &image, cookie, off, len as usize);
         }
     }
     c.disconnect();
@@ -570,12 +575,7 @@ fn mixed_large_reads_do_not_stall() {
     let place = |i: usize| (i as u64 * 3 * MIB + 4096 * i as u64) % (HOSTILE_SIZE - sizes[i]);
     let check = |c: &mut RawConn, cookie: u64| {
         let i = cookie as usize;
-        let (off, len) = (place(i) as usize, sizes[i] as usize);
-        let got = c.must_read(len, "READ data");
-        assert!(
-            got == image[off..off + len],
-            "READ {cookie} at {off}: wrong bytes"
-        );
+        expect_data(c, &image, cookie, place(i) as usize, sizes[i] as usize);
     };
     assert!(c.send_request(0, CMD_READ, 0, place(0), sizes[0] as u32));
     // Its header arriving means the 16 MiB reply is on its way out.
