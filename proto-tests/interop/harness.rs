@@ -543,24 +543,18 @@ impl Server {
     }
 
     /// Send `sig` and wait for the exit status (fails the test on timeout).
-    pub fn stop_with(mut self, sig: i32) -> ExitStatus {
-        let mut child = self.child.take().expect("child");
-        send_signal(child.id(), sig);
-        match wait_child(&mut child, READY_DEADLINE) {
-            Some(st) => st,
-            None => {
-                send_signal(child.id(), SIGKILL);
-                let _ = child.wait();
-                panic!(
-                    "nbdferry did not exit within {READY_DEADLINE:?} after signal {sig}; stderr:\n{}",
-                    self.log_text()
-                );
-            }
-        }
+    pub fn stop_with(self, sig: i32) -> ExitStatus {
+        send_signal(self.pid, sig);
+        self.reap(&format!(" after signal {sig}"))
     }
 
     /// Wait for the server to exit by itself (after a signal sent earlier).
-    pub fn wait_exit(mut self) -> ExitStatus {
+    pub fn wait_exit(self) -> ExitStatus {
+        self.reap("")
+    }
+
+    /// The exit status, within READY_DEADLINE; else SIGKILL and fail.
+    fn reap(mut self, after: &str) -> ExitStatus {
         let mut child = self.child.take().expect("child");
         match wait_child(&mut child, READY_DEADLINE) {
             Some(st) => st,
@@ -568,7 +562,7 @@ impl Server {
                 send_signal(child.id(), SIGKILL);
                 let _ = child.wait();
                 panic!(
-                    "nbdferry did not exit within {READY_DEADLINE:?}; stderr:\n{}",
+                    "nbdferry did not exit within {READY_DEADLINE:?}{after}; stderr:\n{}",
                     self.log_text()
                 );
             }

@@ -222,7 +222,6 @@ impl CowStore {
             }
             let h = xxh3_64(&hdr[..48]);
             hdr[48..56].copy_from_slice(&h.to_le_bytes());
-            hdr[HDR_USED..].fill(0);
         }
         let slots = self.alloc_slots(items.len());
         let mut i = 0;
@@ -287,7 +286,8 @@ impl CowStore {
     }
 
     /// A zeroed-once, aligned buffer of at least `len` bytes (its tail
-    /// beyond `len` is unused).
+    /// beyond `len` is unused). Slots sit at the same offsets in every use
+    /// of a buffer, so the unused part of each header stays zero.
     fn take_buf(&self, len: usize) -> AlignedBuf {
         let mut pool = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
         match pool.iter().position(|b| b.len() >= len) {

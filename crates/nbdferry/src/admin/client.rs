@@ -24,6 +24,47 @@ pub fn segment(s: &str) -> String {
         .collect()
 }
 
+/// Where the CLI finds the daemon: `--admin PATH`, shared by the
+/// `snapshot` and `checkpoint` commands.
+#[derive(clap::Args)]
+pub struct AdminArg {
+    /// The daemon's admin socket [default: STATE_DIR/admin.sock].
+    #[arg(long, value_name = "PATH", global = true)]
+    admin: Option<std::path::PathBuf>,
+}
+
+impl AdminArg {
+    /// Sends one request (see [`request`]) and prints the JSON answer.
+    pub async fn call(self, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<()> {
+        let sock = self.admin.unwrap_or_else(super::default_admin_socket);
+        let answer = request(&sock, method, path, body).await?;
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        Ok(())
+    }
+}
+
+/// `/v1/disks/DISK/KIND`, after checking the disk name (so bad names are
+/// refused before the daemon is bothered; it checks again).
+pub fn collection(disk: &str, kind: &str) -> anyhow::Result<String> {
+    ferry_store::validate_name("disk", disk)?;
+    Ok(format!("/v1/disks/{}/{kind}s", segment(disk)))
+}
+
+/// `/v1/disks/DISK/KINDs/NAME`, after checking both names.
+pub fn item(disk: &str, kind: &str, name: &str) -> anyhow::Result<String> {
+    let base = collection(disk, kind)?;
+    ferry_store::validate_name(kind, name)?;
+    Ok(format!("{base}/{}", segment(name)))
+}
+
+/// Seconds since the epoch, for default snapshot and checkpoint names.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Sends one request and returns the JSON answer; an error answer becomes
 /// an error carrying the daemon's one-line message.
 pub async fn request(

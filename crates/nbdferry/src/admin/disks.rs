@@ -89,7 +89,8 @@ impl Disks {
         self.disks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds export `name` for `path`. Writable disks get snapshots and
+    /// Adds export `name` for `path`. Writable disks get the snapshot and
+    /// checkpoint layer (`ferry_store::Volume`), with snapshots and
     /// checkpoints under the disk name: the export name, or for the
     /// nameless default export the file name. Existing snapshots are
     /// published again. `granularity` (default 64 KiB) applies to a disk
@@ -103,6 +104,9 @@ impl Disks {
         granularity: Option<u64>,
     ) -> anyhow::Result<()> {
         use anyhow::Context;
+        if name.len() > nbd_proto::consts::MAX_STRING || name.contains('\0') {
+            anyhow::bail!("export name '{name}' is not a valid NBD string");
+        }
         let disk_name = if validate_name("disk", name).is_ok() {
             Some(name.to_string())
         } else if name.is_empty() {

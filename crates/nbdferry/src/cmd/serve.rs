@@ -186,14 +186,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 })?),
                 None => args.granularity,
             };
-            add_export(
-                &disks,
-                &e.name,
-                &e.description,
-                &e.path,
-                e.read_only,
-                granularity,
-            )?;
+            disks.add_export(&e.name, &e.description, &e.path, e.read_only, granularity)?;
             access.push((
                 e.name.clone(),
                 e.tls == Some(TlsArg::Require),
@@ -205,8 +198,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     } else if let Some(file) = &args.file {
         let name = args.name.unwrap_or_default();
-        add_export(
-            &disks,
+        disks.add_export(
             &name,
             args.description.as_deref().unwrap_or(""),
             file,
@@ -273,21 +265,6 @@ fn load_config(path: &Path) -> anyhow::Result<ConfigFile> {
             None => anyhow::anyhow!("{}: {msg}", path.display()),
         }
     })
-}
-
-fn add_export(
-    disks: &Disks,
-    name: &str,
-    description: &str,
-    path: &Path,
-    read_only: bool,
-    granularity: Option<u64>,
-) -> anyhow::Result<()> {
-    if name.len() > nbd_proto::consts::MAX_STRING || name.contains('\0') {
-        bail!("export name '{name}' is not a valid NBD string");
-    }
-    // Writable disks get the snapshot/checkpoint layer (ferry_store::Volume).
-    disks.add_export(name, description, path, read_only, granularity)
 }
 
 /// Binds the admin socket. With an explicit `--state-dir`/`--admin-socket`

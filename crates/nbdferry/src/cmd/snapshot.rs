@@ -1,20 +1,17 @@
 //! `nbdferry snapshot create|list|delete|revert DISK [NAME]`: a client of
 //! the daemon's admin API. Prints the daemon's JSON answer.
 
-use std::path::PathBuf;
-
 use hyper::Method;
 use serde_json::json;
 
-use crate::admin::client::{request, segment};
+use crate::admin::client::{AdminArg, collection, item, unix_now};
 
 #[derive(clap::Args)]
 pub struct SnapshotArgs {
     #[command(subcommand)]
     action: Action,
-    /// The daemon's admin socket [default: STATE_DIR/admin.sock].
-    #[arg(long, value_name = "PATH", global = true)]
-    admin: Option<PathBuf>,
+    #[command(flatten)]
+    admin: AdminArg,
 }
 
 #[derive(clap::Subcommand)]
@@ -37,66 +34,33 @@ enum Action {
 }
 
 pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
-    let sock = args
-        .admin
-        .unwrap_or_else(crate::admin::default_admin_socket);
-    let answer = match args.action {
+    let admin = args.admin;
+    match args.action {
         Action::Create {
             disk,
             name,
             checkpoint,
         } => {
             let name = name.unwrap_or_else(|| format!("snap-{}", unix_now()));
-            check_names(&disk, &name, "snapshot")?;
-            let path = format!("/v1/disks/{}/snapshots", segment(&disk));
-            request(
-                &sock,
-                Method::POST,
-                &path,
-                Some(json!({ "name": name, "checkpoint": checkpoint })),
-            )
-            .await?
+            item(&disk, "snapshot", &name)?;
+            let body = json!({ "name": name, "checkpoint": checkpoint });
+            admin
+                .call(Method::POST, &collection(&disk, "snapshot")?, Some(body))
+                .await
         }
         Action::List { disk } => {
-            ferry_store::validate_name("disk", &disk)?;
-            request(
-                &sock,
-                Method::GET,
-                &format!("/v1/disks/{}/snapshots", segment(&disk)),
-                None,
-            )
-            .await?
+            admin
+                .call(Method::GET, &collection(&disk, "snapshot")?, None)
+                .await
         }
         Action::Delete { disk, name } => {
-            check_names(&disk, &name, "snapshot")?;
-            let path = format!("/v1/disks/{}/snapshots/{}", segment(&disk), segment(&name));
-            request(&sock, Method::DELETE, &path, None).await?
+            admin
+                .call(Method::DELETE, &item(&disk, "snapshot", &name)?, None)
+                .await
         }
         Action::Revert { disk, name } => {
-            check_names(&disk, &name, "snapshot")?;
-            let path = format!(
-                "/v1/disks/{}/snapshots/{}/revert",
-                segment(&disk),
-                segment(&name)
-            );
-            request(&sock, Method::POST, &path, None).await?
+            let path = format!("{}/revert", item(&disk, "snapshot", &name)?);
+            admin.call(Method::POST, &path, None).await
         }
-    };
-    println!("{}", serde_json::to_string_pretty(&answer)?);
-    Ok(())
-}
-
-/// Rejects bad names before bothering the daemon (which checks again).
-pub fn check_names(disk: &str, name: &str, kind: &str) -> anyhow::Result<()> {
-    ferry_store::validate_name("disk", disk)?;
-    ferry_store::validate_name(kind, name)?;
-    Ok(())
-}
-
-/// Seconds since the epoch, for default snapshot and checkpoint names.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    }
 }
