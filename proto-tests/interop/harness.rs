@@ -155,12 +155,29 @@ fn describe(cmd: &Command) -> String {
 /// Run a command to completion with a deadline; returns its output whatever
 /// the exit status. On timeout the process is killed and the test fails.
 pub fn run_output_deadline(cmd: &mut Command, deadline: Duration) -> Output {
+    run_output_fed(cmd, deadline, None)
+}
+
+/// Writes to a command's stdin while it runs.
+type Feed<'a> = Box<dyn FnOnce(&mut std::process::ChildStdin) + 'a>;
+
+/// Runs a command as [`run_output_deadline`] does; with `feed`, its stdin
+/// is a pipe that `feed` gets once the command runs (and that is closed
+/// when `feed` returns), so a test can release a script at the moment it
+/// chooses.
+fn run_output_fed(cmd: &mut Command, deadline: Duration, feed: Option<Feed<'_>>) -> Output {
     let desc = describe(cmd);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    if feed.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot spawn `{desc}`: {e}"));
     let pid = child.id();
+    if let (Some(feed), Some(mut stdin)) = (feed, child.stdin.take()) {
+        feed(&mut stdin);
+    }
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let t_out = thread::spawn(move || {
@@ -203,8 +220,12 @@ pub fn run_output(cmd: &mut Command) -> Output {
 /// Run a command; fail the test (with its stderr) unless it exits 0.
 /// Returns stdout.
 pub fn run(cmd: &mut Command) -> String {
+    run_fed(cmd, None)
+}
+
+fn run_fed(cmd: &mut Command, feed: Option<Feed<'_>>) -> String {
     let desc = describe(cmd);
-    let out = run_output(cmd);
+    let out = run_output_fed(cmd, CMD_DEADLINE, feed);
     if !out.status.success() {
         panic!(
             "`{desc}` failed with {}\nstdout:\n{}\nstderr:\n{}",
@@ -381,8 +402,13 @@ pub struct Server {
 impl Server {
     /// `nbdferry serve ARGS`, waits for the `listening on ` line.
     pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Server {
+        Server::start_env(args, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables.
+    pub fn start_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Server {
         let mut cmd = nbdferry();
-        cmd.arg("serve").args(args);
+        cmd.arg("serve").args(args).envs(env.iter().copied());
         let state = if args.iter().any(|a| a.as_ref() == "--state-dir") {
             None
         } else {
@@ -482,6 +508,11 @@ impl Server {
 
     /// Serve `file` on 127.0.0.1:0 and on a Unix socket in `dir`.
     pub fn serve(dir: &Path, file: &Path, extra: &[&str]) -> Server {
+        Server::serve_env(dir, file, extra, &[])
+    }
+
+    /// [`serve`](Self::serve) with extra environment variables.
+    pub fn serve_env(dir: &Path, file: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let sock = dir.join(format!("nbdferry-{}.sock", unique()));
         let mut args: Vec<std::ffi::OsString> = vec![
             "--listen".into(),
@@ -491,7 +522,7 @@ impl Server {
         ];
         args.extend(extra.iter().map(Into::into));
         args.push(file.into());
-        let s = Server::start(&args);
+        let s = Server::start_env(&args, env);
         assert!(s.addr.is_some(), "no TCP address in readiness line");
         assert_eq!(
             s.socket.as_deref(),
@@ -1106,6 +1137,27 @@ pub fn read_range(path: &Path, off: u64, len: usize) -> Vec<u8> {
 /// Run an nbdsh script (Python, /usr/bin/python3 via nbdsh) with env vars;
 /// the script is written to `dir`. Returns stdout; fails on non-zero exit.
 pub fn nbdsh_script(dir: &Path, script: &str, env: &[(&str, String)]) -> String {
+    run(&mut nbdsh_command(dir, script, env))
+}
+
+/// Like [`nbdsh_script`], for a script that reads a line from stdin where
+/// it must wait: `gate` returns when the script may go on.
+pub fn nbdsh_script_gated(
+    dir: &Path,
+    script: &str,
+    env: &[(&str, String)],
+    gate: impl FnOnce(),
+) -> String {
+    run_fed(
+        &mut nbdsh_command(dir, script, env),
+        Some(Box::new(|stdin| {
+            gate();
+            let _ = stdin.write_all(b"go\n");
+        })),
+    )
+}
+
+fn nbdsh_command(dir: &Path, script: &str, env: &[(&str, String)]) -> Command {
     let path = dir.join(format!("script-{}.py", unique()));
     fs::write(&path, script).expect("write script");
     let mut c = peer("nbdsh");
@@ -1116,7 +1168,7 @@ pub fn nbdsh_script(dir: &Path, script: &str, env: &[(&str, String)]) -> String 
     for (k, v) in env {
         c.env(k, v);
     }
-    run(&mut c)
+    c
 }
 
 // ---------------------------------------------------------------------------

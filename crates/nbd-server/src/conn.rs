@@ -254,6 +254,13 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
             let req = Request::decode(reader.peek(hlen), extended)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
             reader.consume(hlen);
+            tracing::trace!(
+                command = req.command,
+                cookie = req.cookie,
+                offset = req.offset,
+                length = req.length,
+                "request"
+            );
             if req.command == cmd::DISC {
                 return Ok(());
             }
