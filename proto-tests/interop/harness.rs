@@ -175,9 +175,7 @@ fn run_output_fed(cmd: &mut Command, deadline: Duration, feed: Option<Feed<'_>>)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot spawn `{desc}`: {e}"));
     let pid = child.id();
-    if let (Some(feed), Some(mut stdin)) = (feed, child.stdin.take()) {
-        feed(&mut stdin);
-    }
+    let stdin = child.stdin.take();
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let t_out = thread::spawn(move || {
@@ -196,6 +194,16 @@ fn run_output_fed(cmd: &mut Command, deadline: Duration, feed: Option<Feed<'_>>)
         let _ = tx.send(());
         st
     });
+    if let (Some(feed), Some(mut stdin)) = (feed, stdin) {
+        // A failing feed (its own wait timed out) must not leave the
+        // command running.
+        let fed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| feed(&mut stdin)));
+        if let Err(why) = fed {
+            send_signal(pid, SIGKILL);
+            let _ = waiter.join();
+            std::panic::resume_unwind(why);
+        }
+    }
     if rx.recv_timeout(deadline).is_err() {
         send_signal(pid, SIGKILL);
         let _ = waiter.join();
