@@ -66,6 +66,12 @@ fn cli_errors_are_one_line() {
         );
         assert!(e.contains("granularity") || e.contains("size"), "{e}");
     }
+    // A read-only export has no state for a granularity to apply to.
+    let e = expect_cli_error(
+        &os(&["--read-only", "--granularity", "1M", &imgs]),
+        "--granularity on a read-only export",
+    );
+    assert!(e.contains("writable exports only"), "{e}");
     // Port already in use.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
@@ -104,6 +110,12 @@ fn cli_errors_are_one_line() {
         (
             "bad granularity in config",
             format!("[[export]]\nname = \"a\"\npath = \"{imgs}\"\ngranularity = \"3K\"\n"),
+        ),
+        (
+            "granularity on a read-only export in config",
+            format!(
+                "[[export]]\nname = \"a\"\npath = \"{imgs}\"\nread-only = true\ngranularity = \"1M\"\n"
+            ),
         ),
         (
             "granularity of the wrong type",

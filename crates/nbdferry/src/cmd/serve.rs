@@ -14,6 +14,11 @@ use crate::admin::{self, disks::Disks};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
+/// Why a granularity given for a read-only export is refused rather than
+/// ignored: such an export has no checkpoints or snapshots to apply it to.
+const NO_STATE: &str =
+    "applies to writable exports only: a read-only export has no checkpoints or snapshots";
+
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// TCP address to listen on (repeatable); default 127.0.0.1:10809 when
@@ -181,6 +186,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         for (i, e) in cfg.exports.iter().enumerate() {
             let granularity = match &e.granularity {
+                Some(_) if e.read_only => bail!(
+                    "{}: export '{}': granularity {NO_STATE}",
+                    path.display(),
+                    e.name
+                ),
                 Some(g) => Some(g.granularity().map_err(|m| {
                     anyhow::anyhow!("{}: export '{}': {m}", path.display(), e.name)
                 })?),
@@ -197,6 +207,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     } else if let Some(file) = &args.file {
+        if args.read_only && args.granularity.is_some() {
+            bail!("--granularity {NO_STATE}");
+        }
         let name = args.name.unwrap_or_default();
         disks.add_export(
             &name,
