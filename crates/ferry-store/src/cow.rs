@@ -183,30 +183,38 @@ impl CowStore {
     /// Writes one preserved block into a free slot (see `write_many`).
     #[cfg(test)]
     pub fn write(&self, block: u64, snap_seq: u64, data: &[u8]) -> io::Result<u64> {
-        let slots = self.write_many(snap_seq, &[(block, data.len())], |_, buf| {
-            buf.copy_from_slice(data);
+        let slots = self.write_many(snap_seq, &[(block, data.len())], |bufs| {
+            bufs[0].copy_from_slice(data);
             Ok::<_, io::Error>(())
         })?;
         Ok(slots[0])
     }
 
-    /// Preserves blocks: for each item `(block, len)`, `fill(k, buf)` puts
-    /// the block's old data (`len` bytes, at most the granularity) into
-    /// `buf`, and the record goes into a free slot. Returns the slots.
-    /// Consecutive slots go out in one write. Not durable until
-    /// [`commit`](Self::commit) returns.
+    /// Preserves blocks: `fill` gets one buffer per item `(block, len)`, in
+    /// order, `len` bytes each (at most the granularity), and puts the
+    /// blocks' old data in them (one vectored read for a run); each record
+    /// goes into a free slot. Returns the slots. Consecutive slots go out
+    /// in one write. Not durable until [`commit`](Self::commit) returns.
     pub fn write_many<E: From<io::Error>>(
         &self,
         snap_seq: u64,
         items: &[(u64, usize)],
-        mut fill: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
+        fill: impl FnOnce(&mut [io::IoSliceMut<'_>]) -> Result<(), E>,
     ) -> Result<Vec<u64>, E> {
         let slot = self.slot_size() as usize;
         let mut buf = self.take_buf(items.len() * slot);
+        let mut datas: Vec<io::IoSliceMut<'_>> = buf
+            .chunks_mut(slot)
+            .zip(items)
+            .map(|(s, &(_, len))| {
+                debug_assert!(len > 0 && len as u64 <= self.gran);
+                io::IoSliceMut::new(&mut s[HDR as usize..HDR as usize + len])
+            })
+            .collect();
+        fill(&mut datas)?;
+        drop(datas);
         for (k, &(block, len)) in items.iter().enumerate() {
-            debug_assert!(len > 0 && len as u64 <= self.gran);
             let (hdr, data) = buf[k * slot..(k + 1) * slot].split_at_mut(HDR as usize);
-            fill(k, &mut data[..len])?;
             data[len..].fill(0);
             let lsn = self.lsn.fetch_add(1, Ordering::Relaxed);
             let fields = [
@@ -396,8 +404,10 @@ mod tests {
             // Ten slots: a run large enough to go direct.
             let items: Vec<(u64, usize)> = (0..10).map(|b| (b, (G - b) as usize)).collect();
             let slots = s
-                .write_many(9, &items, |k, buf| {
-                    buf.fill(k as u8 + 1);
+                .write_many(9, &items, |bufs| {
+                    for (k, buf) in bufs.iter_mut().enumerate() {
+                        buf.fill(k as u8 + 1);
+                    }
                     Ok::<_, io::Error>(())
                 })
                 .unwrap();

@@ -17,6 +17,8 @@ const BASE_ALLOCATION: &str = "base:allocation";
 const STATE_HOLE_ZERO: u32 = 0b11;
 /// Largest buffer used when zeroes have to be written as data.
 const ZERO_CHUNK: usize = 1 << 20;
+/// Most buffers one `preadv` takes.
+const IOV_MAX: usize = 1024;
 
 pub struct FileDev {
     file: File,
@@ -107,6 +109,34 @@ impl FileDev {
     }
 
     /// Next data offset at or after `pos`, or `size` when only holes follow.
+    /// Fills `bufs` from consecutive bytes at `offset`, as `read_at` fills
+    /// one buffer, with as few `preadv` calls as the iovec limit allows.
+    pub(crate) fn read_vectored_at(
+        &self,
+        mut bufs: &mut [io::IoSliceMut<'_>],
+        mut offset: u64,
+    ) -> Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        self.check(offset, total as u64)?;
+        while !bufs.is_empty() {
+            let n = bufs.len().min(IOV_MAX);
+            match rustix::io::preadv(&self.file, &mut bufs[..n], offset) {
+                // The file shrank under us: what is gone reads as zeroes.
+                Ok(0) => {
+                    bufs.iter_mut().for_each(|b| b.fill(0));
+                    return Ok(());
+                }
+                Ok(n) => {
+                    io::IoSliceMut::advance_slices(&mut bufs, n);
+                    offset += n as u64;
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(io::Error::from(e).into()),
+            }
+        }
+        Ok(())
+    }
+
     fn next_data(&self, pos: u64) -> std::result::Result<u64, Errno> {
         match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
             Ok(d) => Ok(d.min(self.size)),
@@ -334,6 +364,21 @@ mod tests {
             .map(|e| e.length)
             .sum();
         assert_eq!(total, 1 << 20);
+    }
+
+    #[test]
+    fn vectored_reads_match_one_read() {
+        let (_d, path) = sparse_file(1 << 20);
+        let dev = FileDev::open(&path, false).unwrap();
+        let data: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        dev.write_at(&data, 4096, false).unwrap();
+        // More buffers than one preadv takes, of uneven sizes.
+        let mut bufs: Vec<Vec<u8>> = (0..1500).map(|i| vec![0xff; 20 + i % 13]).collect();
+        let total: usize = bufs.iter().map(Vec::len).sum();
+        let mut iov: Vec<io::IoSliceMut<'_>> =
+            bufs.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+        dev.read_vectored_at(&mut iov, 4096 + 17).unwrap();
+        assert_eq!(bufs.concat(), &data[17..17 + total]);
     }
 
     #[test]

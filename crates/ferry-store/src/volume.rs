@@ -455,8 +455,8 @@ impl Volume {
                 .iter()
                 .map(|&blk| (blk, (self.gran.min(self.size - blk * self.gran)) as usize))
                 .collect();
-            let slots = cow.write_many(newest, &items, |k, buf| {
-                self.file.read_at(buf, items[k].0 * self.gran)
+            let slots = cow.write_many(newest, &items, |bufs| {
+                self.file.read_vectored_at(bufs, todo[i] * self.gran)
             })?;
             written.extend(todo[i..j].iter().copied().zip(slots));
             i = j;
