@@ -322,8 +322,10 @@ async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>
         }
     }
     .await;
+    // A broken stream or a protocol error drops the connection; when the
+    // input ends cleanly (DISC, EOF, shutdown) everything accepted is
+    // answered.
     input?;
-    // Everything accepted is answered, however the input ended.
     for (req, permits) in deferred {
         dispatch(req, Vec::new(), permits, session, sink)?;
     }

@@ -18,7 +18,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, mpsc};
@@ -123,7 +123,7 @@ struct Backlog {
     bytes: AtomicUsize,
     drained: Notify,
     /// The writer is gone: nothing will drain, so nobody should wait.
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
 }
 
 /// Marks the backlog closed when the writer task ends, however it ends.
@@ -222,7 +222,8 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
     /// Sends a reply now, as far as the socket takes it without waiting,
     /// if no other write is under way; queues it otherwise.
     pub fn send(&self, out: Outgoing) -> std::io::Result<()> {
-        if out.payload_len() > MAX_DIRECT_REPLY {
+        let len = out.payload_len();
+        if len > MAX_DIRECT_REPLY {
             self.queue(out);
             return Ok(());
         }
@@ -235,7 +236,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
         };
         let done = write_without_waiting(&mut wire.w, &out)?;
         if let Some(done) = done {
-            self.backlog.add(out.payload_len());
+            self.backlog.add(len);
             wire.carry = Some((out, done));
             drop(wire);
             // Wakes the writer to finish it.

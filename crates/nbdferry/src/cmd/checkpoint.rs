@@ -33,11 +33,10 @@ pub async fn run(args: CheckpointArgs) -> anyhow::Result<()> {
     match args.action {
         Action::Create { disk, name } => {
             let name = name.unwrap_or_else(|| format!("cp-{}", unix_now()));
-            item(&disk, "checkpoint", &name)?;
+            let path = collection(&disk, "checkpoint")?;
+            ferry_store::validate_name("checkpoint", &name)?;
             let body = json!({ "name": name });
-            admin
-                .call(Method::POST, &collection(&disk, "checkpoint")?, Some(body))
-                .await
+            admin.call(Method::POST, &path, Some(body)).await
         }
         Action::List { disk } => {
             admin

@@ -139,7 +139,7 @@ enum Bytes {
 impl Bytes {
     fn granularity(&self) -> Result<u64, String> {
         match self {
-            Bytes::Number(n) => super::size::parse_granularity(&n.to_string()),
+            Bytes::Number(n) => super::size::check_granularity(*n),
             Bytes::Text(s) => super::size::parse_granularity(s),
         }
     }

@@ -25,9 +25,14 @@ pub fn parse_request_size(s: &str) -> Result<u64, String> {
 
 /// A disk's tracking and copy-on-write block size.
 pub fn parse_granularity(s: &str) -> Result<u64, String> {
-    let g = parse_bytes(s)?;
-    ferry_store::validate_granularity(g).map_err(|e| e.to_string())?;
-    Ok(g)
+    check_granularity(parse_bytes(s)?)
+}
+
+/// `g` if it is a valid granularity (see [`ferry_store::validate_granularity`]).
+pub fn check_granularity(g: u64) -> Result<u64, String> {
+    ferry_store::validate_granularity(g)
+        .map(|()| g)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

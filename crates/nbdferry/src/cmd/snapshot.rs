@@ -42,11 +42,10 @@ pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
             checkpoint,
         } => {
             let name = name.unwrap_or_else(|| format!("snap-{}", unix_now()));
-            item(&disk, "snapshot", &name)?;
+            let path = collection(&disk, "snapshot")?;
+            ferry_store::validate_name("snapshot", &name)?;
             let body = json!({ "name": name, "checkpoint": checkpoint });
-            admin
-                .call(Method::POST, &collection(&disk, "snapshot")?, Some(body))
-                .await
+            admin.call(Method::POST, &path, Some(body)).await
         }
         Action::List { disk } => {
             admin
