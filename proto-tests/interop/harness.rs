@@ -1135,6 +1135,20 @@ pub fn json_str(text: &str, key: &str) -> Option<String> {
 }
 
 /// Read a range of a local file.
+/// `qemu-io -f raw -c CMD... URI`, which must report no error.
+pub fn qemu_io(uri: &str, cmds: &[String]) {
+    let mut c = peer("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    let out = run(c.arg(uri));
+    assert!(
+        !out.contains("error") && !out.contains("failed"),
+        "qemu-io reported: {out}"
+    );
+}
+
 pub fn read_range(path: &Path, off: u64, len: usize) -> Vec<u8> {
     let f = File::open(path).expect("open");
     let mut b = vec![0u8; len];

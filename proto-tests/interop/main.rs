@@ -13,5 +13,6 @@ mod mutate;
 mod nbd_server_ref;
 mod nbdkit;
 mod qemu;
+mod remote_admin;
 mod snapshots;
 mod tls;

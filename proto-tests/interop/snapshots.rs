@@ -109,19 +109,6 @@ fn random_ops(rng: &mut Rng, n: usize) -> (Vec<String>, Vec<(u64, u64)>) {
     (cmds, log)
 }
 
-fn qemu_io(uri: &str, cmds: &[String]) {
-    let mut c = peer("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    let out = run(c.arg(uri));
-    assert!(
-        !out.contains("error") && !out.contains("failed"),
-        "qemu-io reported: {out}"
-    );
-}
-
 /// Snapshots taken between writer rounds hash like the disk did at that
 /// instant, and keep that hash after more writes, a restart and SIGKILL.
 #[test]

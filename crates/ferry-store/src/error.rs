@@ -1,19 +1,13 @@
 use std::io;
 
-/// Why a storage operation failed.
+/// Why a management operation on a disk (snapshots, checkpoints, its
+/// state directory) failed. Block requests fail with [`ferry_block::Error`].
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error(transparent)]
+    Block(#[from] ferry_block::Error),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
-    /// A fast zero was asked for and cannot be done faster than writing.
-    #[error("operation cannot be done fast")]
-    NotFast,
-    #[error("range {offset}+{len} is outside the device")]
-    OutOfRange { offset: u64, len: u64 },
-    #[error("device is read-only")]
-    ReadOnly,
-    #[error("unknown meta context {0}")]
-    UnknownContext(String),
     /// A snapshot, checkpoint or disk name that is not allowed.
     #[error("{0}")]
     InvalidName(String),
@@ -23,9 +17,6 @@ pub enum StoreError {
     /// No such snapshot or checkpoint.
     #[error("{0}")]
     NotFound(String),
-    /// The object is in use (e.g. a snapshot that NBD clients are reading).
-    #[error("{0}")]
-    Busy(String),
     /// The state directory does not describe this disk, or is damaged.
     #[error("{0}")]
     BadState(String),

@@ -10,11 +10,11 @@ use std::path::Path;
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 
-use crate::blockdev::{BlockDev, Caps, Extent, ZeroMode};
-use crate::error::{Result, StoreError};
+use ferry_block::{
+    BASE_ALLOCATION, BlockDev, Caps, Error, Extent, Result, STATE_HOLE_ZERO, ZeroMode, check_range,
+};
 
-const BASE_ALLOCATION: &str = "base:allocation";
-const STATE_HOLE_ZERO: u32 = 0b11;
+use crate::io::{datasync, pread_full, pwrite_all};
 /// Largest buffer used when zeroes have to be written as data.
 const ZERO_CHUNK: usize = 1 << 20;
 /// Most buffers one `preadv` takes.
@@ -52,22 +52,18 @@ impl FileDev {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
-        if offset > self.size || len > self.size - offset {
-            return Err(StoreError::OutOfRange { offset, len });
-        }
-        Ok(())
+        check_range(self.size, offset, len)
     }
 
     fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
         if self.read_only {
-            return Err(StoreError::ReadOnly);
+            return Err(Error::ReadOnly);
         }
         self.check(offset, len)
     }
 
     fn sync(&self) -> Result<()> {
-        rustix::fs::fdatasync(&self.file).map_err(io::Error::from)?;
-        Ok(())
+        Ok(datasync(&self.file)?)
     }
 
     fn fallocate(
@@ -87,56 +83,13 @@ impl FileDev {
         let end = offset + len;
         while offset < end {
             let n = (end - offset).min(zeroes.len() as u64) as usize;
-            self.pwrite_all(&zeroes[..n], offset)?;
+            pwrite_all(&self.file, &zeroes[..n], offset)?;
             offset += n as u64;
         }
         Ok(())
     }
 
-    fn pwrite_all(&self, mut buf: &[u8], mut offset: u64) -> Result<()> {
-        while !buf.is_empty() {
-            match rustix::io::pwrite(&self.file, buf, offset) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
-                Ok(n) => {
-                    buf = &buf[n..];
-                    offset += n as u64;
-                }
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(io::Error::from(e).into()),
-            }
-        }
-        Ok(())
-    }
-
     /// Next data offset at or after `pos`, or `size` when only holes follow.
-    /// Fills `bufs` from consecutive bytes at `offset`, as `read_at` fills
-    /// one buffer, with as few `preadv` calls as the iovec limit allows.
-    pub(crate) fn read_vectored_at(
-        &self,
-        mut bufs: &mut [io::IoSliceMut<'_>],
-        mut offset: u64,
-    ) -> Result<()> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        self.check(offset, total as u64)?;
-        while !bufs.is_empty() {
-            let n = bufs.len().min(IOV_MAX);
-            match rustix::io::preadv(&self.file, &mut bufs[..n], offset) {
-                // The file shrank under us: what is gone reads as zeroes.
-                Ok(0) => {
-                    bufs.iter_mut().for_each(|b| b.fill(0));
-                    return Ok(());
-                }
-                Ok(n) => {
-                    io::IoSliceMut::advance_slices(&mut bufs, n);
-                    offset += n as u64;
-                }
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(io::Error::from(e).into()),
-            }
-        }
-        Ok(())
-    }
-
     fn next_data(&self, pos: u64) -> std::result::Result<u64, Errno> {
         match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
             Ok(d) => Ok(d.min(self.size)),
@@ -207,24 +160,10 @@ impl BlockDev for FileDev {
         }
     }
 
-    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
-        while !buf.is_empty() {
-            match rustix::io::pread(&self.file, &mut *buf, offset) {
-                // The file shrank under us: what is gone reads as zeroes.
-                Ok(0) => {
-                    buf.fill(0);
-                    return Ok(());
-                }
-                Ok(n) => {
-                    buf = &mut buf[n..];
-                    offset += n as u64;
-                }
-                Err(Errno::INTR) => {}
-                Err(e) => return Err(io::Error::from(e).into()),
-            }
-        }
-        Ok(())
+        // A file that shrank under us reads as zeroes where it is gone.
+        Ok(pread_full(&self.file, buf, offset)?)
     }
 
     fn read_at_nowait(&self, mut buf: &mut [u8], mut offset: u64) -> Result<bool> {
@@ -245,6 +184,29 @@ impl BlockDev for FileDev {
         Ok(true)
     }
 
+    /// As few `preadv` calls as the iovec limit allows.
+    fn read_vectored_at(&self, mut bufs: &mut [io::IoSliceMut<'_>], mut offset: u64) -> Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        self.check(offset, total as u64)?;
+        while !bufs.is_empty() {
+            let n = bufs.len().min(IOV_MAX);
+            match rustix::io::preadv(&self.file, &mut bufs[..n], offset) {
+                // The file shrank under us: what is gone reads as zeroes.
+                Ok(0) => {
+                    bufs.iter_mut().for_each(|b| b.fill(0));
+                    return Ok(());
+                }
+                Ok(n) => {
+                    io::IoSliceMut::advance_slices(&mut bufs, n);
+                    offset += n as u64;
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(io::Error::from(e).into()),
+            }
+        }
+        Ok(())
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
         self.check_writable(offset, buf.len() as u64)?;
         if fua {
@@ -253,13 +215,13 @@ impl BlockDev for FileDev {
             match rustix::io::pwritev2(&self.file, &iov, offset, ReadWriteFlags::DSYNC) {
                 Ok(n) if n == buf.len() => return Ok(()),
                 Ok(n) => {
-                    self.pwrite_all(&buf[n..], offset + n as u64)?;
+                    pwrite_all(&self.file, &buf[n..], offset + n as u64)?;
                 }
-                Err(_) => self.pwrite_all(buf, offset)?,
+                Err(_) => pwrite_all(&self.file, buf, offset)?,
             }
             return self.sync();
         }
-        self.pwrite_all(buf, offset)
+        Ok(pwrite_all(&self.file, buf, offset)?)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
@@ -274,7 +236,7 @@ impl BlockDev for FileDev {
                 .is_err()
         {
             if mode.fast {
-                return Err(StoreError::NotFast);
+                return Err(Error::NotFast);
             }
             self.write_zero_data(offset, len)?;
         }
@@ -313,7 +275,7 @@ impl BlockDev for FileDev {
         max_extents: usize,
     ) -> Result<Vec<Extent>> {
         if context != BASE_ALLOCATION {
-            return Err(StoreError::UnknownContext(context.to_string()));
+            return Err(Error::UnknownContext(context.to_string()));
         }
         self.check(offset, len)?;
         Ok(self.allocation(offset, len, max_extents))
@@ -407,18 +369,15 @@ mod tests {
     fn bounds_and_read_only_are_enforced() {
         let (_d, path) = sparse_file(8192);
         let dev = FileDev::open(&path, true).unwrap();
-        assert!(matches!(
-            dev.write_at(&[1], 0, false),
-            Err(StoreError::ReadOnly)
-        ));
+        assert!(matches!(dev.write_at(&[1], 0, false), Err(Error::ReadOnly)));
         let mut buf = [0u8; 2];
         assert!(matches!(
             dev.read_at(&mut buf, 8191),
-            Err(StoreError::OutOfRange { .. })
+            Err(Error::OutOfRange { .. })
         ));
         assert!(matches!(
             dev.read_at(&mut buf, u64::MAX),
-            Err(StoreError::OutOfRange { .. })
+            Err(Error::OutOfRange { .. })
         ));
         assert!(dev.caps().read_only);
     }

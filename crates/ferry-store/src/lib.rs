@@ -1,28 +1,42 @@
-//! The nbdferry storage engine: the [`BlockDev`] trait every export is
-//! built from, and its layers: the file ([`FileDev`]), and a live disk with
-//! checkpoints and snapshots ([`Volume`], [`SnapshotView`]).
+//! The nbdferry storage engine: the layers of the block stack and the
+//! state they keep.
+//!
+//! - [`FileDev`]: the bottom, a regular file or block device.
+//! - [`DirtyTracker`] (`dirty.rs`): records written blocks in bitmap
+//!   generations, one per checkpoint.
+//! - [`SnapshotOrigin`] (`origin.rs`): preserves blocks before their first
+//!   overwrite, for every snapshot at once (`cow_store.rs`).
+//! - [`WriteFence`] (`fence.rs`): holds writes back while snapshots and
+//!   checkpoints change.
+//! - [`Disk`] (`disk.rs`): owns a live disk's state directory and stacks
+//!   the layers above over the device below; snapshot exports are
+//!   read-only views (`view.rs`).
+//!
+//! Durable bitmaps (`durable_bitmap.rs`) are one type with one group
+//! commit (`sync.rs`), used by every layer that needs one.
 
 mod aligned;
 mod bitmap;
-mod blockdev;
-mod cow;
+mod cow_store;
 mod dirty;
+mod disk;
+mod durable_bitmap;
 mod error;
+mod fence;
 mod file;
-mod meta;
-mod snapshot;
+mod io;
+mod manifest;
+mod origin;
 mod sync;
-mod volume;
+mod view;
 
 #[cfg(test)]
-mod tests;
+mod disk_tests;
 
-pub use blockdev::{BlockDev, Caps, Extent, ZeroMode};
-pub use error::StoreError;
+pub use dirty::DirtyTracker;
+pub use disk::{DEFAULT_GRANULARITY, Disk, validate_granularity};
+pub use error::{Result, StoreError};
+pub use fence::WriteFence;
 pub use file::FileDev;
-pub use meta::validate_name;
-pub use snapshot::SnapshotView;
-pub use volume::{
-    CheckpointInfo, DEFAULT_GRANULARITY, DeleteInfo, RevertInfo, SnapshotInfo, Volume,
-    validate_granularity,
-};
+pub use manifest::validate_name;
+pub use origin::SnapshotOrigin;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use ferry_store::{BlockDev, StoreError, ZeroMode};
+use ferry_block::{BlockDev, Error as StoreError, ZeroMode};
 use nbd_proto::consts::{chunk, cmd, cmdflag, errno, replyflag, state, tflag};
 use nbd_proto::reply::{
     Extent, ReplyMode, encode_block_status_payload, encode_chunk_header, encode_error_payload,
@@ -367,7 +367,7 @@ impl Session {
         for (i, (id, name)) in self.contexts.iter().enumerate() {
             let extents = match self.dev.extents(name, req.offset, length, max) {
                 Ok(e) if !e.is_empty() => e,
-                Ok(_) => vec![ferry_store::Extent { length, flags: 0 }],
+                Ok(_) => vec![ferry_block::Extent { length, flags: 0 }],
                 Err(e) => return self.store_error(req, &e),
             };
             let extents: Vec<Extent> = extents
@@ -406,13 +406,12 @@ pub fn errno_of(e: &StoreError) -> u32 {
         StoreError::NotFast => errno::ENOTSUP,
         StoreError::ReadOnly => errno::EPERM,
         StoreError::OutOfRange { .. } | StoreError::UnknownContext(_) => errno::EINVAL,
+        StoreError::Gone(_) => errno::EIO,
         StoreError::Io(io) => match io.raw_os_error() {
             Some(28 /* ENOSPC */ | 122 /* EDQUOT */ | 27 /* EFBIG */) => errno::ENOSPC,
             Some(1 /* EPERM */ | 13 /* EACCES */ | 30 /* EROFS */) => errno::EPERM,
             Some(22 /* EINVAL */) => errno::EINVAL,
             _ => errno::EIO,
         },
-        // Management errors of upper layers never come from I/O requests.
-        _ => errno::EIO,
     }
 }

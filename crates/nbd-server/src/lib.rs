@@ -1,6 +1,6 @@
 //! The async NBD server: listeners, the handshake driver and the
 //! transmission loop. It knows nothing of what an export is made of: every
-//! export is a [`ferry_store::BlockDev`].
+//! export is a [`ferry_block::BlockDev`].
 
 mod bufpool;
 mod conn;
@@ -13,5 +13,5 @@ mod registry;
 mod split;
 
 pub use limits::Limits;
-pub use listen::{Listener, Server};
-pub use registry::{Access, Export, Registry};
+pub use listen::{Listener, Server, bind_unix_socket};
+pub use registry::{Access, Export, Published, Registry, RegistryError};

@@ -19,26 +19,32 @@ pub enum Listener {
     Unix(UnixListener, PathBuf),
 }
 
-impl Listener {
-    /// Binds a Unix socket, replacing a stale socket file nobody listens on.
-    pub fn bind_unix(path: PathBuf) -> std::io::Result<Self> {
-        use std::os::unix::fs::FileTypeExt;
-        if let Ok(meta) = std::fs::symlink_metadata(&path) {
-            if !meta.file_type().is_socket() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "path exists and is not a socket",
-                ));
-            }
-            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "another server listens on this socket",
-                ));
-            }
-            std::fs::remove_file(&path)?;
+/// Binds a Unix socket at `path`, replacing a stale socket file nobody
+/// listens on; a live one, or a file that is not a socket, is an error.
+pub fn bind_unix_socket(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "path exists and is not a socket",
+            ));
         }
-        Ok(Listener::Unix(UnixListener::bind(&path)?, path))
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another server listens on this socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
+}
+
+impl Listener {
+    /// Binds a Unix socket (see [`bind_unix_socket`]).
+    pub fn bind_unix(path: PathBuf) -> std::io::Result<Self> {
+        Ok(Listener::Unix(bind_unix_socket(&path)?, path))
     }
 
     /// A printable address: `127.0.0.1:10809` or `unix:/path`.

@@ -1,18 +1,64 @@
 //! The exports a server offers, looked up by name during the handshake.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use ferry_store::BlockDev;
+use ferry_block::BlockDev;
 use nbd_proto::consts::tflag;
 use nbd_proto::option::ServerEntry;
 use nbd_proto::server_handshake::{Catalog, ExportInfo, Lookup, Peer};
 
-/// One export: a name, a description and the device behind it.
-pub struct Export {
+/// One published export: a name, a description and the device behind it,
+/// and how many connections have it open.
+pub struct Published {
     pub name: String,
     pub description: String,
     pub dev: Arc<dyn BlockDev>,
+    open: AtomicUsize,
+}
+
+impl Published {
+    /// Connections (and handshakes in progress) holding the export.
+    pub fn open_count(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+/// An export as a connection holds it: while it lives, the export counts
+/// as open, and [`Registry::remove_idle`] refuses to take it away.
+pub struct Export(Arc<Published>);
+
+impl Export {
+    fn open(p: &Arc<Published>) -> Self {
+        p.open.fetch_add(1, Ordering::AcqRel);
+        Export(p.clone())
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::ops::Deref for Export {
+    type Target = Published;
+    fn deref(&self) -> &Published {
+        &self.0
+    }
+}
+
+/// Why the export table refused a change.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegistryError {
+    #[error("export '{0}' already exists")]
+    Taken(String),
+    #[error("no export '{0}'")]
+    NotFound(String),
+    /// Connections have it open.
+    #[error("export '{name}' is open by {open} connection(s)")]
+    Busy { name: String, open: usize },
 }
 
 /// Who may reach an export.
@@ -57,19 +103,7 @@ impl Access {
     }
 }
 
-impl Export {
-    pub fn new(
-        name: impl Into<String>,
-        description: impl Into<String>,
-        dev: Arc<dyn BlockDev>,
-    ) -> Self {
-        Export {
-            name: name.into(),
-            description: description.into(),
-            dev,
-        }
-    }
-
+impl Published {
     fn info(&self, max_payload: u32) -> ExportInfo {
         let caps = self.dev.caps();
         let mut flags = tflag::HAS_FLAGS;
@@ -108,7 +142,7 @@ impl Export {
 
 /// The export table. The empty name reaches the default export.
 pub struct Registry {
-    exports: RwLock<Vec<Arc<Export>>>,
+    exports: RwLock<Vec<Arc<Published>>>,
     access: RwLock<HashMap<String, Access>>,
     default: RwLock<Option<String>>,
     max_payload: u32,
@@ -124,22 +158,52 @@ impl Registry {
         }
     }
 
-    /// Adds an export; fails if the name is taken.
-    pub fn add(&self, export: Export) -> Result<(), String> {
-        let mut exports = self.exports.write().unwrap_or_else(|e| e.into_inner());
-        if exports.iter().any(|e| e.name == export.name) {
-            return Err(format!("export '{}' already exists", export.name));
+    fn read(&self) -> RwLockReadGuard<'_, Vec<Arc<Published>>> {
+        self.exports.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Vec<Arc<Published>>> {
+        self.exports.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes an export; fails if the name is taken.
+    pub fn add(
+        &self,
+        name: impl Into<String>,
+        description: impl Into<String>,
+        dev: Arc<dyn BlockDev>,
+    ) -> Result<(), RegistryError> {
+        let name = name.into();
+        let mut exports = self.write();
+        if exports.iter().any(|e| e.name == name) {
+            return Err(RegistryError::Taken(name));
         }
-        exports.push(Arc::new(export));
+        exports.push(Arc::new(Published {
+            name,
+            description: description.into(),
+            dev,
+            open: AtomicUsize::new(0),
+        }));
         Ok(())
     }
 
-    /// Removes an export from the table. Connections already using it keep
-    /// their handle until they close.
-    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
-        let mut exports = self.exports.write().unwrap_or_else(|e| e.into_inner());
-        let i = exports.iter().position(|e| e.name == name)?;
-        Some(exports.remove(i))
+    /// Takes an export out of the table unless a connection has it open.
+    /// Atomic with respect to lookups: a client either got the export
+    /// before (and the removal is refused) or cannot find it after.
+    pub fn remove_idle(&self, name: &str) -> Result<Arc<Published>, RegistryError> {
+        let mut exports = self.write();
+        let i = exports
+            .iter()
+            .position(|e| e.name == name)
+            .ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
+        let open = exports[i].open_count();
+        if open > 0 {
+            return Err(RegistryError::Busy {
+                name: name.to_string(),
+                open,
+            });
+        }
+        Ok(exports.remove(i))
     }
 
     /// Sets who may reach `name`. Snapshot exports `name@SNAP` inherit it.
@@ -162,22 +226,32 @@ impl Registry {
         *self.default.write().unwrap_or_else(|e| e.into_inner()) = Some(name.to_string());
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
-        let exports = self.exports.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = exports.iter().find(|e| e.name == name) {
-            return Some(e.clone());
-        }
-        if name.is_empty() {
-            let default = self.default.read().unwrap_or_else(|e| e.into_inner());
-            let target = default.as_deref()?;
-            return exports.iter().find(|e| e.name == target).cloned();
-        }
-        None
+    /// The export `name` reaches (the empty name: the default export).
+    pub fn get(&self, name: &str) -> Option<Arc<Published>> {
+        let exports = self.read();
+        Self::find(
+            &exports,
+            name,
+            &self.default.read().unwrap_or_else(|e| e.into_inner()),
+        )
+        .cloned()
     }
 
-    pub fn names(&self) -> Vec<String> {
-        let exports = self.exports.read().unwrap_or_else(|e| e.into_inner());
-        exports.iter().map(|e| e.name.clone()).collect()
+    fn find<'a>(
+        exports: &'a [Arc<Published>],
+        name: &str,
+        default: &Option<String>,
+    ) -> Option<&'a Arc<Published>> {
+        let target = match (name, default) {
+            ("", Some(d)) if !exports.iter().any(|e| e.name.is_empty()) => d.as_str(),
+            _ => name,
+        };
+        exports.iter().find(|e| e.name == target)
+    }
+
+    /// Every published export, in the order they were added.
+    pub fn list(&self) -> Vec<Arc<Published>> {
+        self.read().clone()
     }
 }
 
@@ -185,9 +259,13 @@ impl Catalog for Registry {
     type Export = Arc<Export>;
 
     fn lookup(&self, name: &str, peer: &Peer) -> Lookup<Arc<Export>> {
-        match self.get(name) {
+        // The export is opened under the table's lock, so a removal
+        // (which takes it exclusively) sees the count.
+        let exports = self.read();
+        let default = self.default.read().unwrap_or_else(|e| e.into_inner());
+        match Self::find(&exports, name, &default) {
             Some(e) => match self.access_for(&e.name).admits(&e.name, peer) {
-                Ok(()) => Lookup::Found(e),
+                Ok(()) => Lookup::Found(Arc::new(Export::open(e))),
                 Err(refusal) => refusal,
             },
             None => Lookup::Unknown,
@@ -199,7 +277,7 @@ impl Catalog for Registry {
     }
 
     fn list(&self, peer: &Peer) -> Vec<ServerEntry> {
-        let exports = self.exports.read().unwrap_or_else(|e| e.into_inner());
+        let exports = self.read();
         exports
             .iter()
             .filter(|e| {

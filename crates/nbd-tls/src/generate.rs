@@ -96,21 +96,55 @@ pub fn generate_test_pki(
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = server.signed_by(&server_key, &issuer).map_err(gen_err)?;
 
-    let client_key = KeyPair::generate().map_err(gen_err)?;
-    let mut client = CertificateParams::new(vec![client_name.to_string()]).map_err(gen_err)?;
-    client
-        .distinguished_name
-        .push(DnType::CommonName, client_name);
-    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client_cert = client.signed_by(&client_key, &issuer).map_err(gen_err)?;
-
+    let (client_cert, client_key) = client_cert(&issuer, client_name)?;
     Ok(vec![
         write(dir, CA_CERT, &ca_cert.pem(), false)?,
         write(dir, CA_KEY, &issuer.key().serialize_pem(), true)?,
         write(dir, SERVER_CERT, &server_cert.pem(), false)?,
         write(dir, SERVER_KEY, &server_key.serialize_pem(), true)?,
-        write(dir, CLIENT_CERT, &client_cert.pem(), false)?,
-        write(dir, CLIENT_KEY, &client_key.serialize_pem(), true)?,
+        write(dir, CLIENT_CERT, &client_cert, false)?,
+        write(dir, CLIENT_KEY, &client_key, true)?,
+    ])
+}
+
+/// A client certificate whose CN (and SAN) is `name`: (cert, key) PEM.
+fn client_cert(issuer: &Issuer<'_, KeyPair>, name: &str) -> Result<(String, String), TlsError> {
+    let key = KeyPair::generate().map_err(gen_err)?;
+    let mut params = CertificateParams::new(vec![name.to_string()]).map_err(gen_err)?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, issuer).map_err(gen_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Issues a client certificate for identity `name` from the CA in
+/// `ca_dir` (its ca-cert.pem and ca-key.pem) into `out`: ca-cert.pem,
+/// client-cert.pem and client-key.pem, the directory a client's
+/// `tls-certificates=` or `--tls-creds` names. Refuses to overwrite.
+pub fn issue_client_cert(
+    ca_dir: &Path,
+    name: &str,
+    out: &Path,
+) -> Result<GeneratedFiles, TlsError> {
+    std::fs::create_dir_all(out).map_err(|source| TlsError::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    let ca_pem = read(&ca_dir.join(CA_CERT))?;
+    let key = KeyPair::from_pem(&read(&ca_dir.join(CA_KEY))?).map_err(gen_err)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(gen_err)?;
+    let (cert, key) = client_cert(&issuer, name)?;
+    Ok(vec![
+        write(out, CA_CERT, &ca_pem, false)?,
+        write(out, CLIENT_CERT, &cert, false)?,
+        write(out, CLIENT_KEY, &key, true)?,
     ])
 }
 
@@ -143,6 +177,21 @@ mod tests {
             generate_test_pki(dir.path(), &[], "x").is_err(),
             "must not overwrite"
         );
+        // A second identity from the same CA.
+        let out = dir.path().join("viewer");
+        assert_eq!(
+            issue_client_cert(dir.path(), "viewer-01", &out)
+                .unwrap()
+                .len(),
+            3
+        );
+        client_config(&ClientCreds::from_dir(&out), true).unwrap();
+        let cert = CertificateDer::from_pem_file(out.join(CLIENT_CERT)).unwrap();
+        assert_eq!(
+            peer_identities(Some(&[cert])),
+            vec!["viewer-01".to_string()]
+        );
+        assert!(issue_client_cert(dir.path(), "again", &out).is_err());
     }
 
     #[test]

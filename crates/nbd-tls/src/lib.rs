@@ -14,7 +14,7 @@ pub use creds::{
     CA_CERT, CLIENT_CERT, CLIENT_KEY, ClientCreds, SERVER_CERT, SERVER_KEY, ServerCreds,
 };
 pub use error::{Side, TlsError, describe_handshake_error};
-pub use generate::{GeneratedFiles, generate_test_pki};
+pub use generate::{GeneratedFiles, generate_test_pki, issue_client_cert};
 pub use identity::peer_identities;
 pub use prefixed::Prefixed;
 pub use rustls::pki_types::ServerName;

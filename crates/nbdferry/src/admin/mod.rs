@@ -1,25 +1,9 @@
-//! The admin API: HTTP/JSON on the daemon's Unix socket.
-//!
-//! Routes (all answers are JSON; errors are `{"error": "one line"}` with a
-//! 4xx/5xx status):
-//! ```text
-//! GET    /v1/exports
-//! GET    /v1/disks/{disk}/snapshots
-//! POST   /v1/disks/{disk}/snapshots                {"name": N, "checkpoint": bool}
-//! DELETE /v1/disks/{disk}/snapshots/{name}
-//! POST   /v1/disks/{disk}/snapshots/{name}/revert
-//! GET    /v1/disks/{disk}/checkpoints
-//! POST   /v1/disks/{disk}/checkpoints              {"name": N}
-//! DELETE /v1/disks/{disk}/checkpoints/{name}
-//! ```
-//! The socket is created mode 0600 inside a 0700 state directory: whoever
-//! may use it owns the daemon's disks anyway.
-
-pub mod client;
-pub mod disks;
-pub mod server;
+//! Where the daemon keeps its state and admin socket by default, and how
+//! the management commands find a daemon (`--admin`, `--tls-creds`).
 
 use std::path::PathBuf;
+
+use ferry_api::{AdminClient, Endpoint};
 
 /// Where state lives when `--state-dir` is not given. A daemon's state
 /// (snapshot stores, bitmaps, the admin socket) belongs to the daemon,
@@ -41,4 +25,45 @@ pub fn default_state_dir() -> PathBuf {
 
 pub fn default_admin_socket() -> PathBuf {
     default_state_dir().join("admin.sock")
+}
+
+/// Where the management commands find the daemon: shared by the
+/// `snapshot` and `checkpoint` commands.
+#[derive(clap::Args)]
+pub struct AdminArg {
+    /// The daemon's admin API: its socket, or https://HOST:PORT for a
+    /// daemon's mutual-TLS listener [default: STATE_DIR/admin.sock].
+    #[arg(long, value_name = "PATH|URL", global = true)]
+    admin: Option<String>,
+    /// With an https:// --admin: the directory with ca-cert.pem,
+    /// client-cert.pem and client-key.pem.
+    #[arg(long, value_name = "DIR", global = true)]
+    tls_creds: Option<PathBuf>,
+}
+
+impl AdminArg {
+    pub fn client(&self) -> anyhow::Result<AdminClient> {
+        let endpoint = match &self.admin {
+            Some(a) => Endpoint::parse(a, self.tls_creds.as_deref())?,
+            None => Endpoint::Unix(default_admin_socket()),
+        };
+        if self.tls_creds.is_some() && matches!(endpoint, Endpoint::Unix(_)) {
+            anyhow::bail!("--tls-creds goes with an https:// --admin");
+        }
+        Ok(AdminClient::new(endpoint))
+    }
+}
+
+/// Prints an answer as the JSON the daemon sent.
+pub fn print<T: serde::Serialize>(answer: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(answer)?);
+    Ok(())
+}
+
+/// Seconds since the epoch, for default snapshot and checkpoint names.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

@@ -1,4 +1,5 @@
-//! `nbdferry certs init`: a CA, server and client certificate to try TLS.
+//! `nbdferry certs init|client`: a CA, server and client certificates to
+//! try TLS, and more client identities from that CA.
 
 use std::path::PathBuf;
 
@@ -24,6 +25,17 @@ enum CertsAction {
         #[arg(long, value_name = "NAME", default_value = "nbdferry-client")]
         client_name: String,
     },
+    /// Issue a client certificate for identity NAME from the CA in CA_DIR
+    /// (made by `certs init`) into OUT_DIR: ca-cert.pem, client-cert.pem and
+    /// client-key.pem, for one more client (a backup server, a migration
+    /// peer) with its own identity. Existing files are never overwritten.
+    Client {
+        ca_dir: PathBuf,
+        /// The certificate's CN and SAN: what allow lists and admin grants
+        /// match.
+        name: String,
+        out_dir: PathBuf,
+    },
 }
 
 pub async fn run(args: CertsArgs) -> anyhow::Result<()> {
@@ -34,6 +46,16 @@ pub async fn run(args: CertsArgs) -> anyhow::Result<()> {
             client_name,
         } => {
             for f in nbd_tls::generate_test_pki(&dir, &server_names, &client_name)? {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+        CertsAction::Client {
+            ca_dir,
+            name,
+            out_dir,
+        } => {
+            for f in nbd_tls::issue_client_cert(&ca_dir, &name, &out_dir)? {
                 println!("{}", f.display());
             }
             Ok(())

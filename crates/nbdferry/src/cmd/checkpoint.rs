@@ -1,10 +1,9 @@
 //! `nbdferry checkpoint create|list|delete DISK [NAME]`: a client of the
 //! daemon's admin API. Prints the daemon's JSON answer.
 
-use hyper::Method;
-use serde_json::json;
+use ferry_api::CreateCheckpoint;
 
-use crate::admin::client::{AdminArg, collection, item, unix_now};
+use crate::admin::{AdminArg, print, unix_now};
 
 #[derive(clap::Args)]
 pub struct CheckpointArgs {
@@ -29,24 +28,16 @@ enum Action {
 }
 
 pub async fn run(args: CheckpointArgs) -> anyhow::Result<()> {
-    let admin = args.admin;
+    let api = args.admin.client()?;
     match args.action {
         Action::Create { disk, name } => {
             let name = name.unwrap_or_else(|| format!("cp-{}", unix_now()));
-            let path = collection(&disk, "checkpoint")?;
-            ferry_store::validate_name("checkpoint", &name)?;
-            let body = json!({ "name": name });
-            admin.call(Method::POST, &path, Some(body)).await
+            print(
+                &api.create_checkpoint(&disk, &CreateCheckpoint { name })
+                    .await?,
+            )
         }
-        Action::List { disk } => {
-            admin
-                .call(Method::GET, &collection(&disk, "checkpoint")?, None)
-                .await
-        }
-        Action::Delete { disk, name } => {
-            admin
-                .call(Method::DELETE, &item(&disk, "checkpoint", &name)?, None)
-                .await
-        }
+        Action::List { disk } => print(&api.checkpoints(&disk).await?),
+        Action::Delete { disk, name } => print(&api.delete_checkpoint(&disk, &name).await?),
     }
 }

@@ -13,7 +13,7 @@ use ferry_store::FileDev;
 use nbd_client::{Client, ConnectOptions, NbdUri};
 use nbd_proto::consts::{BASE_ALLOCATION, state};
 use nbd_proto::server_handshake::HandshakeConfig;
-use nbd_server::{Export, Limits, Listener, Registry, Server};
+use nbd_server::{Limits, Listener, Registry, Server};
 use tokio_util::sync::CancellationToken;
 
 const SIZE: u64 = 256 << 20;
@@ -54,9 +54,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(Limits::default().max_payload));
     let dev = FileDev::open(&sample, true)
         .with_context(|| format!("cannot open {}", sample.display()))?;
-    registry
-        .add(Export::new("sample", "nbdferry demo disk", Arc::new(dev)))
-        .map_err(anyhow::Error::msg)?;
+    registry.add("sample", "nbdferry demo disk", Arc::new(dev))?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("cannot listen on loopback")?;

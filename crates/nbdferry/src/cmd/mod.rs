@@ -16,7 +16,7 @@ pub enum Command {
     /// client and verify it: the whole round trip, nothing to set up.
     Demo(demo::DemoArgs),
     /// Export files and block devices over NBD.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Show an export's size, flags, block sizes and meta contexts.
     Info(info::InfoArgs),
     /// List the extents of a meta context (like `nbdinfo --map`).
@@ -35,7 +35,7 @@ impl Command {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Command::Demo(a) => demo::run(a).await,
-            Command::Serve(a) => serve::run(a).await,
+            Command::Serve(a) => serve::run(*a).await,
             Command::Info(a) => info::run(a).await,
             Command::Map(a) => map::run(a).await,
             Command::Copy(a) => copy::run(a).await,

@@ -5,12 +5,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use ferry_daemon::http::{Grant, Grants, LocalListener, TlsListener};
+use ferry_daemon::{Daemon, ExportSpec};
 use nbd_proto::server_handshake::{HandshakeConfig, TlsMode};
 use nbd_server::{Access, Limits, Listener, Registry, Server};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, disks::Disks};
+use crate::admin;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
@@ -58,6 +60,15 @@ pub struct ServeArgs {
     /// The admin API socket [default: STATE_DIR/admin.sock].
     #[arg(long, value_name = "PATH")]
     admin_socket: Option<PathBuf>,
+    /// Also serve the admin API on TCP, with mutual TLS (the --tls-creds
+    /// directory; client certificates required), for remote hosts.
+    #[arg(long, value_name = "ADDR:PORT")]
+    admin_listen: Option<String>,
+    /// A remote identity's role: CLIENT=ROLE[:DISK,DISK...] (CLIENT is a
+    /// certificate CN or SAN; ROLE viewer, operator or admin; all disks
+    /// when none are named). Repeatable; adds to `[[admin.grant]]`.
+    #[arg(long = "admin-grant", value_name = "CLIENT=ROLE[:DISKS]", value_parser = parse_grant)]
+    admin_grants: Vec<Grant>,
     /// TLS: off, allow (STARTTLS optional; exports may require it) or
     /// require [default: require when --tls-creds is given, else off].
     #[arg(long, value_enum, value_name = "MODE")]
@@ -95,8 +106,44 @@ struct ConfigFile {
     tls_creds: Option<PathBuf>,
     #[serde(default)]
     tls_anonymous_clients: bool,
+    admin_listen: Option<String>,
+    #[serde(default)]
+    admin: AdminConfig,
     #[serde(default, rename = "export")]
     exports: Vec<ExportConfig>,
+}
+
+/// `[admin]` in the config file.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminConfig {
+    #[serde(default)]
+    grant: Vec<Grant>,
+}
+
+/// `--admin-grant CLIENT=ROLE[:DISK,DISK...]`.
+fn parse_grant(s: &str) -> Result<Grant, String> {
+    let (client, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}': want CLIENT=ROLE[:DISK,...]"))?;
+    let (role, disks) = match rest.split_once(':') {
+        Some((r, d)) => (r, Some(d.split(',').map(str::to_string).collect())),
+        None => (rest, None),
+    };
+    let role = match role {
+        "viewer" => ferry_api::Role::Viewer,
+        "operator" => ferry_api::Role::Operator,
+        "admin" => ferry_api::Role::Admin,
+        other => return Err(format!("role '{other}': want viewer, operator or admin")),
+    };
+    if client.is_empty() {
+        return Err(format!("'{s}': the client name is empty"));
+    }
+    Ok(Grant {
+        client: client.to_string(),
+        role,
+        disks,
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -167,8 +214,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .state_dir
         .clone()
         .unwrap_or_else(admin::default_state_dir);
-    let disks = Arc::new(Disks::new(registry.clone(), &state_dir));
+    let daemon = Arc::new(Daemon::new(registry.clone(), &state_dir));
     let (mut listen, mut socket) = (args.listen, args.socket);
+    let mut admin_listen = args.admin_listen;
+    let mut grants = args.admin_grants;
     let (mut tls, mut tls_creds, mut anonymous) =
         (args.tls, args.tls_creds, args.tls_anonymous_clients);
     let mut access = Vec::new();
@@ -181,6 +230,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tls = tls.or(cfg.tls);
         tls_creds = tls_creds.or(cfg.tls_creds);
         anonymous |= cfg.tls_anonymous_clients;
+        admin_listen = admin_listen.or(cfg.admin_listen);
+        grants.extend(cfg.admin.grant);
         if cfg.exports.is_empty() {
             bail!("{}: no [[export]] defined", path.display());
         }
@@ -196,7 +247,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 })?),
                 None => args.granularity,
             };
-            disks.add_export(&e.name, &e.description, &e.path, e.read_only, granularity)?;
+            daemon.add_export(&ExportSpec {
+                name: e.name.clone(),
+                description: e.description.clone(),
+                path: e.path.clone(),
+                read_only: e.read_only,
+                granularity,
+            })?;
             access.push((
                 e.name.clone(),
                 e.tls == Some(TlsArg::Require),
@@ -211,17 +268,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             bail!("--granularity {NO_STATE}");
         }
         let name = args.name.unwrap_or_default();
-        disks.add_export(
-            &name,
-            args.description.as_deref().unwrap_or(""),
-            file,
-            args.read_only,
-            args.granularity,
-        )?;
+        daemon.add_export(&ExportSpec {
+            name: name.clone(),
+            description: args.description.unwrap_or_default(),
+            path: file.clone(),
+            read_only: args.read_only,
+            granularity: args.granularity,
+        })?;
         registry.set_default(&name);
         access.push((name, false, args.allow_clients));
     }
-    let (mode, tls_config) = tls_setup(tls, tls_creds.as_deref(), anonymous)?;
+    let (mode, tls_config) =
+        tls_setup(tls, tls_creds.as_deref(), anonymous, admin_listen.is_some())?;
     for (name, require, allowed) in access {
         if (require || !allowed.is_empty()) && mode == TlsMode::Off {
             bail!("export '{name}' requires TLS but TLS is off (give --tls-creds DIR)");
@@ -242,6 +300,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let addrs: Vec<String> = listeners.iter().map(Listener::describe).collect();
 
     let admin_sock = bind_admin(&state_dir, args.admin_socket.as_deref(), explicit_state)?;
+    let admin_tcp = match &admin_listen {
+        Some(addr) => Some(bind_admin_tls(addr, tls_creds.as_deref()).await?),
+        None => None,
+    };
+    let grants = Arc::new(Grants(grants));
 
     let shutdown = CancellationToken::new();
     let handshake = HandshakeConfig {
@@ -251,14 +314,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server =
         Server::new(registry, limits, handshake, tls_config).map_err(anyhow::Error::msg)?;
     let serving = tokio::spawn(server.run(listeners, shutdown.clone()));
-    let admin_task =
-        admin_sock.map(|s| tokio::spawn(admin::server::run(s, disks.clone(), shutdown.clone())));
+    let mut admin_tasks = Vec::new();
+    if let Some(l) = admin_sock {
+        let api = ferry_daemon::http::serve(l, daemon.clone(), grants.clone(), shutdown.clone());
+        admin_tasks.push(tokio::spawn(api));
+    }
+    if let Some(l) = admin_tcp {
+        // Before the readiness line, so a script that waits for that one
+        // finds this one too.
+        eprintln!("admin API on https://{}", l.local_addr());
+        let api = ferry_daemon::http::serve(l, daemon.clone(), grants.clone(), shutdown.clone());
+        admin_tasks.push(tokio::spawn(api));
+    }
     eprintln!("listening on {}", addrs.join(", "));
     signals.wait().await;
     tracing::info!("shutting down: draining in-flight requests");
     shutdown.cancel();
     serving.await.context("server task failed")?;
-    if let Some(t) = admin_task {
+    for t in admin_tasks {
         t.await.context("admin task failed")?;
     }
     Ok(())
@@ -287,7 +360,7 @@ fn bind_admin(
     state_dir: &Path,
     socket: Option<&Path>,
     explicit: bool,
-) -> anyhow::Result<Option<admin::server::AdminSocket>> {
+) -> anyhow::Result<Option<LocalListener>> {
     let path = socket.map_or_else(|| state_dir.join("admin.sock"), Path::to_path_buf);
     let bound = (|| {
         use std::os::unix::fs::DirBuilderExt;
@@ -296,7 +369,7 @@ fn bind_admin(
             .mode(0o700)
             .create(state_dir)
             .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
-        admin::server::bind(&path)
+        LocalListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))
     })();
     match bound {
         Ok(s) => Ok(Some(s)),
@@ -308,14 +381,29 @@ fn bind_admin(
     }
 }
 
+/// The admin API's mutual-TLS listener, with the server certificate of the
+/// `--tls-creds` directory; clients must present one the CA signed.
+async fn bind_admin_tls(addr: &str, creds: Option<&Path>) -> anyhow::Result<TlsListener> {
+    let Some(dir) = creds else {
+        bail!("--admin-listen needs --tls-creds DIR (its server certificate and CA)");
+    };
+    let sa = parse_addr(addr)?;
+    let config = nbd_tls::server_config(&nbd_tls::ServerCreds::from_dir(dir), true)?;
+    TlsListener::bind(sa, config)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))
+}
+
+fn parse_addr(addr: &str) -> anyhow::Result<SocketAddr> {
+    addr.parse().with_context(|| {
+        format!("bad listen address '{addr}' (want IP:PORT, e.g. 127.0.0.1:10809 or [::1]:10809)")
+    })
+}
+
 async fn bind(listen: &[String], socket: Option<PathBuf>) -> anyhow::Result<Vec<Listener>> {
     let mut listeners = Vec::new();
     for addr in listen {
-        let sa: SocketAddr = addr.parse().with_context(|| {
-            format!(
-                "bad listen address '{addr}' (want IP:PORT, e.g. 127.0.0.1:10809 or [::1]:10809)"
-            )
-        })?;
+        let sa = parse_addr(addr)?;
         let l = tokio::net::TcpListener::bind(sa)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
@@ -353,12 +441,16 @@ impl Signals {
 }
 
 /// The server's TLS mode and credentials from the flags.
+/// `admin_tls`: the credentials are (also) for the admin API, so NBD may
+/// still be plaintext with `--tls=off`.
 fn tls_setup(
     tls: Option<TlsArg>,
     creds: Option<&Path>,
     anonymous_clients: bool,
+    admin_tls: bool,
 ) -> anyhow::Result<(TlsMode, Option<Arc<nbd_tls::ServerConfig>>)> {
     let mode = match (tls, creds) {
+        (Some(TlsArg::Off), Some(_)) if admin_tls => return Ok((TlsMode::Off, None)),
         (Some(TlsArg::Off), Some(_)) => bail!("--tls-creds given but --tls=off"),
         (Some(TlsArg::Off), None) | (None, None) => return Ok((TlsMode::Off, None)),
         (Some(m), None) => bail!(

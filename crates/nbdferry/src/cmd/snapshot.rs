@@ -1,10 +1,9 @@
 //! `nbdferry snapshot create|list|delete|revert DISK [NAME]`: a client of
 //! the daemon's admin API. Prints the daemon's JSON answer.
 
-use hyper::Method;
-use serde_json::json;
+use ferry_api::CreateSnapshot;
 
-use crate::admin::client::{AdminArg, collection, item, unix_now};
+use crate::admin::{AdminArg, print, unix_now};
 
 #[derive(clap::Args)]
 pub struct SnapshotArgs {
@@ -34,7 +33,7 @@ enum Action {
 }
 
 pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
-    let admin = args.admin;
+    let api = args.admin.client()?;
     match args.action {
         Action::Create {
             disk,
@@ -42,24 +41,13 @@ pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
             checkpoint,
         } => {
             let name = name.unwrap_or_else(|| format!("snap-{}", unix_now()));
-            let path = collection(&disk, "snapshot")?;
-            ferry_store::validate_name("snapshot", &name)?;
-            let body = json!({ "name": name, "checkpoint": checkpoint });
-            admin.call(Method::POST, &path, Some(body)).await
+            print(
+                &api.create_snapshot(&disk, &CreateSnapshot { name, checkpoint })
+                    .await?,
+            )
         }
-        Action::List { disk } => {
-            admin
-                .call(Method::GET, &collection(&disk, "snapshot")?, None)
-                .await
-        }
-        Action::Delete { disk, name } => {
-            admin
-                .call(Method::DELETE, &item(&disk, "snapshot", &name)?, None)
-                .await
-        }
-        Action::Revert { disk, name } => {
-            let path = format!("{}/revert", item(&disk, "snapshot", &name)?);
-            admin.call(Method::POST, &path, None).await
-        }
+        Action::List { disk } => print(&api.snapshots(&disk).await?),
+        Action::Delete { disk, name } => print(&api.delete_snapshot(&disk, &name).await?),
+        Action::Revert { disk, name } => print(&api.revert(&disk, &name).await?),
     }
 }

@@ -1,5 +1,5 @@
-//! Layer tests for [`Volume`] and [`SnapshotView`]: content, dirty
-//! tracking, and crash simulation (the volume is dropped without flush or
+//! Tests of a whole live disk over a real file: content, snapshots, dirty
+//! tracking, and crash simulation (the disk is dropped without flush or
 //! clean shutdown and reopened from its state directory).
 
 use std::fs::File;
@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::blockdev::{BlockDev, Extent, ZeroMode};
+use ferry_block::{BlockDev, Error, Extent, ZeroMode};
+
+use crate::disk::Disk;
 use crate::error::StoreError;
-use crate::volume::Volume;
+use crate::file::FileDev;
 
 const GRAN: u64 = 64 * 1024;
 const SIZE: u64 = 4 << 20; // 64 blocks
@@ -34,9 +36,14 @@ fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    fn open(&self) -> Arc<Volume> {
-        Volume::open("disk", &self.image, &self.state, GRAN).unwrap()
+    fn open(&self) -> Arc<Disk> {
+        open_disk("disk", &self.image, &self.state, GRAN).unwrap()
     }
+}
+
+fn open_disk(name: &str, image: &Path, state: &Path, gran: u64) -> crate::Result<Arc<Disk>> {
+    let file = Arc::new(FileDev::open(image, false)?);
+    Disk::open(name, file, image, state, gran)
 }
 
 fn read(dev: &dyn BlockDev, off: u64, len: usize) -> Vec<u8> {
@@ -172,10 +179,8 @@ fn crash_keeps_snapshots_and_dirty_bits() {
     assert_eq!(v.dirty_blocks("c1").unwrap(), [live, vec![20]].concat());
 }
 
-/// Drops the volume the way a crash would: without the clean-close work.
-fn crash(v: Arc<Volume>) {
-    v.crashed.store(true, Ordering::SeqCst);
-    drop(v);
+fn crash(v: Arc<Disk>) {
+    v.crash();
 }
 
 #[test]
@@ -231,7 +236,7 @@ fn checkpoints_stay_exact_for_any_older_one_and_after_deletes() {
     assert_eq!(dirty_of(&*s, "qemu:dirty-bitmap:a"), vec![1, 2]);
     assert!(matches!(
         s.extents("qemu:dirty-bitmap:s", 0, GRAN, 10),
-        Err(StoreError::UnknownContext(_))
+        Err(Error::UnknownContext(_))
     ));
     v.delete_checkpoint("b").unwrap();
     assert_eq!(v.dirty_blocks("a").unwrap(), vec![1, 2, 3]);
@@ -300,10 +305,7 @@ fn deleted_view_fails_and_names_are_checked() {
     v.create_snapshot("s1", false).unwrap();
     let s1 = v.snapshot_view("s1").unwrap();
     v.delete_snapshot("s1").unwrap();
-    assert!(matches!(
-        s1.read_at(&mut [0; 10], 0),
-        Err(StoreError::NotFound(_))
-    ));
+    assert!(matches!(s1.read_at(&mut [0; 10], 0), Err(Error::Gone(_))));
     for bad in ["", "../x", "a/b", "a@b", ".x"] {
         assert!(matches!(
             v.create_snapshot(bad, false),
@@ -342,14 +344,14 @@ fn other_disk_in_same_state_dir_is_refused() {
     v.create_checkpoint("c").unwrap();
     // Same name, still open: the lock refuses a second owner.
     assert!(matches!(
-        Volume::open("disk", &f.image, &f.state, GRAN),
+        open_disk("disk", &f.image, &f.state, GRAN),
         Err(StoreError::BadState(_))
     ));
     drop(v);
     let other = f.image.with_file_name("other.raw");
     File::create(&other).unwrap().set_len(SIZE).unwrap();
     assert!(matches!(
-        Volume::open("disk", &other, &f.state, GRAN),
+        open_disk("disk", &other, &f.state, GRAN),
         Err(StoreError::BadState(_))
     ));
 }
@@ -408,7 +410,7 @@ fn short_last_block() {
     let image = dir.path().join("odd.raw");
     let size = 3 * GRAN + 1000;
     std::fs::write(&image, vec![7u8; size as usize]).unwrap();
-    let v = Volume::open("odd", &image, &dir.path().join("state"), GRAN).unwrap();
+    let v = open_disk("odd", &image, &dir.path().join("state"), GRAN).unwrap();
     v.create_snapshot("s", true).unwrap();
     v.write_at(&vec![9u8; (2 * GRAN + 1000) as usize], GRAN, false)
         .unwrap();
@@ -419,7 +421,7 @@ fn short_last_block() {
     assert_eq!(all(&*v), vec![7u8; size as usize]);
     drop(s);
     crash(v);
-    let v = Volume::open("odd", &image, &dir.path().join("state"), GRAN).unwrap();
+    let v = open_disk("odd", &image, &dir.path().join("state"), GRAN).unwrap();
     assert_eq!(
         all(&*v.snapshot_view("s").unwrap()),
         vec![7u8; size as usize]
@@ -434,7 +436,7 @@ fn short_last_block() {
 fn snapshot_reads_race_first_overwrites() {
     let f = fixture();
     // Small blocks: many first overwrites, so the race lasts.
-    let v = Volume::open("disk", &f.image, &f.state, 4096).unwrap();
+    let v = open_disk("disk", &f.image, &f.state, 4096).unwrap();
     let mut content = vec![0u8; SIZE as usize];
     for (i, b) in content.iter_mut().enumerate() {
         *b = (i / 4096) as u8 ^ 0x5a;

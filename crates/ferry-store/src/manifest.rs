@@ -1,4 +1,5 @@
-//! The per-disk catalogue (`manifest.json`) and the rules for names.
+//! The per-disk catalogue (`manifest.json`), the rules for names, and the
+//! small durable-file helpers the state directory is built with.
 //!
 //! Every change to the set of snapshots, checkpoints or bitmap generations
 //! is one atomic replacement of the manifest: write a temporary file, fsync
@@ -18,24 +19,10 @@ use crate::error::{Result, StoreError};
 pub(crate) const MANIFEST: &str = "manifest.json";
 const FORMAT_VERSION: u32 = 1;
 
-/// Checks a disk, snapshot or checkpoint name: 1 to 64 of
-/// `[A-Za-z0-9._-]`, not starting with `.`. Names become file names and
-/// export names (`DISK@SNAP`), so `/`, `@`, `..` and the like never pass.
+/// Checks a disk, snapshot or checkpoint name (see
+/// [`ferry_api::validate_name`]: the API's rule is the store's).
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(StoreError::InvalidName(format!(
-            "invalid {kind} name '{}': use 1-64 characters from A-Z a-z 0-9 . _ - , not starting with '.'",
-            name.escape_default()
-        )))
-    }
+    ferry_api::validate_name(kind, name).map_err(StoreError::InvalidName)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -59,6 +46,18 @@ pub(crate) struct SnapshotMeta {
     pub created: u64,
 }
 
+/// What the dirty-tracking layer keeps in the manifest.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct TrackingMeta {
+    /// Bitmap generations, oldest first; the last one is the active one
+    /// while any checkpoint exists. File: `gens/ID.bits`.
+    pub gens: Vec<u64>,
+    pub checkpoints: Vec<CheckpointMeta>,
+}
+
+/// The catalogue of one disk. Each layer's part is its own type; the
+/// disk's owner writes them together, so one change that spans layers (a
+/// snapshot that also starts a checkpoint) is one atomic replacement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Manifest {
     pub version: u32,
@@ -68,10 +67,8 @@ pub(crate) struct Manifest {
     /// Next id for generations and snapshot seqs (one counter, so both
     /// are ordered in time against each other).
     pub next_id: u64,
-    /// Bitmap generations, oldest first; the last one is the active one
-    /// while any checkpoint exists. File: `gens/ID.bits`.
-    pub gens: Vec<u64>,
-    pub checkpoints: Vec<CheckpointMeta>,
+    #[serde(flatten)]
+    pub tracking: TrackingMeta,
     pub snapshots: Vec<SnapshotMeta>,
 }
 
@@ -83,14 +80,13 @@ impl Manifest {
             size,
             granularity,
             next_id: 1,
-            gens: Vec::new(),
-            checkpoints: Vec::new(),
+            tracking: TrackingMeta::default(),
             snapshots: Vec::new(),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.checkpoints.is_empty() && self.snapshots.is_empty()
+        self.tracking.checkpoints.is_empty() && self.snapshots.is_empty()
     }
 
     pub fn take_id(&mut self) -> u64 {
@@ -173,31 +169,4 @@ pub(crate) fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        for good in ["a", "s1", "disk.raw", "A-b_c.9", &"x".repeat(64)] {
-            validate_name("snapshot", good).unwrap();
-        }
-        for bad in [
-            "",
-            ".",
-            "..",
-            ".hidden",
-            "a/b",
-            "a@b",
-            "../x",
-            "a b",
-            "é",
-            &"x".repeat(65),
-            "a\0",
-        ] {
-            assert!(validate_name("snapshot", bad).is_err(), "{bad:?} passed");
-        }
-    }
 }

@@ -20,7 +20,7 @@
 //! Which snapshots a record belongs to is not stored: replaying the valid
 //! records in LSN order and giving each to every existing snapshot that is
 //! not newer than its `snap_seq` and has no slot for that block yet
-//! rebuilds exactly the maps that were in memory (see `volume.rs`). So a
+//! rebuilds exactly the maps that were in memory (see `origin.rs`). So a
 //! block is preserved once however many snapshots share it, and deleting a
 //! snapshot is a manifest update plus punching the slots nobody else uses.
 
@@ -36,6 +36,7 @@ use rustix::io::Errno;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::aligned::AlignedBuf;
+use crate::io::{datasync, pread_full, pwrite_all};
 use crate::sync::GroupSync;
 
 const HDR: u64 = 4096;
@@ -79,43 +80,6 @@ pub(crate) struct CowStore {
     bufs: Mutex<Vec<AlignedBuf>>,
 }
 
-fn pwrite_all(file: &File, mut buf: &[u8], mut off: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        match rustix::io::pwrite(file, buf, off) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                buf = &buf[n..];
-                off += n as u64;
-            }
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn pread_full(file: &File, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        match rustix::io::pread(file, &mut *buf, off) {
-            Ok(0) => {
-                buf.fill(0);
-                return Ok(());
-            }
-            Ok(n) => {
-                buf = &mut buf[n..];
-                off += n as u64;
-            }
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-pub(crate) fn pwrite(file: &File, buf: &[u8], off: u64) -> io::Result<()> {
-    pwrite_all(file, buf, off)
-}
-
 impl CowStore {
     fn slot_size(&self) -> u64 {
         HDR + self.gran
@@ -126,7 +90,11 @@ impl CowStore {
     }
 
     pub fn create(path: &Path, gran: u64) -> io::Result<Self> {
-        Ok(Self::over(path, crate::meta::create_zeroed(path, 0)?, gran))
+        Ok(Self::over(
+            path,
+            crate::manifest::create_zeroed(path, 0)?,
+            gran,
+        ))
     }
 
     /// A store over `file` (at `path`) with nothing allocated yet.
@@ -313,8 +281,7 @@ impl CowStore {
 
     /// Makes every record written so far durable (shared `fdatasync`).
     pub fn commit(&self) -> io::Result<()> {
-        self.sync
-            .sync(|| rustix::fs::fdatasync(&self.file).map_err(io::Error::from))
+        self.sync.sync(|| datasync(&self.file))
     }
 
     /// Reads `buf.len()` bytes of the block in `slot`, from `off` within it.

@@ -1,0 +1,210 @@
+use std::io::IoSliceMut;
+
+use crate::error::{Error, Result};
+use crate::extent::Extent;
+
+/// What a device can do; the server derives the transmission flags from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub read_only: bool,
+    pub flush: bool,
+    pub fua: bool,
+    pub trim: bool,
+    pub write_zeroes: bool,
+    pub fast_zero: bool,
+    pub cache: bool,
+    /// Every handle sees the same data and one flush covers all of them.
+    pub multi_conn: bool,
+    pub rotational: bool,
+}
+
+impl Caps {
+    /// A read-only device that reads, flushes (a no-op) and prefetches.
+    pub const READ_ONLY: Caps = Caps {
+        read_only: true,
+        flush: true,
+        fua: false,
+        trim: false,
+        write_zeroes: false,
+        fast_zero: false,
+        cache: true,
+        multi_conn: true,
+        rotational: false,
+    };
+}
+
+/// How WRITE_ZEROES may be carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroMode {
+    /// The range may be deallocated (no NBD_CMD_FLAG_NO_HOLE).
+    pub may_trim: bool,
+    /// Fail with [`Error::NotFast`] rather than write zeroes.
+    pub fast: bool,
+    pub fua: bool,
+}
+
+/// `Err(OutOfRange)` unless `[offset, offset+len)` lies within `size`
+/// bytes (computed without overflow).
+pub fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
+    if offset > size || len > size - offset {
+        return Err(Error::OutOfRange { offset, len });
+    }
+    Ok(())
+}
+
+/// A block device as an export sees it. Calls block (positional I/O); the
+/// server runs them on a blocking pool. All methods take `&self` so that
+/// many requests run at once without a global lock.
+pub trait BlockDev: Send + Sync + 'static {
+    fn size(&self) -> u64;
+    fn caps(&self) -> Caps;
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Like [`read_at`](Self::read_at), but only if it needs no waiting
+    /// (the data is cached): `Ok(false)` means "would block, use
+    /// `read_at`". Lets the server answer cached reads without a thread hop.
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
+    /// Fills `bufs` from consecutive bytes at `offset`, as `read_at` fills
+    /// one buffer. Devices that can do it in one system call override it.
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], mut offset: u64) -> Result<()> {
+        for b in bufs.iter_mut() {
+            self.read_at(b, offset)?;
+            offset += b.len() as u64;
+        }
+        Ok(())
+    }
+    /// Makes durable whatever must be durable before `[offset, offset+len)`
+    /// may change (a dirty bit, a preserved copy). The write methods do
+    /// this themselves; a layer calls it on `next` to overlap its own
+    /// durability work with that of the layers below.
+    fn prepare_write(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()>;
+    /// Advisory discard: may do nothing.
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
+    fn flush(&self) -> Result<()>;
+    /// Prefetch hint.
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.size(), offset, len)
+    }
+    /// Meta contexts this device can answer, e.g. `base:allocation`.
+    fn contexts(&self) -> Vec<String>;
+    /// Extents of `context` covering at least the start of
+    /// `[offset, offset+len)`, at most `max_extents` of them, contiguous from
+    /// `offset` and never past the end of the range.
+    fn extents(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>>;
+}
+
+/// A layer of the block stack: one concern on top of `next`. Every method
+/// passes through unless the layer overrides it; a layer that only tracks
+/// writes, say, overrides the write methods and nothing else.
+pub trait Layer: Send + Sync + 'static {
+    /// The device below.
+    fn next(&self) -> &dyn BlockDev;
+
+    fn size(&self) -> u64 {
+        self.next().size()
+    }
+    fn caps(&self) -> Caps {
+        self.next().caps()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.next().read_at(buf, offset)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.next().read_at_nowait(buf, offset)
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        self.next().read_vectored_at(bufs, offset)
+    }
+    fn prepare_write(&self, offset: u64, len: u64) -> Result<()> {
+        self.next().prepare_write(offset, len)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.next().write_at(buf, offset, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.next().write_zeroes(offset, len, mode)
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.next().trim(offset, len, fua)
+    }
+    fn flush(&self) -> Result<()> {
+        self.next().flush()
+    }
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        self.next().cache(offset, len)
+    }
+    fn contexts(&self) -> Vec<String> {
+        self.next().contexts()
+    }
+    fn extents(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>> {
+        self.next().extents(context, offset, len, max_extents)
+    }
+}
+
+impl<L: Layer> BlockDev for L {
+    fn size(&self) -> u64 {
+        Layer::size(self)
+    }
+    fn caps(&self) -> Caps {
+        Layer::caps(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Layer::read_at(self, buf, offset)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        Layer::read_at_nowait(self, buf, offset)
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        Layer::read_vectored_at(self, bufs, offset)
+    }
+    fn prepare_write(&self, offset: u64, len: u64) -> Result<()> {
+        Layer::prepare_write(self, offset, len)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        Layer::write_at(self, buf, offset, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        Layer::write_zeroes(self, offset, len, mode)
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        Layer::trim(self, offset, len, fua)
+    }
+    fn flush(&self) -> Result<()> {
+        Layer::flush(self)
+    }
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        Layer::cache(self, offset, len)
+    }
+    fn contexts(&self) -> Vec<String> {
+        Layer::contexts(self)
+    }
+    fn extents(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>> {
+        Layer::extents(self, context, offset, len, max_extents)
+    }
+}

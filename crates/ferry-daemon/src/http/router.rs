@@ -1,0 +1,190 @@
+//! The routes of the admin API (listed with their shapes in the README):
+//! ```text
+//! GET    /v1/exports
+//! GET    /v1/disks/{disk}/snapshots
+//! POST   /v1/disks/{disk}/snapshots                {"name": N, "checkpoint": bool}
+//! DELETE /v1/disks/{disk}/snapshots/{name}
+//! POST   /v1/disks/{disk}/snapshots/{name}/revert
+//! GET    /v1/disks/{disk}/checkpoints
+//! POST   /v1/disks/{disk}/checkpoints              {"name": N}
+//! DELETE /v1/disks/{disk}/checkpoints/{name}
+//! ```
+//! Answers are the `ferry_api` types as JSON; errors are
+//! `{"error": "one line"}` with a 4xx/5xx status chosen here, from the
+//! kind of [`ServiceError`].
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, middleware};
+use ferry_api::{
+    CheckpointCreated, CheckpointDeleted, CheckpointList, CreateCheckpoint, CreateSnapshot,
+    ErrorBody, ExportList, Reverted, SnapshotCreated, SnapshotDeleted, SnapshotList,
+};
+use serde::de::DeserializeOwned;
+
+use super::auth::{Caller, Grants, authorize};
+use crate::error::ServiceError;
+use crate::service::Daemon;
+
+/// A failed request, as the API answers it.
+struct ApiError(StatusCode, String);
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let status = match &e {
+            ServiceError::InvalidName(_) => StatusCode::BAD_REQUEST,
+            ServiceError::NoSuchDisk(_) | ServiceError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServiceError::ReadOnlyDisk(_) | ServiceError::Exists(_) | ServiceError::Busy(_) => {
+                StatusCode::CONFLICT
+            }
+            ServiceError::Config(_) | ServiceError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+type Answer<T> = Result<Json<T>, ApiError>;
+type Created<T> = Result<(StatusCode, Json<T>), ApiError>;
+
+#[derive(Clone)]
+struct App {
+    daemon: Arc<Daemon>,
+    grants: Arc<Grants>,
+}
+
+/// Runs blocking disk work (fsyncs, copies) off the async workers.
+async fn blocking<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce(&Daemon) -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let daemon = app.daemon.clone();
+    tokio::task::spawn_blocking(move || f(&daemon))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("admin task failed: {e}"),
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+/// The exports the caller may see.
+async fn exports(
+    State(app): State<App>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+) -> Json<ExportList> {
+    let mut list = app.daemon.exports();
+    list.exports.retain(|e| {
+        let disk = e.disk.as_deref().or(e.snapshot_of.as_deref());
+        app.grants.sees(&caller, disk)
+    });
+    Json(list)
+}
+
+async fn list_snapshots(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+) -> Answer<SnapshotList> {
+    Ok(Json(app.daemon.snapshots(&disk)?))
+}
+
+async fn create_snapshot(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+    req: Bytes,
+) -> Created<SnapshotCreated> {
+    let req: CreateSnapshot = body(&req)?;
+    let done = blocking(&app, move |d| d.create_snapshot(&disk, &req)).await?;
+    Ok((StatusCode::CREATED, Json(done)))
+}
+
+async fn delete_snapshot(
+    State(app): State<App>,
+    UrlPath((disk, name)): UrlPath<(String, String)>,
+) -> Answer<SnapshotDeleted> {
+    Ok(Json(
+        blocking(&app, move |d| d.delete_snapshot(&disk, &name)).await?,
+    ))
+}
+
+async fn revert(
+    State(app): State<App>,
+    UrlPath((disk, name)): UrlPath<(String, String)>,
+) -> Answer<Reverted> {
+    Ok(Json(blocking(&app, move |d| d.revert(&disk, &name)).await?))
+}
+
+async fn list_checkpoints(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+) -> Answer<CheckpointList> {
+    Ok(Json(app.daemon.checkpoints(&disk)?))
+}
+
+async fn create_checkpoint(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+    req: Bytes,
+) -> Created<CheckpointCreated> {
+    let req: CreateCheckpoint = body(&req)?;
+    let done = blocking(&app, move |d| d.create_checkpoint(&disk, &req)).await?;
+    Ok((StatusCode::CREATED, Json(done)))
+}
+
+async fn delete_checkpoint(
+    State(app): State<App>,
+    UrlPath((disk, name)): UrlPath<(String, String)>,
+) -> Answer<CheckpointDeleted> {
+    Ok(Json(
+        blocking(&app, move |d| d.delete_checkpoint(&disk, &name)).await?,
+    ))
+}
+
+async fn fallback() -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, "no such API route".into())
+}
+
+/// The admin API; serve it with connect info of type [`Caller`].
+pub fn router(daemon: Arc<Daemon>, grants: Arc<Grants>) -> Router {
+    let app = App {
+        daemon,
+        grants: grants.clone(),
+    };
+    Router::new()
+        .route("/v1/exports", get(exports))
+        .route(
+            "/v1/disks/{disk}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route("/v1/disks/{disk}/snapshots/{name}", delete(delete_snapshot))
+        .route("/v1/disks/{disk}/snapshots/{name}/revert", post(revert))
+        .route(
+            "/v1/disks/{disk}/checkpoints",
+            get(list_checkpoints).post(create_checkpoint),
+        )
+        .route(
+            "/v1/disks/{disk}/checkpoints/{name}",
+            delete(delete_checkpoint),
+        )
+        .fallback(fallback)
+        .layer(middleware::from_fn_with_state(grants, authorize))
+        .with_state(app)
+}

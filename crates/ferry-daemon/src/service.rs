@@ -1,0 +1,311 @@
+//! The daemon's disks and exports, and the operations on them.
+//!
+//! Every operation that changes a disk's snapshots or checkpoints runs
+//! under that disk's operation lock, which covers both the disk's own
+//! change and the export table's: a snapshot is never published after a
+//! concurrent delete removed it, and a delete never finds a snapshot whose
+//! export is half-published. Whether a snapshot export is in use is the
+//! export table's count of open handles (`nbd_server::Registry`), checked
+//! and acted on under the table's own lock.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ferry_api::{
+    CheckpointCreated, CheckpointDeleted, CheckpointList, CreateCheckpoint, CreateSnapshot,
+    ExportEntry, ExportList, Reverted, SnapshotCreated, SnapshotDeleted, SnapshotEntry,
+    SnapshotList,
+};
+use ferry_store::{Disk, validate_name};
+use nbd_server::{Registry, RegistryError};
+
+use crate::error::ServiceError;
+use crate::stack::{self, ExportSpec};
+
+enum Slot {
+    Live {
+        disk: Arc<Disk>,
+        /// The export that serves the live disk.
+        export: String,
+        /// Held across each change of the disk and its exports.
+        ops: Arc<Mutex<()>>,
+    },
+    /// Exported read-only: served, but not snapshotted or tracked.
+    ReadOnly,
+}
+
+pub struct Daemon {
+    registry: Arc<Registry>,
+    disks_dir: PathBuf,
+    disks: Mutex<BTreeMap<String, Slot>>,
+}
+
+/// `DISK@SNAP`, the export name of a snapshot.
+fn snapshot_export(disk: &str, snap: &str) -> String {
+    format!("{disk}@{snap}")
+}
+
+fn snapshot_desc(disk: &str, snap: &str) -> String {
+    format!("snapshot {snap} of {disk} (read-only)")
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Daemon {
+    /// A daemon publishing into `registry`, with disk state under
+    /// `state_dir/disks`.
+    pub fn new(registry: Arc<Registry>, state_dir: &Path) -> Self {
+        Daemon {
+            registry,
+            disks_dir: state_dir.join("disks"),
+            disks: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Adds an export. A writable export gets the snapshot and checkpoint
+    /// layers, with snapshots and checkpoints under its disk name: the
+    /// export name, or for the nameless default export the file name.
+    /// Existing snapshots are published again.
+    pub fn add_export(&self, spec: &ExportSpec) -> Result<(), ServiceError> {
+        let name = spec.name.as_str();
+        if name.len() > nbd_proto::consts::MAX_STRING || name.contains('\0') {
+            return Err(ServiceError::Config(format!(
+                "export name '{name}' is not a valid NBD string"
+            )));
+        }
+        let disk_name = if validate_name("disk", name).is_ok() {
+            Some(name.to_string())
+        } else if name.is_empty() {
+            spec.path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .filter(|f| validate_name("disk", f).is_ok())
+                .map(str::to_string)
+        } else {
+            None
+        };
+        let mut disks = lock(&self.disks);
+        if let Some(d) = &disk_name
+            && disks.contains_key(d)
+        {
+            return Err(ServiceError::Config(format!(
+                "two exports use the disk name '{d}'"
+            )));
+        }
+        let built = stack::build(spec, disk_name.as_deref(), &self.disks_dir)?;
+        self.publish(name, &spec.description, built.dev)?;
+        let Some(d) = disk_name else {
+            return Ok(());
+        };
+        let slot = match built.disk {
+            Some(disk) => {
+                for s in disk.snapshots() {
+                    let view = disk.snapshot_view(&s.name)?;
+                    self.publish(
+                        &snapshot_export(&d, &s.name),
+                        &snapshot_desc(&d, &s.name),
+                        view,
+                    )?;
+                }
+                Slot::Live {
+                    disk,
+                    export: name.to_string(),
+                    ops: Arc::default(),
+                }
+            }
+            None => Slot::ReadOnly,
+        };
+        disks.insert(d, slot);
+        Ok(())
+    }
+
+    fn publish(
+        &self,
+        name: &str,
+        description: &str,
+        dev: Arc<dyn ferry_block::BlockDev>,
+    ) -> Result<(), ServiceError> {
+        self.registry
+            .add(name, description, dev)
+            .map_err(|e| ServiceError::Exists(e.to_string()))
+    }
+
+    /// The live disk `disk` and its operation lock.
+    fn live(&self, disk: &str) -> Result<(Arc<Disk>, Arc<Mutex<()>>), ServiceError> {
+        match lock(&self.disks).get(disk) {
+            Some(Slot::Live { disk, ops, .. }) => Ok((disk.clone(), ops.clone())),
+            Some(Slot::ReadOnly) => Err(ServiceError::ReadOnlyDisk(disk.to_string())),
+            None => Err(ServiceError::NoSuchDisk(disk.to_string())),
+        }
+    }
+
+    pub fn exports(&self) -> ExportList {
+        let disks = lock(&self.disks);
+        let exports = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|e| {
+                let snapshot_of = e
+                    .name
+                    .split_once('@')
+                    .filter(|(d, _)| disks.contains_key(*d))
+                    .map(|(d, _)| d.to_string());
+                let disk = disks.iter().find_map(|(d, slot)| match slot {
+                    Slot::Live { export, .. } if *export == e.name => Some(d.clone()),
+                    _ => None,
+                });
+                ExportEntry {
+                    name: e.name.clone(),
+                    size: e.dev.size(),
+                    read_only: e.dev.caps().read_only,
+                    description: e.description.clone(),
+                    disk,
+                    snapshot_of,
+                }
+            })
+            .collect();
+        ExportList { exports }
+    }
+
+    pub fn create_snapshot(
+        &self,
+        disk: &str,
+        req: &CreateSnapshot,
+    ) -> Result<SnapshotCreated, ServiceError> {
+        let (d, ops) = self.live(disk)?;
+        let _op = lock(&ops);
+        validate_name("snapshot", &req.name)?;
+        let export = snapshot_export(disk, &req.name);
+        if d.snapshots().iter().any(|s| s.name == req.name) {
+            return Err(ServiceError::Exists(format!(
+                "snapshot '{export}' already exists"
+            )));
+        }
+        if self.registry.get(&export).is_some() {
+            return Err(ServiceError::Exists(format!(
+                "export '{export}' already exists"
+            )));
+        }
+        let info = d.create_snapshot(&req.name, req.checkpoint)?;
+        let published = d
+            .snapshot_view(&req.name)
+            .map_err(ServiceError::from)
+            .and_then(|view| self.publish(&export, &snapshot_desc(disk, &req.name), view));
+        if let Err(e) = published {
+            // Cannot publish it: do not leave it half-created.
+            let _ = d.delete_snapshot(&req.name);
+            if req.checkpoint {
+                let _ = d.delete_checkpoint(&req.name);
+            }
+            return Err(e);
+        }
+        Ok(SnapshotCreated {
+            disk: disk.to_string(),
+            snapshot: info,
+            export,
+        })
+    }
+
+    pub fn snapshots(&self, disk: &str) -> Result<SnapshotList, ServiceError> {
+        let (d, _) = self.live(disk)?;
+        let snapshots = d
+            .snapshots()
+            .into_iter()
+            .map(|info| SnapshotEntry {
+                export: snapshot_export(disk, &info.name),
+                info,
+            })
+            .collect();
+        Ok(SnapshotList {
+            disk: disk.to_string(),
+            snapshots,
+        })
+    }
+
+    /// Refuses while an NBD client has the snapshot export open: pulling a
+    /// snapshot away under a running backup would turn its reads into
+    /// errors. Clients that come after the export is gone cannot find it.
+    pub fn delete_snapshot(&self, disk: &str, name: &str) -> Result<SnapshotDeleted, ServiceError> {
+        let (d, ops) = self.live(disk)?;
+        let _op = lock(&ops);
+        validate_name("snapshot", name)?;
+        let export = snapshot_export(disk, name);
+        let removed = match self.registry.remove_idle(&export) {
+            Ok(p) => Some(p),
+            Err(RegistryError::Busy { .. }) => {
+                return Err(ServiceError::Busy(format!(
+                    "snapshot '{export}' is busy: NBD clients have it open; disconnect them and retry"
+                )));
+            }
+            Err(_) => None,
+        };
+        match d.delete_snapshot(name) {
+            Ok(deleted) => Ok(SnapshotDeleted {
+                disk: disk.to_string(),
+                deleted,
+            }),
+            Err(err) => {
+                if let Some(p) = removed
+                    && let Err(e) = self.publish(&p.name, &p.description, p.dev.clone())
+                {
+                    tracing::warn!("cannot publish {} again: {e}", p.name);
+                }
+                Err(err.into())
+            }
+        }
+    }
+
+    pub fn revert(&self, disk: &str, name: &str) -> Result<Reverted, ServiceError> {
+        let (d, ops) = self.live(disk)?;
+        let _op = lock(&ops);
+        validate_name("snapshot", name)?;
+        Ok(Reverted {
+            disk: disk.to_string(),
+            reverted: d.revert(name)?,
+        })
+    }
+
+    pub fn create_checkpoint(
+        &self,
+        disk: &str,
+        req: &CreateCheckpoint,
+    ) -> Result<CheckpointCreated, ServiceError> {
+        let (d, ops) = self.live(disk)?;
+        let _op = lock(&ops);
+        Ok(CheckpointCreated {
+            disk: disk.to_string(),
+            checkpoint: d.create_checkpoint(&req.name)?,
+        })
+    }
+
+    pub fn checkpoints(&self, disk: &str) -> Result<CheckpointList, ServiceError> {
+        let (d, _) = self.live(disk)?;
+        Ok(CheckpointList {
+            disk: disk.to_string(),
+            checkpoints: d.checkpoints(),
+        })
+    }
+
+    pub fn delete_checkpoint(
+        &self,
+        disk: &str,
+        name: &str,
+    ) -> Result<CheckpointDeleted, ServiceError> {
+        let (d, ops) = self.live(disk)?;
+        let _op = lock(&ops);
+        validate_name("checkpoint", name)?;
+        d.delete_checkpoint(name)?;
+        Ok(CheckpointDeleted {
+            disk: disk.to_string(),
+            deleted: name.to_string(),
+        })
+    }
+}

@@ -1,0 +1,445 @@
+//! A live disk: the owner of its state directory and of the layers its
+//! export is built from.
+//!
+//! ```text
+//! device below (file, block device) → dirty tracking → snapshot origin → write fence → export
+//! snapshot export DISK@S: a read-only view over the origin's preserved blocks and the device below
+//! ```
+//!
+//! State directory (`STATE_DIR/disks/NAME/`):
+//! ```text
+//! lock            flock'ed while a daemon has the disk open
+//! manifest.json   snapshots, checkpoints, generations (atomic replace)
+//! gens/ID.bits    one dirty bitmap per generation (little-endian words)
+//! cow.store       preserved old blocks shared by all snapshots
+//! ```
+//! Nothing is created until the first snapshot or checkpoint, so serving a
+//! disk that never uses them leaves no trace and costs nothing.
+//!
+//! Every change to snapshots and checkpoints runs with the write fence
+//! held (`fence.rs`), is published by one atomic manifest replacement, and
+//! only then switches the layers in memory: a failure leaves the old state
+//! and no half-created object.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ferry_api::{CheckpointInfo, DeleteInfo, RevertInfo, SnapshotInfo};
+use ferry_block::{BlockDev, Layer};
+
+use crate::dirty::{DirtyTracker, NewGeneration};
+use crate::error::{Result, StoreError};
+use crate::fence::WriteFence;
+use crate::manifest::{self, CheckpointMeta, Manifest, SnapshotMeta, validate_name};
+use crate::origin::SnapshotOrigin;
+use crate::view::SnapshotView;
+
+pub const DEFAULT_GRANULARITY: u64 = 64 * 1024;
+const COW_STORE: &str = "cow.store";
+const GENS: &str = "gens";
+
+/// Checks a tracking/copy-on-write block size: a power of two from 4 KiB
+/// (the page size, and O_DIRECT's alignment) to 64 MiB (one preserved
+/// block is buffered whole).
+pub fn validate_granularity(granularity: u64) -> Result<()> {
+    if granularity.is_power_of_two() && (4096..=64 << 20).contains(&granularity) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidName(format!(
+            "granularity {granularity} must be a power of two from 4096 (4K) to 67108864 (64M)"
+        )))
+    }
+}
+
+struct State {
+    manifest: Manifest,
+    /// The state directory and its manifest exist.
+    on_disk: bool,
+    _lock: Option<File>,
+}
+
+pub struct Disk {
+    name: String,
+    dir: PathBuf,
+    gran: u64,
+    state: Mutex<State>,
+    fence: Arc<WriteFence>,
+    origin: Arc<SnapshotOrigin>,
+    dirty: Arc<DirtyTracker>,
+}
+
+fn take_lock(dir: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+        StoreError::BadState(format!(
+            "state directory {} is in use by another nbdferry process",
+            dir.display()
+        ))
+    })?;
+    Ok(f)
+}
+
+impl Disk {
+    /// Builds the live stack of disk `name` over `below` (the device an
+    /// image `source` was opened as), with its state in `disks_dir/name`.
+    /// `granularity` applies when the disk has no state yet.
+    pub fn open(
+        name: &str,
+        below: Arc<dyn BlockDev>,
+        source: &Path,
+        disks_dir: &Path,
+        granularity: u64,
+    ) -> Result<Arc<Disk>> {
+        validate_name("disk", name)?;
+        validate_granularity(granularity)?;
+        let size = below.size();
+        let source = std::fs::canonicalize(source)?;
+        let dir = disks_dir.join(name);
+        let mut manifest = Manifest::new(source.clone(), size, granularity);
+        let mut on_disk = false;
+        let mut lock = None;
+        if let Some(m) = Manifest::load(&dir)? {
+            lock = Some(take_lock(&dir)?);
+            on_disk = true;
+            if !m.is_empty() {
+                if m.source != source || m.size != size {
+                    return Err(StoreError::BadState(format!(
+                        "state directory {} belongs to {} ({} bytes), not {} ({} bytes); remove it or use another --state-dir",
+                        dir.display(),
+                        m.source.display(),
+                        m.size,
+                        source.display(),
+                        size
+                    )));
+                }
+                manifest = m;
+            } else {
+                manifest.next_id = m.next_id;
+            }
+        }
+        let gran = manifest.granularity;
+        let dirty = Arc::new(DirtyTracker::new(below, gran, dir.join(GENS)));
+        let origin = Arc::new(SnapshotOrigin::new(
+            dirty.clone(),
+            gran,
+            dir.join(COW_STORE),
+        ));
+        if on_disk {
+            dirty.load(&manifest.tracking)?;
+            origin
+                .load(&manifest.snapshots)
+                .map_err(|e| StoreError::BadState(format!("{}: {e}", dir.display())))?;
+        }
+        Ok(Arc::new(Disk {
+            name: name.to_string(),
+            dir,
+            gran,
+            state: Mutex::new(State {
+                manifest,
+                on_disk,
+                _lock: lock,
+            }),
+            fence: Arc::new(WriteFence::new(origin.clone())),
+            origin,
+            dirty,
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn granularity(&self) -> u64 {
+        self.gran
+    }
+
+    /// The device the disk's export serves: the top of its stack. It
+    /// keeps the disk (and so its state directory's lock) alive.
+    pub fn device(self: &Arc<Self>) -> Arc<dyn BlockDev> {
+        self.clone()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates the state directory on first use.
+    fn ensure_on_disk(&self, st: &mut State) -> Result<()> {
+        if st.on_disk {
+            return Ok(());
+        }
+        std::fs::create_dir_all(self.dir.join(GENS))?;
+        for d in [self.dir.parent(), Some(self.dir.as_path())]
+            .into_iter()
+            .flatten()
+        {
+            manifest::sync_dir(d)?;
+        }
+        st._lock = Some(take_lock(&self.dir)?);
+        st.manifest.store(&self.dir)?;
+        st.on_disk = true;
+        Ok(())
+    }
+
+    /// Publishes `m` (durably), then lets the layers take it up.
+    fn publish(&self, st: &mut State, m: Manifest, new_gen: Option<NewGeneration>) -> Result<()> {
+        if let Err(e) = m.store(&self.dir) {
+            if let Some(g) = new_gen {
+                g.discard();
+            }
+            return Err(e);
+        }
+        self.dirty.apply(&m.tracking, new_gen);
+        st.manifest = m;
+        Ok(())
+    }
+
+    fn exists_error(&self, what: &str, name: &str) -> StoreError {
+        StoreError::Exists(match what {
+            "snapshot" => format!("snapshot '{}@{name}' already exists", self.name),
+            _ => format!("checkpoint '{name}' of disk '{}' already exists", self.name),
+        })
+    }
+
+    // ---- snapshots ----------------------------------------------------
+
+    /// Freezes the disk's current content as snapshot `name`; with
+    /// `checkpoint`, also starts checkpoint `name` at the same instant.
+    pub fn create_snapshot(&self, name: &str, checkpoint: bool) -> Result<SnapshotInfo> {
+        validate_name("snapshot", name)?;
+        let _fence = self.fence.hold();
+        let mut st = self.state();
+        if st.manifest.snapshots.iter().any(|s| s.name == name) {
+            return Err(self.exists_error("snapshot", name));
+        }
+        if checkpoint
+            && st
+                .manifest
+                .tracking
+                .checkpoints
+                .iter()
+                .any(|c| c.name == name)
+        {
+            return Err(self.exists_error("checkpoint", name));
+        }
+        self.ensure_on_disk(&mut st)?;
+        self.origin.ensure_store()?;
+        // Acknowledged writes become part of the snapshot durably.
+        BlockDev::flush(&*self.fence)?;
+        let mut m = st.manifest.clone();
+        let seq = m.take_id();
+        let created = manifest::now();
+        let new_gen = if checkpoint || !m.tracking.checkpoints.is_empty() {
+            let id = m.take_id();
+            m.tracking.gens.push(id);
+            Some(self.dirty.create_generation(id)?)
+        } else {
+            None
+        };
+        let gen_end = new_gen.as_ref().map(NewGeneration::id);
+        m.snapshots.push(SnapshotMeta {
+            name: name.to_string(),
+            seq,
+            gen_end,
+            created,
+        });
+        if let (true, Some(id)) = (checkpoint, gen_end) {
+            m.tracking.checkpoints.push(CheckpointMeta {
+                name: name.to_string(),
+                gen_id: id,
+                created,
+            });
+        }
+        self.publish(&mut st, m, new_gen)?;
+        self.origin.add_snapshot(seq);
+        tracing::info!(disk = %self.name, snapshot = name, checkpoint, "snapshot created");
+        Ok(SnapshotInfo {
+            name: name.to_string(),
+            created,
+            preserved_blocks: 0,
+            checkpoints: self.dirty.checkpoints_before(gen_end),
+        })
+    }
+
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let snaps = self.state().manifest.snapshots.clone();
+        snaps
+            .into_iter()
+            .map(|s| SnapshotInfo {
+                preserved_blocks: self.origin.preserved_count(s.seq),
+                checkpoints: self.dirty.checkpoints_before(s.gen_end),
+                name: s.name,
+                created: s.created,
+            })
+            .collect()
+    }
+
+    fn find_snapshot(&self, st: &State, name: &str) -> Result<SnapshotMeta> {
+        st.manifest
+            .snapshots
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(format!("no snapshot '{}@{name}'", self.name)))
+    }
+
+    /// The read-only view of snapshot `name`.
+    pub fn snapshot_view(self: &Arc<Self>, name: &str) -> Result<Arc<dyn BlockDev>> {
+        let s = self.find_snapshot(&self.state(), name)?;
+        Ok(Arc::new(SnapshotView::new(
+            self.clone(),
+            self.origin.clone(),
+            self.dirty.clone(),
+            format!("{}@{}", self.name, s.name),
+            s.seq,
+            s.gen_end,
+        )))
+    }
+
+    /// Deletes snapshot `name` and punches out the preserved blocks only it
+    /// used. Views of it fail from now on; the caller makes sure nobody
+    /// reads it (the daemon refuses while NBD clients have it open).
+    pub fn delete_snapshot(&self, name: &str) -> Result<DeleteInfo> {
+        let _fence = self.fence.hold();
+        let mut st = self.state();
+        let s = self.find_snapshot(&st, name)?;
+        let mut m = st.manifest.clone();
+        m.snapshots.retain(|x| x.seq != s.seq);
+        self.publish(&mut st, m, None)?;
+        drop(st);
+        let freed = self.origin.remove_snapshot(s.seq);
+        // Only now that no manifest names the snapshot may its blocks go.
+        self.origin.release(&freed)?;
+        tracing::info!(disk = %self.name, snapshot = name, freed = freed.len(), "snapshot deleted");
+        Ok(DeleteInfo {
+            name: name.to_string(),
+            freed_blocks: freed.len() as u64,
+            freed_bytes: freed.len() as u64 * self.gran,
+        })
+    }
+
+    /// Puts the live disk back to snapshot `name`'s content, copying only
+    /// the blocks changed since it. Writes wait meanwhile; the copies go
+    /// through the origin, so they are tracked as dirty and preserved for
+    /// newer snapshots.
+    pub fn revert(&self, name: &str) -> Result<RevertInfo> {
+        let _fence = self.fence.hold();
+        let seq = self.find_snapshot(&self.state(), name)?.seq;
+        let blocks = self.origin.preserved(seq);
+        // Below the fence, which this holds.
+        let live: &dyn BlockDev = &*self.origin;
+        let size = live.size();
+        let mut buf = vec![0u8; self.gran as usize];
+        for &(blk, slot) in &blocks {
+            let off = blk * self.gran;
+            let n = self.gran.min(size - off) as usize;
+            self.origin.read_preserved(slot, 0, &mut buf[..n])?;
+            live.write_at(&buf[..n], off, false)?;
+        }
+        live.flush()?;
+        tracing::info!(disk = %self.name, snapshot = name, blocks = blocks.len(), "reverted");
+        Ok(RevertInfo {
+            name: name.to_string(),
+            blocks: blocks.len() as u64,
+        })
+    }
+
+    // ---- checkpoints --------------------------------------------------
+
+    pub fn create_checkpoint(&self, name: &str) -> Result<CheckpointInfo> {
+        validate_name("checkpoint", name)?;
+        let _fence = self.fence.hold();
+        let mut st = self.state();
+        if st
+            .manifest
+            .tracking
+            .checkpoints
+            .iter()
+            .any(|c| c.name == name)
+        {
+            return Err(self.exists_error("checkpoint", name));
+        }
+        self.ensure_on_disk(&mut st)?;
+        let mut m = st.manifest.clone();
+        let id = m.take_id();
+        m.tracking.gens.push(id);
+        let created = manifest::now();
+        m.tracking.checkpoints.push(CheckpointMeta {
+            name: name.to_string(),
+            gen_id: id,
+            created,
+        });
+        let new_gen = self.dirty.create_generation(id)?;
+        self.publish(&mut st, m, Some(new_gen))?;
+        tracing::info!(disk = %self.name, checkpoint = name, "checkpoint created");
+        Ok(CheckpointInfo {
+            name: name.to_string(),
+            created,
+            dirty_blocks: 0,
+            granularity: self.gran,
+        })
+    }
+
+    pub fn checkpoints(&self) -> Vec<CheckpointInfo> {
+        let list = self.state().manifest.tracking.checkpoints.clone();
+        list.into_iter()
+            .map(|c| CheckpointInfo {
+                dirty_blocks: self
+                    .dirty
+                    .dirty_blocks(&c.name)
+                    .map_or(0, |b| b.len() as u64),
+                name: c.name,
+                created: c.created,
+                granularity: self.gran,
+            })
+            .collect()
+    }
+
+    /// Deletes checkpoint `name`. Generations no remaining checkpoint
+    /// reaches are dropped; the others are untouched, so every other
+    /// checkpoint's answer stays exact.
+    pub fn delete_checkpoint(&self, name: &str) -> Result<()> {
+        let _fence = self.fence.hold();
+        let mut st = self.state();
+        let mut m = st.manifest.clone();
+        if !m.tracking.remove_checkpoint(name) {
+            return Err(StoreError::NotFound(format!(
+                "no checkpoint '{name}' on disk '{}'",
+                self.name
+            )));
+        }
+        self.publish(&mut st, m, None)?;
+        tracing::info!(disk = %self.name, checkpoint = name, "checkpoint deleted");
+        Ok(())
+    }
+
+    /// Blocks written since checkpoint `name` (up to now): for tests and
+    /// tools that want a list rather than extents.
+    pub fn dirty_blocks(&self, checkpoint: &str) -> Result<Vec<u64>> {
+        self.dirty.dirty_blocks(checkpoint).ok_or_else(|| {
+            StoreError::NotFound(format!(
+                "no checkpoint '{checkpoint}' on disk '{}'",
+                self.name
+            ))
+        })
+    }
+
+    /// Drops the disk the way a crash would: no clean-close work.
+    #[cfg(test)]
+    pub(crate) fn crash(self: Arc<Self>) {
+        self.dirty.simulate_crash();
+    }
+}
+
+/// The disk is the top of its own stack, so whoever serves it keeps its
+/// state directory locked; everything passes on to the fence.
+impl Layer for Disk {
+    fn next(&self) -> &dyn BlockDev {
+        &*self.fence
+    }
+}
