@@ -11,6 +11,7 @@ pub mod option;
 pub mod reply;
 pub mod request;
 pub mod server_handshake;
+pub mod validate;
 mod wire;
 
 pub use wire::Reader;

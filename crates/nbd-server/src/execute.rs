@@ -5,15 +5,17 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use ferry_store::{BlockDev, StoreError, ZeroMode};
-use nbd_proto::consts::{chunk, cmd, cmdflag, errno, replyflag, state, tflag};
+use nbd_proto::consts::{chunk, cmd, cmdflag, errno, replyflag, state};
 use nbd_proto::reply::{
     Extent, ReplyMode, encode_block_status_payload, encode_chunk_header, encode_error_payload,
     encode_hole_payload, encode_simple,
 };
 use nbd_proto::request::Request;
+use nbd_proto::validate::{Refusal, Terms};
 
 use crate::bufpool::POOL;
 use crate::outgoing::{Outgoing, Part};
+use crate::registry::MIN_BLOCK;
 
 /// Most extents returned for one context in one BLOCK_STATUS reply.
 const MAX_STATUS_EXTENTS: usize = 65536;
@@ -24,8 +26,6 @@ const MIN_HOLE_CHUNK: u64 = 4096;
 /// Larger cached reads still go to the blocking pool, so that one copy
 /// does not hold up the connection's reader for long.
 const MAX_INLINE_READ: u64 = 4 << 20;
-/// DF reads are served up to this size (the spec requires 64 KiB).
-const MAX_DF_READ: u64 = 1 << 20;
 
 /// Everything a request needs to know about its connection.
 pub struct Session {
@@ -36,74 +36,20 @@ pub struct Session {
     pub max_payload: u32,
 }
 
-/// A request refused before touching the device.
-pub struct Refusal {
-    pub errno: u32,
-    pub message: &'static str,
-}
-
-fn refuse(errno: u32, message: &'static str) -> Result<(), Refusal> {
-    Err(Refusal { errno, message })
-}
-
 impl Session {
-    fn size(&self) -> u64 {
-        self.dev.size()
-    }
-
-    fn has(&self, flag: u16) -> bool {
-        self.flags & flag != 0
-    }
-
-    /// Checks a request header; the caller answers refusals without
-    /// running anything (after consuming any payload).
+    /// Checks a request header against what was negotiated; the caller
+    /// answers refusals without running anything (after consuming any
+    /// payload).
     pub fn validate(&self, req: &Request) -> Result<(), Refusal> {
-        let structured = self.mode.structured();
-        let allowed = match req.command {
-            cmd::READ if structured => cmdflag::FUA | cmdflag::DF,
-            cmd::READ | cmd::FLUSH | cmd::TRIM | cmd::CACHE => cmdflag::FUA,
-            cmd::WRITE if self.mode == ReplyMode::Extended => cmdflag::FUA | cmdflag::PAYLOAD_LEN,
-            cmd::WRITE => cmdflag::FUA,
-            cmd::WRITE_ZEROES if self.has(tflag::SEND_FAST_ZERO) => {
-                cmdflag::FUA | cmdflag::NO_HOLE | cmdflag::FAST_ZERO
-            }
-            cmd::WRITE_ZEROES => cmdflag::FUA | cmdflag::NO_HOLE,
-            cmd::BLOCK_STATUS => cmdflag::FUA | cmdflag::REQ_ONE,
-            _ => return refuse(errno::EINVAL, "unknown command"),
-        };
-        if req.flags & !allowed != 0 {
-            return refuse(errno::EINVAL, "unsupported command flags");
+        Terms {
+            mode: self.mode,
+            flags: self.flags,
+            size: self.dev.size(),
+            max_payload: self.max_payload,
+            min_block: MIN_BLOCK,
+            has_contexts: !self.contexts.is_empty(),
         }
-        let writes = matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
-        if writes && self.has(tflag::READ_ONLY) {
-            return refuse(errno::EPERM, "export is read-only");
-        }
-        if req.command == cmd::FLUSH {
-            return Ok(());
-        }
-        let size = self.size();
-        if req.offset > size || req.length > size - req.offset {
-            return if matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES) {
-                refuse(errno::ENOSPC, "request past the end of the export")
-            } else {
-                refuse(errno::EINVAL, "request past the end of the export")
-            };
-        }
-        match req.command {
-            cmd::READ | cmd::WRITE if req.length > u64::from(self.max_payload) => {
-                refuse(errno::EOVERFLOW, "request larger than the maximum payload")
-            }
-            cmd::READ if req.flags & cmdflag::DF != 0 && req.length > MAX_DF_READ => {
-                refuse(errno::EOVERFLOW, "DF read too large")
-            }
-            cmd::BLOCK_STATUS if !structured || self.contexts.is_empty() => {
-                refuse(errno::EINVAL, "no meta context negotiated")
-            }
-            cmd::BLOCK_STATUS if req.length == 0 => {
-                refuse(errno::EINVAL, "zero-length block status")
-            }
-            _ => Ok(()),
-        }
+        .validate(req)
     }
 
     /// The reply to a refused or failed request.

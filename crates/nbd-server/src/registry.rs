@@ -8,6 +8,10 @@ use nbd_proto::consts::tflag;
 use nbd_proto::option::ServerEntry;
 use nbd_proto::server_handshake::{Catalog, ExportInfo, Lookup, Peer};
 
+/// Minimum block size every export advertises (and requests are checked
+/// against): the devices take I/O at any byte offset.
+pub const MIN_BLOCK: u32 = 1;
+
 /// One export: a name, a description and the device behind it.
 pub struct Export {
     pub name: String,
@@ -98,7 +102,7 @@ impl Export {
             description: self.description.clone(),
             size: self.dev.size(),
             flags,
-            min_block: 1,
+            min_block: MIN_BLOCK,
             preferred_block: 4096,
             max_payload,
             contexts: self.dev.contexts(),
