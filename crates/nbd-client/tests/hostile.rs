@@ -386,3 +386,100 @@ async fn simple_reply_to_a_read_in_structured_mode() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn replies_that_break_the_chunk_rules() {
+    /// Builds the whole reply to a READ.
+    type Script = fn(&Fake, &Request) -> BytesMut;
+    let cases: [(bool, Script, &str); 4] = [
+        (
+            false,
+            |s, req| {
+                let mut out = half_data(s, 0, req);
+                out.extend_from_slice(&s.chunk(0, chunk::NONE, req, 0));
+                out
+            },
+            "NONE chunk without the DONE flag",
+        ),
+        (
+            true,
+            |s, req| {
+                let mut out = s.chunk(replyflag::DONE, chunk::ERROR_OFFSET, req, 14);
+                out.put_u32(5);
+                out.put_u16(0);
+                out.put_u64(req.offset + req.length);
+                out
+            },
+            "outside the request",
+        ),
+        (
+            false,
+            |s, req| {
+                let mut out = half_data(s, 0, req);
+                encode_simple(&mut out, 5, req.cookie);
+                out
+            },
+            "simple reply after chunks",
+        ),
+        (
+            false,
+            |s, req| {
+                let mut out = s.chunk(replyflag::DONE, chunk::BLOCK_STATUS_EXT, req, 24);
+                out.put_u32(0);
+                out.put_u32(1);
+                out.put_u64(req.length);
+                out.put_u64(0);
+                out
+            },
+            "BLOCK_STATUS_EXT chunk without extended headers",
+        ),
+    ];
+    within("chunk rules", async {
+        for (extended, script, needle) in cases {
+            let c = connect(opts(extended, None), move |mut s| async move {
+                let req = s.request().await;
+                let out = script(&s, &req);
+                s.send(&out).await;
+                s.wait_closed().await;
+            })
+            .await
+            .expect("connect");
+            assert_protocol(c.read(4096, vec![0; 4096]).await, needle);
+            // The connection is dead: later requests fail at once.
+            assert!(c.read(0, vec![0; 512]).await.is_err());
+        }
+    })
+    .await;
+}
+
+/// A data chunk with the first half of a READ.
+fn half_data(s: &Fake, flags: u16, req: &Request) -> BytesMut {
+    let mut out = s.chunk(flags, chunk::OFFSET_DATA, req, 8 + req.length / 2);
+    out.put_u64(req.offset);
+    out.put_bytes(0x44, req.length as usize / 2);
+    out
+}
+
+#[tokio::test]
+async fn a_read_left_partly_unwritten_fails_alone() {
+    within("incomplete read", async {
+        let c = connect(opts(false, None), |mut s| async move {
+            // Only half of the first READ, but a well-formed reply...
+            let req = s.request().await;
+            s.send(&half_data(&s, replyflag::DONE, &req)).await;
+            // ...so the stream is still in order and the next READ works.
+            let req = s.request().await;
+            let mut out = s.chunk(replyflag::DONE, chunk::OFFSET_DATA, &req, 8 + req.length);
+            out.put_u64(req.offset);
+            out.put_bytes(0x55, req.length as usize);
+            s.send(&out).await;
+            s.wait_closed().await;
+        })
+        .await
+        .expect("connect");
+        assert_protocol(c.read(0, vec![0; 4096]).await, "covered only 2048 bytes");
+        let data = c.read(0, vec![0; 4096]).await.expect("the next read");
+        assert!(data.iter().all(|&b| b == 0x55));
+    })
+    .await;
+}

@@ -4,6 +4,7 @@
 //! are total (they return errors, never panic) and bound every length before
 //! allocating, so they can be fed hostile input directly and fuzzed.
 
+pub mod assemble;
 pub mod client_handshake;
 pub mod consts;
 pub mod handshake;
