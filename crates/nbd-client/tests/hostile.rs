@@ -104,6 +104,14 @@ impl Fake {
         out
     }
 
+    /// A data chunk with the first `len` bytes of a READ, all `byte`.
+    fn data(&self, flags: u16, req: &Request, len: u64, byte: u8) -> BytesMut {
+        let mut out = self.chunk(flags, chunk::OFFSET_DATA, req, 8 + len);
+        out.put_u64(req.offset);
+        out.put_bytes(byte, len as usize);
+        out
+    }
+
     /// Waits until the client closes its end (reads and drops the rest).
     async fn wait_closed(mut self) {
         let mut sink = [0u8; 4096];
@@ -281,10 +289,8 @@ async fn silent_server_times_out() {
             // Answer the first read properly after staying idle for longer
             // than the timeout, then swallow the rest without a word.
             let req = s.request().await;
-            let mut out = s.chunk(replyflag::DONE, chunk::OFFSET_DATA, &req, 8 + req.length);
-            out.put_u64(req.offset);
-            out.put_bytes(0x11, req.length as usize);
-            s.send(&out).await;
+            s.send(&s.data(replyflag::DONE, &req, req.length, 0x11))
+                .await;
             s.wait_closed().await;
         })
         .await
@@ -395,7 +401,7 @@ async fn replies_that_break_the_chunk_rules() {
         (
             false,
             |s, req| {
-                let mut out = half_data(s, 0, req);
+                let mut out = s.data(0, req, req.length / 2, 0x44);
                 out.extend_from_slice(&s.chunk(0, chunk::NONE, req, 0));
                 out
             },
@@ -415,7 +421,7 @@ async fn replies_that_break_the_chunk_rules() {
         (
             false,
             |s, req| {
-                let mut out = half_data(s, 0, req);
+                let mut out = s.data(0, req, req.length / 2, 0x44);
                 encode_simple(&mut out, 5, req.cookie);
                 out
             },
@@ -452,27 +458,18 @@ async fn replies_that_break_the_chunk_rules() {
     .await;
 }
 
-/// A data chunk with the first half of a READ.
-fn half_data(s: &Fake, flags: u16, req: &Request) -> BytesMut {
-    let mut out = s.chunk(flags, chunk::OFFSET_DATA, req, 8 + req.length / 2);
-    out.put_u64(req.offset);
-    out.put_bytes(0x44, req.length as usize / 2);
-    out
-}
-
 #[tokio::test]
 async fn a_read_left_partly_unwritten_fails_alone() {
     within("incomplete read", async {
         let c = connect(opts(false, None), |mut s| async move {
             // Only half of the first READ, but a well-formed reply...
             let req = s.request().await;
-            s.send(&half_data(&s, replyflag::DONE, &req)).await;
+            s.send(&s.data(replyflag::DONE, &req, req.length / 2, 0x44))
+                .await;
             // ...so the stream is still in order and the next READ works.
             let req = s.request().await;
-            let mut out = s.chunk(replyflag::DONE, chunk::OFFSET_DATA, &req, 8 + req.length);
-            out.put_u64(req.offset);
-            out.put_bytes(0x55, req.length as usize);
-            s.send(&out).await;
+            s.send(&s.data(replyflag::DONE, &req, req.length, 0x55))
+                .await;
             s.wait_closed().await;
         })
         .await
