@@ -1224,10 +1224,8 @@ pub const CMD_WRITE_ZEROES: u16 = 6;
 
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
-pub const ENOMEM: u32 = 12;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
-pub const EOVERFLOW: u32 = 75;
 pub const ESHUTDOWN: u32 = 108;
 
 pub trait Stream: Read + Write + Send {

@@ -312,10 +312,9 @@ fn oversized_zero_length_and_unknown_requests() {
     match c.read_simple_reply() {
         None => {}
         Some((err, _)) => {
-            assert!(
-                err == EINVAL || err == EOVERFLOW,
-                "48 MiB READ: error {err}"
-            );
+            // EOVERFLOW is for DF reads; a plain READ above the maximum
+            // payload broke an advertised limit.
+            assert_eq!(err, EINVAL, "48 MiB READ");
             assert_eq!(
                 c.read_at(0, 4096),
                 read_range(&sc.img, 0, 4096),
@@ -356,10 +355,7 @@ fn write_larger_than_32_mib() {
                 err != 0,
                 "a 40 MiB WRITE (above the 32 MiB maximum) succeeded"
             );
-            assert!(
-                err == EINVAL || err == EOVERFLOW || err == ENOMEM,
-                "40 MiB WRITE: unexpected error {err}"
-            );
+            assert_eq!(err, EINVAL, "40 MiB WRITE");
             // The payload was consumed: the connection is still in sync, or
             // the server closes it after the error.
             if writer.join().unwrap() && c.send_request(0, CMD_READ, 13, off, 4096) {

@@ -444,6 +444,50 @@ fn nbdsh_read_only_eperm() {
     assert_eq!(hash_file(&img), before, "read-only export was modified");
 }
 
+/// Requests above the limits, with structured replies: a DF read longer
+/// than the server serves in one chunk gets EOVERFLOW, while a plain READ
+/// or a WRITE above the advertised maximum payload gets EINVAL (as
+/// qemu-nbd answers). The connection stays usable and nothing is written.
+const NBDSH_OVERSIZED: &str = r##"
+import os, errno
+import nbd
+h = nbd.NBD()
+h.connect_uri(os.environ["NBD_URI"])
+assert h.get_structured_replies_negotiated()
+assert h.can_df(), "DF not offered with structured replies"
+# Make libnbd send the requests instead of refusing them locally.
+h.set_strict_mode(0)
+assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 << 20
+assert len(h.pread(1 << 20, 0, nbd.CMD_FLAG_DF)) == 1 << 20
+for name, fn, want in (
+        ("DF read", lambda: h.pread(2 << 20, 0, nbd.CMD_FLAG_DF), errno.EOVERFLOW),
+        ("read", lambda: h.pread(48 << 20, 0), errno.EINVAL),
+        ("write", lambda: h.pwrite(b"\x11" * (40 << 20), 0), errno.EINVAL)):
+    try:
+        fn()
+        raise AssertionError(name + " above the limit succeeded")
+    except nbd.Error as e:
+        assert e.errnum == want, (name, e.errnum, e.string)
+assert len(h.pread(4096, 0)) == 4096, "connection unusable after refusals"
+h.shutdown()
+print("OVERSIZED-OK")
+"##;
+
+#[test]
+fn nbdsh_oversized_requests() {
+    let (dir, img) = fixture(319);
+    let before = hash_file(&img);
+    let s = Server::serve(dir.path(), &img, &[]);
+    let out = nbdsh_script(dir.path(), NBDSH_OVERSIZED, &[("NBD_URI", s.uri())]);
+    assert!(out.contains("OVERSIZED-OK"), "{out}");
+    s.stop();
+    assert_eq!(
+        hash_file(&img),
+        before,
+        "a refused WRITE modified the image"
+    );
+}
+
 #[test]
 fn config_with_several_exports() {
     let dir = tmpdir();

@@ -4,9 +4,11 @@
 //! A writer task sends requests in the order they were queued: everything
 //! already queued goes out in one vectored write, headers and write payloads
 //! side by side (no copy into a staging buffer). A reader task decodes
-//! replies and completes the waiting request: read data land directly in the
-//! caller's buffer at the chunk's offset, straight from the socket (only the
-//! bytes that arrived together with a header pass through the small read
+//! replies and completes the waiting request; what a reply may contain, and
+//! where its data goes, is decided by the request's `ReplyAssembler`
+//! (nbd-proto), and the reader only moves bytes: read data land directly in
+//! the caller's buffer at the chunk's offset, straight from the socket (only
+//! the bytes that arrived together with a header pass through the small read
 //! buffer). When either task fails, or the server sends nothing for the I/O
 //! timeout while requests wait, the connection is marked dead and every
 //! waiting request gets the error, so nothing waits on a connection that
@@ -22,8 +24,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use nbd_proto::consts::{MAX_STRING, chunk, cmd, cmdflag, replyflag};
-use nbd_proto::reply::{Chunk, Extent, ReplyHeader, ReplyMode};
+use nbd_proto::assemble::{Failure, Next, Outcome, ReplyAssembler, reply_header_len};
+use nbd_proto::consts::{cmd, cmdflag};
+use nbd_proto::reply::{Extent, ReplyHeader, ReplyMode};
 use nbd_proto::request::Request;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -34,10 +37,6 @@ use crate::ExportInfo;
 use crate::error::{Error, Result};
 use crate::stream::{BoxStream, ReadHalf, WriteHalf};
 
-/// Largest non-data chunk payload accepted: a block status chunk of 2^20
-/// extended descriptors plus its header. Anything larger is hostile.
-const MAX_CHUNK_PAYLOAD: u64 = 8 + 16 * (1 << 20);
-
 /// Read buffer for reply headers and small payloads. Small on purpose:
 /// bulk read data is read past it into the caller's buffer, and whatever
 /// sits in it when a data chunk starts is copied once more.
@@ -47,91 +46,32 @@ const READ_BUFFER: usize = 16 * 1024;
 /// the kernel's IOV_MAX of 1024).
 const MAX_BATCH: usize = 256;
 
-/// What a completed request hands back.
-enum Done {
-    Plain,
-    Read(Vec<u8>),
-    BlockStatus(Vec<(u32, Vec<Extent>)>),
-}
-
-enum Kind {
-    Plain,
-    Read {
-        buf: Vec<u8>,
-        /// Bytes delivered by data and hole chunks.
-        covered: u64,
-        /// Ranges (relative to the request) delivered by chunks that cover
-        /// only part of it, to refuse overlaps: a duplicated chunk would
-        /// otherwise make `covered` add up while part of the buffer (maybe
-        /// holding data of an earlier request) was never written.
-        spans: Vec<(u64, u64)>,
-    },
-    BlockStatus(Vec<(u32, Vec<Extent>)>),
-}
-
+/// A request waiting for its reply.
 struct Pending {
-    command: u16,
-    offset: u64,
-    length: u64,
-    kind: Kind,
-    /// The first error chunk; the request fails once DONE arrives.
-    error: Option<Error>,
-    tx: oneshot::Sender<Result<Done>>,
+    reply: ReplyAssembler,
+    tx: oneshot::Sender<Result<Outcome>>,
 }
 
 impl Pending {
     fn complete(self) {
-        let result = match self.error {
-            Some(e) => Err(e),
-            None => match self.kind {
-                Kind::Plain => Ok(Done::Plain),
-                Kind::Read { buf, covered, .. } => {
-                    if covered == self.length {
-                        Ok(Done::Read(buf))
-                    } else {
-                        Err(Error::Protocol(format!(
-                            "READ at {} of {} bytes: reply covered {covered} bytes",
-                            self.offset, self.length
-                        )))
-                    }
-                }
-                Kind::BlockStatus(v) => {
-                    if v.is_empty() {
-                        Err(Error::Protocol("block status reply without extents".into()))
-                    } else {
-                        Ok(Done::BlockStatus(v))
-                    }
-                }
-            },
-        };
+        let (command, offset, length) = (
+            self.reply.command(),
+            self.reply.offset(),
+            self.reply.length(),
+        );
+        let result = self.reply.finish().map_err(|f| match f {
+            Failure::Server(e) => Error::server(command, e.offset, length, e.errno, e.message),
+            Failure::Violation(v) => Error::Protocol(format!(
+                "{} at {offset} length {length}: {v}",
+                cmd::name(command)
+            )),
+        });
         // The caller may have given up waiting; nothing to do then.
         let _ = self.tx.send(result);
     }
 
     fn fail(self, e: Error) {
         let _ = self.tx.send(Err(e));
-    }
-
-    /// Records that a chunk delivered `[start, start+n)` of a READ (already
-    /// checked to lie inside the request).
-    fn cover(&mut self, start: u64, n: u64) -> Result<()> {
-        let Kind::Read { covered, spans, .. } = &mut self.kind else {
-            unreachable!("only READ replies carry data");
-        };
-        let end = start + n;
-        // A reply that covers everything (the usual single chunk) needs no
-        // record: any further chunk overlaps it.
-        if *covered == self.length || spans.iter().any(|&(a, b)| start < b && a < end) {
-            return Err(Error::Protocol(format!(
-                "overlapping chunks in the reply to READ at {} length {}",
-                self.offset, self.length
-            )));
-        }
-        if n < self.length {
-            spans.push((start, end));
-        }
-        *covered += n;
-        Ok(())
     }
 }
 
@@ -349,15 +289,15 @@ impl Connection {
         header
     }
 
+    /// Sends the request that `reply` will receive the reply to (its
+    /// command, offset and length) and waits for that reply.
     async fn submit(
         &self,
-        command: u16,
         flags: u16,
-        offset: u64,
-        length: u64,
         payload: Option<Bytes>,
-        kind: Kind,
-    ) -> Result<Done> {
+        reply: ReplyAssembler,
+    ) -> Result<Outcome> {
+        let (command, offset, length) = (reply.command(), reply.offset(), reply.length());
         let _permit = self
             .slots
             .acquire()
@@ -371,17 +311,7 @@ impl Connection {
             if let Some(why) = &t.dead {
                 return Err(why.error());
             }
-            t.insert(
-                cookie,
-                Pending {
-                    command,
-                    offset,
-                    length,
-                    kind,
-                    error: None,
-                    tx,
-                },
-            );
+            t.insert(cookie, Pending { reply, tx });
         }
         let msg = Outgoing {
             header,
@@ -404,18 +334,8 @@ impl Connection {
         let length = buf.len() as u64;
         self.check_range("READ", offset, length)?;
         self.check_payload("READ", length)?;
-        let kind = Kind::Read {
-            buf,
-            covered: 0,
-            spans: Vec::new(),
-        };
-        match self
-            .submit(cmd::READ, 0, offset, length, None, kind)
-            .await?
-        {
-            Done::Read(buf) => Ok(buf),
-            _ => unreachable!("READ completes with data"),
-        }
+        let reply = ReplyAssembler::read(offset, buf, self.info.mode);
+        Ok(self.submit(0, None, reply).await?.data)
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
@@ -426,9 +346,13 @@ impl Connection {
         self.check_range("WRITE", offset, length)?;
         self.check_payload("WRITE", length)?;
         let flags = self.fua_flag(fua);
-        self.submit(cmd::WRITE, flags, offset, length, Some(data), Kind::Plain)
-            .await
-            .map(drop)
+        let reply = self.plain(cmd::WRITE, offset, length);
+        self.submit(flags, Some(data), reply).await.map(drop)
+    }
+
+    /// The reply to a command whose success carries nothing.
+    fn plain(&self, command: u16, offset: u64, length: u64) -> ReplyAssembler {
+        ReplyAssembler::plain(command, offset, length, self.info.mode)
     }
 
     fn fua_flag(&self, fua: bool) -> u16 {
@@ -462,9 +386,8 @@ impl Connection {
         if fast {
             flags |= cmdflag::FAST_ZERO;
         }
-        self.submit(cmd::WRITE_ZEROES, flags, offset, length, None, Kind::Plain)
-            .await
-            .map(drop)
+        let reply = self.plain(cmd::WRITE_ZEROES, offset, length);
+        self.submit(flags, None, reply).await.map(drop)
     }
 
     pub async fn trim(&self, offset: u64, length: u64) -> Result<()> {
@@ -473,18 +396,16 @@ impl Connection {
         }
         self.check_range("TRIM", offset, length)?;
         self.check_effect_length("TRIM", length)?;
-        self.submit(cmd::TRIM, 0, offset, length, None, Kind::Plain)
-            .await
-            .map(drop)
+        let reply = self.plain(cmd::TRIM, offset, length);
+        self.submit(0, None, reply).await.map(drop)
     }
 
     pub async fn flush(&self) -> Result<()> {
         if !self.info.can_flush() {
             return Err(Error::Unsupported("FLUSH"));
         }
-        self.submit(cmd::FLUSH, 0, 0, 0, None, Kind::Plain)
-            .await
-            .map(drop)
+        let reply = self.plain(cmd::FLUSH, 0, 0);
+        self.submit(0, None, reply).await.map(drop)
     }
 
     /// Block status of every selected context from `offset`, for up to
@@ -503,20 +424,9 @@ impl Connection {
         self.check_range("BLOCK_STATUS", offset, length)?;
         self.check_effect_length("BLOCK_STATUS", length)?;
         let flags = if req_one { cmdflag::REQ_ONE } else { 0 };
-        match self
-            .submit(
-                cmd::BLOCK_STATUS,
-                flags,
-                offset,
-                length,
-                None,
-                Kind::BlockStatus(Vec::new()),
-            )
-            .await?
-        {
-            Done::BlockStatus(v) => Ok(v),
-            _ => unreachable!("BLOCK_STATUS completes with extents"),
-        }
+        let selected = self.info.contexts.iter().map(|(id, _)| *id).collect();
+        let reply = ReplyAssembler::block_status(offset, length, self.info.mode, selected);
+        Ok(self.submit(flags, None, reply).await?.extents)
     }
 
     /// Soft disconnect: waits for requests in flight, sends NBD_CMD_DISC and
@@ -734,38 +644,14 @@ async fn read_replies(r: &mut Reader, shared: &Shared, info: &ExportInfo) -> Res
             Err(e) => return Err(e.into()),
         }
         let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let len = ReplyHeader::len_for_magic(magic)
-            .ok_or_else(|| Error::Protocol(format!("bad reply magic {magic:#x}")))?;
+        let len = reply_header_len(magic, info.mode)?;
         r.read_exact(&mut hdr[4..len]).await?;
         let header =
             ReplyHeader::decode(&hdr[..len]).map_err(|e| Error::Protocol(e.to_string()))?;
-        let (cookie, mut p, done) = match header {
-            ReplyHeader::Simple { cookie, .. } => (cookie, take(shared, cookie)?, true),
-            ReplyHeader::Chunk { flags, cookie, .. } => {
-                if info.mode == ReplyMode::Simple {
-                    return Err(Error::Protocol(
-                        "structured reply that was not negotiated".into(),
-                    ));
-                }
-                if (info.mode == ReplyMode::Extended) != (len == 32) {
-                    return Err(Error::Protocol(
-                        "reply header form does not match the negotiated one".into(),
-                    ));
-                }
-                let done = flags & replyflag::DONE != 0;
-                (cookie, take(shared, cookie)?, done)
-            }
-        };
-        let result = match header {
-            ReplyHeader::Simple { error, .. } => simple_into(r, &mut p, error, info).await,
-            ReplyHeader::Chunk {
-                chunk_type,
-                payload_len,
-                ..
-            } => chunk_into(r, &mut p, chunk_type, payload_len, info).await,
-        };
-        match result {
-            Ok(()) if done => p.complete(),
+        let cookie = header.cookie();
+        let mut p = take(shared, cookie)?;
+        match receive(r, &mut p.reply, &header).await {
+            Ok(()) if p.reply.is_done() => p.complete(),
             // More chunks to come.
             Ok(()) => shared.lock().insert(cookie, p),
             Err(e) => {
@@ -778,157 +664,22 @@ async fn read_replies(r: &mut Reader, shared: &Shared, info: &ExportInfo) -> Res
     }
 }
 
-/// Applies a simple reply (and a READ's payload) to its request.
-async fn simple_into(r: &mut Reader, p: &mut Pending, error: u32, info: &ExportInfo) -> Result<()> {
-    if info.mode == ReplyMode::Extended {
-        return Err(Error::Protocol("simple reply with extended headers".into()));
-    }
-    if error != 0 {
-        p.error = Some(Error::server(
-            p.command,
-            p.offset,
-            p.length,
-            error,
-            String::new(),
-        ));
-        return Ok(());
-    }
-    match &mut p.kind {
-        Kind::Read { buf, covered, .. } => {
-            if info.mode == ReplyMode::Structured {
-                return Err(Error::Protocol(
-                    "simple reply to READ with structured replies".into(),
-                ));
-            }
-            read_payload(r, buf).await?;
-            *covered = p.length;
+/// Reads what follows a reply header into its request, as the request's
+/// assembler directs: read data straight into the caller's buffer, other
+/// payloads whole (they are bounded). Errors are protocol violations or
+/// I/O errors, and end the connection.
+async fn receive(r: &mut Reader, reply: &mut ReplyAssembler, header: &ReplyHeader) -> Result<()> {
+    match reply.header(header)? {
+        Next::Complete => {}
+        Next::Data(dst) => read_payload(r, dst).await?,
+        Next::DataOffset(chunk) => {
+            let offset = r.read_u64().await?;
+            read_payload(r, reply.data_at(chunk, offset)?).await?;
         }
-        Kind::BlockStatus(_) => {
-            return Err(Error::Protocol("simple reply to BLOCK_STATUS".into()));
-        }
-        Kind::Plain => {}
-    }
-    Ok(())
-}
-
-/// Where a chunk's `[offset, offset+n)` starts inside the READ `p`, if it
-/// lies wholly inside it.
-fn chunk_start(p: &Pending, what: &str, offset: u64, n: u64) -> Result<u64> {
-    offset
-        .checked_sub(p.offset)
-        .filter(|s| n > 0 && s.checked_add(n).is_some_and(|end| end <= p.length))
-        .ok_or_else(|| {
-            Error::Protocol(format!(
-                "{what} chunk at {offset} length {n} outside READ at {} length {}",
-                p.offset, p.length
-            ))
-        })
-}
-
-/// Applies one chunk to its pending request. Errors returned here are
-/// protocol violations that end the connection.
-async fn chunk_into(
-    r: &mut Reader,
-    p: &mut Pending,
-    chunk_type: u16,
-    payload_len: u64,
-    info: &ExportInfo,
-) -> Result<()> {
-    if chunk_type == chunk::OFFSET_DATA {
-        if !matches!(p.kind, Kind::Read { .. }) {
-            return Err(Error::Protocol("data chunk in reply to a non-READ".into()));
-        }
-        if payload_len < 9 {
-            return Err(Error::Protocol("data chunk too short".into()));
-        }
-        let offset = r.read_u64().await?;
-        let n = payload_len - 8;
-        let start = chunk_start(p, "data", offset, n)?;
-        p.cover(start, n)?;
-        let Kind::Read { buf, .. } = &mut p.kind else {
-            unreachable!("checked above");
-        };
-        // In range, so these fit the caller's buffer.
-        let (start, n) = (start as usize, n as usize);
-        read_payload(r, &mut buf[start..start + n]).await?;
-        return Ok(());
-    }
-    if payload_len > MAX_CHUNK_PAYLOAD {
-        return Err(Error::Protocol(format!(
-            "{payload_len}-byte chunk payload is too long"
-        )));
-    }
-    let mut payload = vec![0u8; payload_len as usize];
-    r.read_exact(&mut payload).await?;
-    let decoded = match Chunk::decode(chunk_type, &payload) {
-        Ok(c) => c,
-        Err(e) => {
-            return Err(Error::Protocol(format!(
-                "bad chunk of type {chunk_type}: {e}"
-            )));
-        }
-    };
-    match decoded {
-        Chunk::None => {
-            if payload_len != 0 {
-                return Err(Error::Protocol("NONE chunk with a payload".into()));
-            }
-        }
-        Chunk::Hole { offset, length } => {
-            if !matches!(p.kind, Kind::Read { .. }) {
-                return Err(Error::Protocol("hole chunk in reply to a non-READ".into()));
-            }
-            let n = u64::from(length);
-            let start = chunk_start(p, "hole", offset, n)?;
-            p.cover(start, n)?;
-            let Kind::Read { buf, .. } = &mut p.kind else {
-                unreachable!("checked above");
-            };
-            buf[start as usize..(start + n) as usize].fill(0);
-        }
-        Chunk::BlockStatus {
-            context_id,
-            extents,
-        } => {
-            let Kind::BlockStatus(v) = &mut p.kind else {
-                return Err(Error::Protocol(
-                    "block status chunk in reply to another command".into(),
-                ));
-            };
-            if !info.contexts.iter().any(|(id, _)| *id == context_id) {
-                return Err(Error::Protocol(format!(
-                    "block status for unselected context id {context_id}"
-                )));
-            }
-            if v.iter().any(|(id, _)| *id == context_id) {
-                return Err(Error::Protocol(format!(
-                    "two block status chunks for context id {context_id}"
-                )));
-            }
-            v.push((context_id, extents));
-        }
-        Chunk::Error {
-            error,
-            message,
-            offset,
-        } => {
-            // Keep the connection; the request fails. Unknown values count
-            // as EINVAL, as the spec asks.
-            let errno = if error == 0 {
-                nbd_proto::consts::errno::EINVAL
-            } else {
-                error
-            };
-            let message = nbd_proto::option::truncate_str(&message, MAX_STRING).to_string();
-            if p.error.is_none() {
-                p.error = Some(Error::server(
-                    p.command,
-                    offset.unwrap_or(p.offset),
-                    p.length,
-                    errno,
-                    message,
-                ));
-            }
+        Next::Payload(chunk) => {
+            let mut payload = vec![0u8; chunk.payload_len()];
+            r.read_exact(&mut payload).await?;
+            reply.payload(chunk, &payload)?;
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! The client's error type: every failure names what went wrong in terms a
 //! user can act on (the command, offset and errno of a server error).
 
+use nbd_proto::assemble::Violation;
 use nbd_proto::client_handshake::HandshakeError;
 use nbd_proto::consts::{cmd, errno};
 
@@ -52,6 +53,13 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A reply the server may not send ends the connection.
+impl From<Violation> for Error {
+    fn from(v: Violation) -> Self {
+        Error::Protocol(v.to_string())
+    }
+}
 
 fn errno_name(e: u32) -> &'static str {
     match errno::name(e) {

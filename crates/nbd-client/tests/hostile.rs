@@ -104,6 +104,14 @@ impl Fake {
         out
     }
 
+    /// A data chunk with the first `len` bytes of a READ, all `byte`.
+    fn data(&self, flags: u16, req: &Request, len: u64, byte: u8) -> BytesMut {
+        let mut out = self.chunk(flags, chunk::OFFSET_DATA, req, 8 + len);
+        out.put_u64(req.offset);
+        out.put_bytes(byte, len as usize);
+        out
+    }
+
     /// Waits until the client closes its end (reads and drops the rest).
     async fn wait_closed(mut self) {
         let mut sink = [0u8; 4096];
@@ -281,10 +289,8 @@ async fn silent_server_times_out() {
             // Answer the first read properly after staying idle for longer
             // than the timeout, then swallow the rest without a word.
             let req = s.request().await;
-            let mut out = s.chunk(replyflag::DONE, chunk::OFFSET_DATA, &req, 8 + req.length);
-            out.put_u64(req.offset);
-            out.put_bytes(0x11, req.length as usize);
-            s.send(&out).await;
+            s.send(&s.data(replyflag::DONE, &req, req.length, 0x11))
+                .await;
             s.wait_closed().await;
         })
         .await
@@ -383,6 +389,94 @@ async fn simple_reply_to_a_read_in_structured_mode() {
         .await
         .expect("connect");
         assert_protocol(c.read(0, vec![0; 512]).await, "simple reply to READ");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn replies_that_break_the_chunk_rules() {
+    /// Builds the whole reply to a READ.
+    type Script = fn(&Fake, &Request) -> BytesMut;
+    let cases: [(bool, Script, &str); 4] = [
+        (
+            false,
+            |s, req| {
+                let mut out = s.data(0, req, req.length / 2, 0x44);
+                out.extend_from_slice(&s.chunk(0, chunk::NONE, req, 0));
+                out
+            },
+            "NONE chunk without the DONE flag",
+        ),
+        (
+            true,
+            |s, req| {
+                let mut out = s.chunk(replyflag::DONE, chunk::ERROR_OFFSET, req, 14);
+                out.put_u32(5);
+                out.put_u16(0);
+                out.put_u64(req.offset + req.length);
+                out
+            },
+            "outside the request",
+        ),
+        (
+            false,
+            |s, req| {
+                let mut out = s.data(0, req, req.length / 2, 0x44);
+                encode_simple(&mut out, 5, req.cookie);
+                out
+            },
+            "simple reply after chunks",
+        ),
+        (
+            false,
+            |s, req| {
+                let mut out = s.chunk(replyflag::DONE, chunk::BLOCK_STATUS_EXT, req, 24);
+                out.put_u32(0);
+                out.put_u32(1);
+                out.put_u64(req.length);
+                out.put_u64(0);
+                out
+            },
+            "BLOCK_STATUS_EXT chunk without extended headers",
+        ),
+    ];
+    within("chunk rules", async {
+        for (extended, script, needle) in cases {
+            let c = connect(opts(extended, None), move |mut s| async move {
+                let req = s.request().await;
+                let out = script(&s, &req);
+                s.send(&out).await;
+                s.wait_closed().await;
+            })
+            .await
+            .expect("connect");
+            assert_protocol(c.read(4096, vec![0; 4096]).await, needle);
+            // The connection is dead: later requests fail at once.
+            assert!(c.read(0, vec![0; 512]).await.is_err());
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_read_left_partly_unwritten_fails_alone() {
+    within("incomplete read", async {
+        let c = connect(opts(false, None), |mut s| async move {
+            // Only half of the first READ, but a well-formed reply...
+            let req = s.request().await;
+            s.send(&s.data(replyflag::DONE, &req, req.length / 2, 0x44))
+                .await;
+            // ...so the stream is still in order and the next READ works.
+            let req = s.request().await;
+            s.send(&s.data(replyflag::DONE, &req, req.length, 0x55))
+                .await;
+            s.wait_closed().await;
+        })
+        .await
+        .expect("connect");
+        assert_protocol(c.read(0, vec![0; 4096]).await, "covered only 2048 bytes");
+        let data = c.read(0, vec![0; 4096]).await.expect("the next read");
+        assert!(data.iter().all(|&b| b == 0x55));
     })
     .await;
 }

@@ -4,6 +4,7 @@
 //! are total (they return errors, never panic) and bound every length before
 //! allocating, so they can be fed hostile input directly and fuzzed.
 
+pub mod assemble;
 pub mod client_handshake;
 pub mod consts;
 pub mod handshake;
@@ -11,6 +12,7 @@ pub mod option;
 pub mod reply;
 pub mod request;
 pub mod server_handshake;
+pub mod validate;
 mod wire;
 
 pub use wire::Reader;

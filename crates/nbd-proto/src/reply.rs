@@ -3,10 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::consts::{
-    EXTENDED_REPLY_LEN, EXTENDED_REPLY_MAGIC, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_LEN, STRUCTURED_REPLY_MAGIC, chunk,
-};
+use crate::consts::{EXTENDED_REPLY_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, chunk};
 use crate::{DecodeError, Reader};
 
 /// Which reply form a connection uses, fixed at the end of the handshake.
@@ -78,17 +75,6 @@ pub enum ReplyHeader {
 }
 
 impl ReplyHeader {
-    /// Length of the header that starts with `magic`, or None if the magic is
-    /// not a reply magic.
-    pub fn len_for_magic(magic: u32) -> Option<usize> {
-        match magic {
-            SIMPLE_REPLY_MAGIC => Some(SIMPLE_REPLY_LEN),
-            STRUCTURED_REPLY_MAGIC => Some(STRUCTURED_REPLY_LEN),
-            EXTENDED_REPLY_MAGIC => Some(EXTENDED_REPLY_LEN),
-            _ => None,
-        }
-    }
-
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(buf);
         let magic = r.u32()?;

@@ -2,7 +2,9 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::consts::{EXTENDED_REQUEST_LEN, EXTENDED_REQUEST_MAGIC, REQUEST_LEN, REQUEST_MAGIC};
+use crate::consts::{
+    EXTENDED_REQUEST_LEN, EXTENDED_REQUEST_MAGIC, REQUEST_LEN, REQUEST_MAGIC, cmd, cmdflag,
+};
 use crate::{DecodeError, Reader};
 
 /// A request header. `length` is 64-bit so one type serves both header
@@ -23,6 +25,19 @@ impl Request {
             EXTENDED_REQUEST_LEN
         } else {
             REQUEST_LEN
+        }
+    }
+
+    /// Bytes of payload that follow this header on the wire: a WRITE's data,
+    /// or, with extended headers, whatever a PAYLOAD_LEN request announces.
+    /// The reader must consume them even when it refuses the request, or
+    /// the stream loses its framing. (qemu tolerates an extended WRITE
+    /// without PAYLOAD_LEN, and so do we: its length is still its payload.)
+    pub fn payload_len(&self, extended: bool) -> u64 {
+        if self.command == cmd::WRITE || (extended && self.flags & cmdflag::PAYLOAD_LEN != 0) {
+            self.length
+        } else {
+            0
         }
     }
 

@@ -4,16 +4,18 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use ferry_block::{BlockDev, Error as StoreError, ZeroMode};
-use nbd_proto::consts::{chunk, cmd, cmdflag, errno, replyflag, state, tflag};
+use ferry_block::{BlockDev, Error as BlockError, ZeroMode};
+use nbd_proto::consts::{chunk, cmd, cmdflag, errno, replyflag, state};
 use nbd_proto::reply::{
     Extent, ReplyMode, encode_block_status_payload, encode_chunk_header, encode_error_payload,
     encode_hole_payload, encode_simple,
 };
 use nbd_proto::request::Request;
+use nbd_proto::validate::{Refusal, Terms};
 
 use crate::bufpool::POOL;
 use crate::outgoing::{Outgoing, Part};
+use crate::registry::MIN_BLOCK;
 
 /// Most extents returned for one context in one BLOCK_STATUS reply.
 const MAX_STATUS_EXTENTS: usize = 65536;
@@ -24,8 +26,6 @@ const MIN_HOLE_CHUNK: u64 = 4096;
 /// Larger cached reads still go to the blocking pool, so that one copy
 /// does not hold up the connection's reader for long.
 const MAX_INLINE_READ: u64 = 4 << 20;
-/// DF reads are served up to this size (the spec requires 64 KiB).
-const MAX_DF_READ: u64 = 1 << 20;
 
 /// Everything a request needs to know about its connection.
 pub struct Session {
@@ -36,74 +36,20 @@ pub struct Session {
     pub max_payload: u32,
 }
 
-/// A request refused before touching the device.
-pub struct Refusal {
-    pub errno: u32,
-    pub message: &'static str,
-}
-
-fn refuse(errno: u32, message: &'static str) -> Result<(), Refusal> {
-    Err(Refusal { errno, message })
-}
-
 impl Session {
-    fn size(&self) -> u64 {
-        self.dev.size()
-    }
-
-    fn has(&self, flag: u16) -> bool {
-        self.flags & flag != 0
-    }
-
-    /// Checks a request header; the caller answers refusals without
-    /// running anything (after consuming any payload).
+    /// Checks a request header against what was negotiated; the caller
+    /// answers refusals without running anything (after consuming any
+    /// payload).
     pub fn validate(&self, req: &Request) -> Result<(), Refusal> {
-        let structured = self.mode.structured();
-        let allowed = match req.command {
-            cmd::READ if structured => cmdflag::FUA | cmdflag::DF,
-            cmd::READ | cmd::FLUSH | cmd::TRIM | cmd::CACHE => cmdflag::FUA,
-            cmd::WRITE if self.mode == ReplyMode::Extended => cmdflag::FUA | cmdflag::PAYLOAD_LEN,
-            cmd::WRITE => cmdflag::FUA,
-            cmd::WRITE_ZEROES if self.has(tflag::SEND_FAST_ZERO) => {
-                cmdflag::FUA | cmdflag::NO_HOLE | cmdflag::FAST_ZERO
-            }
-            cmd::WRITE_ZEROES => cmdflag::FUA | cmdflag::NO_HOLE,
-            cmd::BLOCK_STATUS => cmdflag::FUA | cmdflag::REQ_ONE,
-            _ => return refuse(errno::EINVAL, "unknown command"),
-        };
-        if req.flags & !allowed != 0 {
-            return refuse(errno::EINVAL, "unsupported command flags");
+        Terms {
+            mode: self.mode,
+            flags: self.flags,
+            size: self.dev.size(),
+            max_payload: self.max_payload,
+            min_block: MIN_BLOCK,
+            has_contexts: !self.contexts.is_empty(),
         }
-        let writes = matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
-        if writes && self.has(tflag::READ_ONLY) {
-            return refuse(errno::EPERM, "export is read-only");
-        }
-        if req.command == cmd::FLUSH {
-            return Ok(());
-        }
-        let size = self.size();
-        if req.offset > size || req.length > size - req.offset {
-            return if matches!(req.command, cmd::WRITE | cmd::WRITE_ZEROES) {
-                refuse(errno::ENOSPC, "request past the end of the export")
-            } else {
-                refuse(errno::EINVAL, "request past the end of the export")
-            };
-        }
-        match req.command {
-            cmd::READ | cmd::WRITE if req.length > u64::from(self.max_payload) => {
-                refuse(errno::EOVERFLOW, "request larger than the maximum payload")
-            }
-            cmd::READ if req.flags & cmdflag::DF != 0 && req.length > MAX_DF_READ => {
-                refuse(errno::EOVERFLOW, "DF read too large")
-            }
-            cmd::BLOCK_STATUS if !structured || self.contexts.is_empty() => {
-                refuse(errno::EINVAL, "no meta context negotiated")
-            }
-            cmd::BLOCK_STATUS if req.length == 0 => {
-                refuse(errno::EINVAL, "zero-length block status")
-            }
-            _ => Ok(()),
-        }
+        .validate(req)
     }
 
     /// The reply to a refused or failed request.
@@ -183,7 +129,7 @@ impl Session {
         }
     }
 
-    fn store_error(&self, req: &Request, e: &StoreError) -> Outgoing {
+    fn store_error(&self, req: &Request, e: &BlockError) -> Outgoing {
         let code = errno_of(e);
         if code == errno::EIO {
             tracing::warn!(
@@ -218,7 +164,7 @@ impl Session {
 
     /// Fills `buf` from `offset`; with `nowait` only from cache (false: it
     /// would block).
-    fn fill(&self, buf: &mut [u8], offset: u64, nowait: bool) -> Result<bool, StoreError> {
+    fn fill(&self, buf: &mut [u8], offset: u64, nowait: bool) -> Result<bool, BlockError> {
         if nowait {
             self.dev.read_at_nowait(buf, offset)
         } else {
@@ -401,13 +347,13 @@ impl Session {
 }
 
 /// The NBD error for a storage failure.
-pub fn errno_of(e: &StoreError) -> u32 {
+pub fn errno_of(e: &BlockError) -> u32 {
     match e {
-        StoreError::NotFast => errno::ENOTSUP,
-        StoreError::ReadOnly => errno::EPERM,
-        StoreError::OutOfRange { .. } | StoreError::UnknownContext(_) => errno::EINVAL,
-        StoreError::Gone(_) => errno::EIO,
-        StoreError::Io(io) => match io.raw_os_error() {
+        BlockError::NotFast => errno::ENOTSUP,
+        BlockError::ReadOnly => errno::EPERM,
+        BlockError::OutOfRange { .. } | BlockError::UnknownContext(_) => errno::EINVAL,
+        BlockError::Gone(_) => errno::EIO,
+        BlockError::Io(io) => match io.raw_os_error() {
             Some(28 /* ENOSPC */ | 122 /* EDQUOT */ | 27 /* EFBIG */) => errno::ENOSPC,
             Some(1 /* EPERM */ | 13 /* EACCES */ | 30 /* EROFS */) => errno::EPERM,
             Some(22 /* EINVAL */) => errno::EINVAL,

@@ -9,6 +9,10 @@ use nbd_proto::consts::tflag;
 use nbd_proto::option::ServerEntry;
 use nbd_proto::server_handshake::{Catalog, ExportInfo, Lookup, Peer};
 
+/// Minimum block size every export advertises (and requests are checked
+/// against): the devices take I/O at any byte offset.
+pub const MIN_BLOCK: u32 = 1;
+
 /// One published export: a name, a description and the device behind it,
 /// and how many connections have it open.
 pub struct Published {
@@ -132,7 +136,7 @@ impl Published {
             description: self.description.clone(),
             size: self.dev.size(),
             flags,
-            min_block: 1,
+            min_block: MIN_BLOCK,
             preferred_block: 4096,
             max_payload,
             contexts: self.dev.contexts(),

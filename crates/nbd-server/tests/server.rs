@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use ferry_block::{BASE_ALLOCATION, BlockDev, Layer, MemDev};
 use nbd_client::{Client, ConnectOptions, Error, ReplyMode};
+use nbd_proto::assemble::reply_header_len;
 use nbd_proto::client_handshake::{ClientConfig, ClientHandshake, ClientStep};
 use nbd_proto::consts::{cmd, cmdflag, errno, replyflag};
 use nbd_proto::reply::{Chunk, ReplyHeader};
@@ -234,6 +235,7 @@ async fn read_only_export_refuses_writes() {
 /// raw request headers, and replies read as they come.
 struct Raw {
     io: UnixStream,
+    mode: ReplyMode,
     extended: bool,
     cookie: u64,
 }
@@ -260,6 +262,7 @@ impl Raw {
         };
         Raw {
             io,
+            mode: negotiated.mode,
             extended: negotiated.mode == ReplyMode::Extended,
             cookie: 0,
         }
@@ -303,7 +306,8 @@ impl Raw {
         loop {
             let mut magic = [0u8; 4];
             self.io.read_exact(&mut magic).await.unwrap();
-            let len = ReplyHeader::len_for_magic(u32::from_be_bytes(magic)).expect("reply magic");
+            let len = reply_header_len(u32::from_be_bytes(magic), self.mode)
+                .expect("a reply header of the negotiated form");
             let mut hdr = vec![0u8; len];
             hdr[..4].copy_from_slice(&magic);
             self.io.read_exact(&mut hdr[4..]).await.unwrap();
