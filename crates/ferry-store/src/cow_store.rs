@@ -207,8 +207,10 @@ impl CowStore {
                 j += 1;
             }
             if let Err(e) = self.write_slots(&buf[i * slot..j * slot], self.slot_off(slots[i])) {
-                // Nothing points at these slots yet: they are free again.
-                self.free_slots(&slots);
+                // Nothing points at these slots yet: they are free again,
+                // and punched, so that no record written before the
+                // failure is replayed after a restart.
+                let _ = self.release(&slots);
                 return Err(e.into());
             }
             i = j;

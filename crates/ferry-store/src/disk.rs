@@ -38,6 +38,17 @@ use crate::view::SnapshotView;
 pub const DEFAULT_GRANULARITY: u64 = 64 * 1024;
 const COW_STORE: &str = "cow.store";
 const GENS: &str = "gens";
+/// Space set aside in the state directory for the manifest writes of the
+/// operations that free space (deleting a snapshot or a checkpoint): on a
+/// full file system they give the reserve back and retry, so freeing space
+/// never needs space first. Set aside again by the next snapshot or
+/// checkpoint created.
+const RESERVE: &str = "reserve";
+const RESERVE_BYTES: u64 = 1 << 20;
+
+fn no_space(e: &StoreError) -> bool {
+    matches!(e, StoreError::Io(io) if matches!(io.raw_os_error(), Some(28 /* ENOSPC */ | 122 /* EDQUOT */)))
+}
 
 /// Checks a tracking/copy-on-write block size: a power of two from 4 KiB
 /// (the page size, and O_DIRECT's alignment) to 64 MiB (one preserved
@@ -169,6 +180,8 @@ impl Disk {
     }
 
     /// Creates the state directory on first use.
+    /// Creates the state directory on first use. Safe to call again after
+    /// it failed half-way (a full file system).
     fn ensure_on_disk(&self, st: &mut State) -> Result<()> {
         if st.on_disk {
             return Ok(());
@@ -180,10 +193,32 @@ impl Disk {
         {
             manifest::sync_dir(d)?;
         }
-        st._lock = Some(take_lock(&self.dir)?);
+        if st._lock.is_none() {
+            st._lock = Some(take_lock(&self.dir)?);
+        }
         st.manifest.store(&self.dir)?;
         st.on_disk = true;
         Ok(())
+    }
+
+    /// Sets the reserve aside if it is missing (best effort: on a full file
+    /// system it waits for room). Creating operations call it, not deletes:
+    /// a delete frees all it can at once.
+    fn ensure_reserve(&self) {
+        let path = self.dir.join(RESERVE);
+        if path.exists() {
+            return;
+        }
+        let made = (|| {
+            let f = std::fs::File::create(&path)?;
+            rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, RESERVE_BYTES)?;
+            f.sync_all()?;
+            manifest::sync_dir(&self.dir)
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(disk = %self.name, "cannot set aside space for deletes: {e}");
+        }
     }
 
     /// Publishes `m` (durably), then lets the layers take it up.
@@ -195,6 +230,22 @@ impl Disk {
             return Err(e);
         }
         self.dirty.apply(&m.tracking, new_gen);
+        st.manifest = m;
+        Ok(())
+    }
+
+    /// [`publish`](Self::publish) for a change that frees space: on a full
+    /// file system the reserve goes first, then the manifest is written.
+    fn publish_freeing(&self, st: &mut State, m: Manifest) -> Result<()> {
+        match m.store(&self.dir) {
+            Err(e) if no_space(&e) && std::fs::remove_file(self.dir.join(RESERVE)).is_ok() => {
+                tracing::info!(disk = %self.name, "state file system full: using the reserve");
+                manifest::sync_dir(&self.dir)?;
+                m.store(&self.dir)?;
+            }
+            r => r?,
+        }
+        self.dirty.apply(&m.tracking, None);
         st.manifest = m;
         Ok(())
     }
@@ -228,6 +279,7 @@ impl Disk {
             return Err(self.exists_error("checkpoint", name));
         }
         self.ensure_on_disk(&mut st)?;
+        self.ensure_reserve();
         self.origin.ensure_store()?;
         // Acknowledged writes become part of the snapshot durably.
         BlockDev::flush(&*self.fence)?;
@@ -310,7 +362,7 @@ impl Disk {
         let s = self.find_snapshot(&st, name)?;
         let mut m = st.manifest.clone();
         m.snapshots.retain(|x| x.seq != s.seq);
-        self.publish(&mut st, m, None)?;
+        self.publish_freeing(&mut st, m)?;
         drop(st);
         let freed = self.origin.remove_snapshot(s.seq);
         // Only now that no manifest names the snapshot may its blocks go.
@@ -365,6 +417,7 @@ impl Disk {
             return Err(self.exists_error("checkpoint", name));
         }
         self.ensure_on_disk(&mut st)?;
+        self.ensure_reserve();
         let mut m = st.manifest.clone();
         let id = m.take_id();
         m.tracking.gens.push(id);
@@ -413,7 +466,7 @@ impl Disk {
                 self.name
             )));
         }
-        self.publish(&mut st, m, None)?;
+        self.publish_freeing(&mut st, m)?;
         tracing::info!(disk = %self.name, checkpoint = name, "checkpoint deleted");
         Ok(())
     }
@@ -427,6 +480,13 @@ impl Disk {
                 self.name
             ))
         })
+    }
+
+    /// Periodic upkeep (the daemon calls it every few seconds): keeps what
+    /// a crash can make a checkpoint over-report to the last few seconds'
+    /// marking windows. Returns the bits dropped.
+    pub fn tighten(&self) -> Result<u64> {
+        Ok(self.dirty.tighten()?)
     }
 
     /// Drops the disk the way a crash would: no clean-close work.

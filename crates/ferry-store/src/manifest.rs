@@ -123,15 +123,20 @@ impl Manifest {
     }
 }
 
-/// temp + fsync + rename + fsync(dir): the file is either old or new.
+/// temp + fsync + rename + fsync(dir): the file is either old or new. A
+/// failure (a full file system, say) leaves no temporary file behind.
 pub(crate) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
-    {
+    let written = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
+        fs::rename(&tmp, dir.join(name))
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
     }
-    fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
 }
 
@@ -144,22 +149,31 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
 /// `fdatasync` of an in-place update then has no block allocation to
 /// commit to the file system journal, which makes it several times
 /// cheaper (it is on the first-write path of every tracked block).
+///
+/// A failure (a full file system, say) removes the file again.
 pub(crate) fn create_zeroed(path: &Path, len: u64) -> io::Result<File> {
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(path)?;
-    let chunk = vec![0u8; len.min(1 << 20) as usize];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        f.write_all(&chunk[..n])?;
-        left -= n as u64;
-    }
-    f.sync_all()?;
-    if let Some(parent) = path.parent() {
-        sync_dir(parent)?;
+    let filled = (|| {
+        let chunk = vec![0u8; len.min(1 << 20) as usize];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        f.sync_all()?;
+        match path.parent() {
+            Some(parent) => sync_dir(parent),
+            None => Ok(()),
+        }
+    })();
+    if let Err(e) = filled {
+        let _ = fs::remove_file(path);
+        return Err(e);
     }
     Ok(f)
 }

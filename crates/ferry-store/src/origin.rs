@@ -300,20 +300,16 @@ impl SnapshotOrigin {
         self.preserve(newest, a, (b + ahead).min(self.nblocks))
     }
 
-    /// Copies the old contents of blocks `[a, b)` that the newest snapshot
-    /// still shares into the store, durably, once for all snapshots.
-    fn preserve(&self, newest: u64, a: u64, b: u64) -> Result<()> {
-        let mut stripes: Vec<usize> = (a..b).map(|blk| (blk % STRIPES) as usize).collect();
-        stripes.sort_unstable();
-        stripes.dedup();
-        let _guards: Vec<_> = stripes.iter().map(|&i| lock(&self.stripes[i])).collect();
-        let todo: Vec<u64> = (a..b).filter(|&blk| !self.cowdone.get(blk)).collect();
-        if todo.is_empty() {
-            return Ok(());
-        }
-        let store = self.store()?;
-        let mut written = Vec::with_capacity(todo.len());
-        // One batch (and so one store write) per run of consecutive blocks.
+    /// Copies blocks `todo` into the store, one batch (and so one store
+    /// write) per run of consecutive blocks, and makes them durable;
+    /// `written` collects (block, slot) as they go.
+    fn copy_runs(
+        &self,
+        store: &CowStore,
+        newest: u64,
+        todo: &[u64],
+        written: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
         let mut i = 0;
         while i < todo.len() {
             let mut j = i + 1;
@@ -331,7 +327,30 @@ impl SnapshotOrigin {
             i = j;
         }
         // The copies are durable before any origin block is overwritten.
-        store.commit()?;
+        Ok(store.commit()?)
+    }
+
+    /// Copies the old contents of blocks `[a, b)` that the newest snapshot
+    /// still shares into the store, durably, once for all snapshots.
+    fn preserve(&self, newest: u64, a: u64, b: u64) -> Result<()> {
+        let mut stripes: Vec<usize> = (a..b).map(|blk| (blk % STRIPES) as usize).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<_> = stripes.iter().map(|&i| lock(&self.stripes[i])).collect();
+        let todo: Vec<u64> = (a..b).filter(|&blk| !self.cowdone.get(blk)).collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let store = self.store()?;
+        let mut written = Vec::with_capacity(todo.len());
+        if let Err(e) = self.copy_runs(store, newest, &todo, &mut written) {
+            // The write fails and nothing points at these copies: their
+            // slots are punched now, so the store's accounting stays exact
+            // (and a restart does not replay them).
+            let slots: Vec<u64> = written.iter().map(|&(_, s)| s).collect();
+            let _ = store.release(&slots);
+            return Err(e);
+        }
         {
             let mut maps = self.write_maps();
             let Maps { snaps, refs } = &mut *maps;
