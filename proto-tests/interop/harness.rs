@@ -1179,7 +1179,7 @@ pub fn nbdsh_script_gated(
     )
 }
 
-fn nbdsh_command(dir: &Path, script: &str, env: &[(&str, String)]) -> Command {
+pub fn nbdsh_command(dir: &Path, script: &str, env: &[(&str, String)]) -> Command {
     let path = dir.join(format!("script-{}.py", unique()));
     fs::write(&path, script).expect("write script");
     let mut c = peer("nbdsh");

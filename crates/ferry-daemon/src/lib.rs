@@ -11,5 +11,5 @@ mod service;
 mod stack;
 
 pub use error::ServiceError;
-pub use service::Daemon;
+pub use service::{Daemon, TIGHTEN_EVERY};
 pub use stack::ExportSpec;

@@ -1,4 +1,9 @@
 //! A fixed-size bitmap of atomic words: writers set bits without a lock.
+//!
+//! Every access is sequentially consistent: a durable bitmap's rewrite
+//! (`durable_bitmap.rs`, `tighten`) relies on the order of a writer's
+//! "set my bit in one map, then look at another map" against its own
+//! "clear in that map, then look at the first".
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,7 +30,7 @@ impl AtomicBitmap {
 
     #[inline]
     pub fn get(&self, i: u64) -> bool {
-        self.words[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+        self.words[(i / 64) as usize].load(Ordering::SeqCst) & (1 << (i % 64)) != 0
     }
 
     /// True when every bit in `[a, b)` is set.
@@ -45,23 +50,37 @@ impl AtomicBitmap {
 
     #[inline]
     pub fn set(&self, i: u64) {
-        self.words[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::AcqRel);
+        self.words[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::SeqCst);
+    }
+
+    /// Clears the bits of `mask` in word `w`.
+    pub fn clear_word_bits(&self, w: usize, mask: u64) {
+        self.words[w].fetch_and(!mask, Ordering::SeqCst);
+    }
+
+    /// Sets the bits of `mask` in word `w`.
+    pub fn set_word_bits(&self, w: usize, mask: u64) {
+        self.words[w].fetch_or(mask, Ordering::SeqCst);
+    }
+
+    pub fn words_len(&self) -> usize {
+        self.words.len()
     }
 
     pub fn word(&self, w: usize) -> u64 {
-        self.words[w].load(Ordering::Acquire)
+        self.words[w].load(Ordering::SeqCst)
     }
 
     pub fn snapshot(&self) -> Vec<u64> {
         self.words
             .iter()
-            .map(|w| w.load(Ordering::Acquire))
+            .map(|w| w.load(Ordering::SeqCst))
             .collect()
     }
 
     pub fn clear(&self) {
         for w in self.words.iter() {
-            w.store(0, Ordering::Release);
+            w.store(0, Ordering::SeqCst);
         }
     }
 }

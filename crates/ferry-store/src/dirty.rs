@@ -169,10 +169,18 @@ impl DirtyTracker {
         Ok(())
     }
 
-    /// Creates the (empty, durable) file of generation `id`.
+    /// Creates the (empty, durable) file of generation `id`. A file of
+    /// that id can only be left over from a change that failed before its
+    /// manifest was written (ids come from the manifest's counter, which
+    /// moves on only when one is): it goes first.
     pub(crate) fn create_generation(&self, id: u64) -> io::Result<NewGeneration> {
         std::fs::create_dir_all(&self.gens_dir)?;
         let path = gen_path(&self.gens_dir, id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(file = %path.display(), "removing leftover bitmap"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let map = DurableBitmap::create(&path, self.nblocks, ROUNDING)?;
         Ok(NewGeneration { id, path, map })
     }
@@ -305,6 +313,16 @@ impl DirtyTracker {
             g.mark(offset / self.gran, (offset + len - 1) / self.gran + 1)?;
         }
         Ok(())
+    }
+
+    /// Drops from the active generation's file the bits its marking
+    /// windows added and no write has needed since (see
+    /// `DurableBitmap::tighten`); returns how many.
+    pub(crate) fn tighten(&self) -> io::Result<u64> {
+        match &self.read().active {
+            Some((_, g)) => g.tighten(),
+            None => Ok(0),
+        }
     }
 
     #[cfg(test)]

@@ -17,12 +17,16 @@
 //!
 //! The file is a superset of `exact` at all times; at a quiet moment
 //! (no mark in flight) [`write_exact`](DurableBitmap::write_exact) makes
-//! it exact.
+//! it exact. While marks go on, [`tighten`](DurableBitmap::tighten) drops
+//! the bits that rounding added and no write has needed since: the bound
+//! on what a crash can over-report is the rounding of the marks made
+//! since the last tighten.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use crate::bitmap::{self, AtomicBitmap};
 use crate::io::{datasync, pread_full, pwrite_all};
@@ -56,6 +60,11 @@ pub(crate) struct DurableBitmap {
     /// Word indices changed in `ondisk` since the last sync.
     pending: Mutex<Vec<usize>>,
     sync: GroupSync,
+    /// Marks that make bits durable hold it shared; `tighten` holds it
+    /// alone, so it never rewrites the file under a group sync.
+    rewrite: RwLock<()>,
+    /// Marks that went to the file since the last tighten.
+    widened: AtomicU64,
 }
 
 impl DurableBitmap {
@@ -87,6 +96,8 @@ impl DurableBitmap {
             durable: AtomicBitmap::from_words(words),
             pending: Mutex::new(Vec::new()),
             sync: GroupSync::default(),
+            rewrite: RwLock::new(()),
+            widened: AtomicU64::new(0),
         }
     }
 
@@ -101,6 +112,8 @@ impl DurableBitmap {
         if self.durable.all_set(a, b) {
             return Ok(());
         }
+        let _marking = self.rewrite.read().unwrap_or_else(|e| e.into_inner());
+        self.widened.fetch_add(1, Ordering::Relaxed);
         let window = self.rounding.window;
         let wa = a / window * window;
         let mut wb = (b.div_ceil(window) * window).min(self.nbits);
@@ -150,6 +163,46 @@ impl DurableBitmap {
         datasync(&self.file)
     }
 
+    /// Drops from the file the bits that rounding added and that no write
+    /// has needed since (set in `durable` but not in `exact`); returns how
+    /// many. Marks that are making bits durable wait meanwhile; writes whose
+    /// bits are durable do not.
+    ///
+    /// Why no write can lose its bit: a writer sets its `exact` bit, then
+    /// looks at `durable`. This clears `durable` first, then reads `exact`
+    /// again and keeps in the file every bit set there. A writer that saw
+    /// its `durable` bit still set had set `exact` before this cleared it,
+    /// so the second read sees it and the bit stays; a writer that looks
+    /// after the clear finds it gone and makes it durable again itself,
+    /// after this rewrite (it waits for `rewrite`). Until the new words are
+    /// written the file holds the old ones, a superset either way.
+    pub fn tighten(&self) -> io::Result<u64> {
+        if self.widened.load(Ordering::Relaxed) == 0 {
+            return Ok(0);
+        }
+        let _alone = self.rewrite.write().unwrap_or_else(|e| e.into_inner());
+        self.widened.store(0, Ordering::Relaxed);
+        let mut changed = Vec::new();
+        let mut dropped = 0;
+        for w in 0..self.durable.words_len() {
+            let extra = self.durable.word(w) & !self.exact.word(w);
+            if extra == 0 {
+                continue;
+            }
+            self.durable.clear_word_bits(w, extra);
+            self.ondisk.clear_word_bits(w, extra);
+            self.ondisk.set_word_bits(w, self.exact.word(w));
+            dropped += u64::from((extra & !self.exact.word(w)).count_ones());
+            changed.push(w);
+        }
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = changed;
+        self.write_pending()?;
+        Ok(dropped)
+    }
+
     /// Replaces the file's rounded bits by the exact ones. Only when no
     /// mark is in flight: the exact bits then cover every one made.
     pub fn write_exact(&self) -> io::Result<()> {
@@ -193,6 +246,63 @@ mod tests {
         g.write_exact().unwrap();
         let g = DurableBitmap::open(&path, 1000, DIRTY).unwrap();
         assert_eq!(set(&g.words(), 1000), want);
+    }
+
+    #[test]
+    fn tighten_drops_what_rounding_added_and_keeps_every_write() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("t.bits");
+        let g = DurableBitmap::create(&path, 1000, DIRTY).unwrap();
+        g.mark(10, 11).unwrap();
+        g.mark(500, 501).unwrap();
+        assert_eq!(set(&read_bits(&path, 1000).unwrap(), 1000).len(), 32);
+        assert_eq!(g.tighten().unwrap(), 30);
+        assert_eq!(set(&read_bits(&path, 1000).unwrap(), 1000), vec![10, 500]);
+        assert_eq!(g.tighten().unwrap(), 0, "nothing marked since");
+        // A block in a tightened window is made durable again.
+        g.mark(12, 13).unwrap();
+        let on_disk = set(&read_bits(&path, 1000).unwrap(), 1000);
+        assert!(on_disk.contains(&12) && on_disk.contains(&10) && on_disk.contains(&500));
+    }
+
+    /// Writers keep marking while tighten runs over and over: whenever a
+    /// writer's mark returns, its bit is in the file.
+    #[test]
+    fn tighten_races_marks_without_losing_a_bit() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("r.bits");
+        let g = std::sync::Arc::new(DurableBitmap::create(&path, 4096, DIRTY).unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tightener = {
+            let (g, stop) = (g.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    g.tighten().unwrap();
+                }
+            })
+        };
+        let writers: Vec<_> = (0..3u64)
+            .map(|t| {
+                let (g, path) = (g.clone(), path.clone());
+                std::thread::spawn(move || {
+                    let mut x = t + 1;
+                    for _ in 0..300 {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let b = (x >> 33) % 4096;
+                        g.mark(b, b + 1).unwrap();
+                        let on_disk = read_bits(&path, 4096).unwrap();
+                        assert!(bitmap::test_bit(&on_disk, b), "bit {b} not in the file");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+        tightener.join().unwrap();
     }
 
     #[test]

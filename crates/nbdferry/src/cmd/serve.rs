@@ -314,6 +314,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server =
         Server::new(registry, limits, handshake, tls_config).map_err(anyhow::Error::msg)?;
     let serving = tokio::spawn(server.run(listeners, shutdown.clone()));
+    let upkeep = tokio::spawn(daemon.clone().maintain(shutdown.clone()));
     let mut admin_tasks = Vec::new();
     if let Some(l) = admin_sock {
         let api = ferry_daemon::http::serve(l, daemon.clone(), grants.clone(), shutdown.clone());
@@ -334,6 +335,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for t in admin_tasks {
         t.await.context("admin task failed")?;
     }
+    upkeep.await.context("upkeep task failed")?;
     Ok(())
 }
 
