@@ -273,6 +273,12 @@ impl AdminClient {
         self.call(Method::POST, &path, None::<&()>).await
     }
 
+    pub async fn hydration(&self, disk: &str) -> Result<HydrationStatus, ClientError> {
+        validate_name("disk", disk).map_err(ClientError::Usage)?;
+        self.get(&format!("/v1/disks/{}/hydration", path_segment(disk)))
+            .await
+    }
+
     pub async fn checkpoints(&self, disk: &str) -> Result<CheckpointList, ClientError> {
         self.get(&collection(disk, "checkpoint")?).await
     }

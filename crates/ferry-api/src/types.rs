@@ -142,3 +142,26 @@ pub struct ExportEntry {
 pub struct ExportList {
     pub exports: Vec<ExportEntry>,
 }
+
+/// `GET /v1/disks/{disk}/hydration`: a post-copy disk still arriving (or
+/// arrived) from its source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HydrationStatus {
+    pub disk: String,
+    pub source_uri: String,
+    /// Bytes of the disk that are here (fetched, written, or known zero).
+    pub present_bytes: u64,
+    pub total_bytes: u64,
+    /// Bytes per second fetched lately.
+    pub rate: u64,
+    /// Seconds left at that rate (None while unknown).
+    pub eta_seconds: Option<u64>,
+    /// Bytes fetched from the source, in all and because clients read them.
+    pub fetched_bytes: u64,
+    pub fetched_on_demand_bytes: u64,
+    /// connected, reconnecting, or detached (complete: source let go).
+    pub source: String,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+    pub complete: bool,
+}

@@ -11,5 +11,6 @@ mod service;
 mod stack;
 
 pub use error::ServiceError;
+pub use ferry_jobs::HydrateOptions;
 pub use service::{Daemon, TIGHTEN_EVERY};
-pub use stack::ExportSpec;
+pub use stack::{ExportSpec, SourceSpec};

@@ -14,11 +14,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_api::{
     CheckpointCreated, CheckpointDeleted, CheckpointList, CreateCheckpoint, CreateSnapshot,
-    ExportEntry, ExportList, Reverted, SnapshotCreated, SnapshotDeleted, SnapshotEntry,
-    SnapshotList,
+    ExportEntry, ExportList, HydrationStatus, Reverted, SnapshotCreated, SnapshotDeleted,
+    SnapshotEntry, SnapshotList,
 };
+use ferry_jobs::{HydrateOptions, Hydration};
 use ferry_store::{Disk, validate_name};
 use nbd_server::{Registry, RegistryError};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ServiceError;
 use crate::stack::{self, ExportSpec};
@@ -39,6 +41,10 @@ pub struct Daemon {
     registry: Arc<Registry>,
     disks_dir: PathBuf,
     disks: Mutex<BTreeMap<String, Slot>>,
+    /// Disks still arriving from a source, and the pass that brings them.
+    hydrations: Mutex<BTreeMap<String, Arc<Hydration>>>,
+    /// Stops the daemon's background jobs.
+    stop: CancellationToken,
 }
 
 /// `DISK@SNAP`, the export name of a snapshot.
@@ -103,7 +109,15 @@ impl Daemon {
             registry,
             disks_dir: state_dir.join("disks"),
             disks: Mutex::new(BTreeMap::new()),
+            hydrations: Mutex::new(BTreeMap::new()),
+            stop: CancellationToken::new(),
         }
+    }
+
+    /// Stops the background jobs (hydration passes); their state is
+    /// durable, so they resume where they stood at the next start.
+    pub fn stop_jobs(&self) {
+        self.stop.cancel();
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -113,8 +127,13 @@ impl Daemon {
     /// Adds an export. A writable export gets the snapshot and checkpoint
     /// layers, with snapshots and checkpoints under its disk name: the
     /// export name, or for the nameless default export the file name.
-    /// Existing snapshots are published again.
-    pub fn add_export(&self, spec: &ExportSpec) -> Result<(), ServiceError> {
+    /// Existing snapshots are published again. A disk with a source starts
+    /// its hydration pass (`hydrate` tunes it).
+    pub async fn add_export(
+        &self,
+        spec: &ExportSpec,
+        hydrate: &HydrateOptions,
+    ) -> Result<(), ServiceError> {
         let name = spec.name.as_str();
         if name.len() > nbd_proto::consts::MAX_STRING || name.contains('\0') {
             return Err(ServiceError::Config(format!(
@@ -132,16 +151,24 @@ impl Daemon {
         } else {
             None
         };
-        let mut disks = lock(&self.disks);
         if let Some(d) = &disk_name
-            && disks.contains_key(d)
+            && lock(&self.disks).contains_key(d)
         {
             return Err(ServiceError::Config(format!(
                 "two exports use the disk name '{d}'"
             )));
         }
-        let built = stack::build(spec, disk_name.as_deref(), &self.disks_dir)?;
+        let built = stack::build(spec, disk_name.as_deref(), &self.disks_dir).await?;
+        let mut disks = lock(&self.disks);
         self.publish(name, &spec.description, built.dev)?;
+        if let (Some(h), Some(d)) = (built.hydration, &disk_name) {
+            let opts = HydrateOptions {
+                rate: spec.source.as_ref().and_then(|s| s.rate),
+                ..hydrate.clone()
+            };
+            tokio::spawn(h.clone().run(opts, self.stop.child_token()));
+            lock(&self.hydrations).insert(d.clone(), h);
+        }
         let Some(d) = disk_name else {
             return Ok(());
         };
@@ -185,6 +212,17 @@ impl Daemon {
             Some(Slot::ReadOnly) => Err(ServiceError::ReadOnlyDisk(disk.to_string())),
             None => Err(ServiceError::NoSuchDisk(disk.to_string())),
         }
+    }
+
+    /// Where a disk that arrives from a source stands.
+    pub fn hydration(&self, disk: &str) -> Result<HydrationStatus, ServiceError> {
+        if let Some(h) = lock(&self.hydrations).get(disk) {
+            return Ok(h.status(disk));
+        }
+        self.live(disk)?;
+        Err(ServiceError::NotFound(format!(
+            "disk '{disk}' is not arriving from a source"
+        )))
     }
 
     pub fn exports(&self) -> ExportList {

@@ -1,14 +1,19 @@
-//! Long-running jobs. For now: [`copy`], a sparse-aware, pipelined disk
-//! copy between NBD exports, local files or block devices, and streams.
+//! Long-running jobs: [`copy`], a sparse-aware, pipelined disk copy
+//! between NBD exports, local files or block devices, and streams; and the
+//! hydration of a post-copy disk from its [`Source`] ([`Hydration`]).
 
 pub mod copy;
 mod endpoint;
 mod error;
+mod hydrate;
 mod plan;
 mod progress;
+mod source;
 pub mod zero;
 
 pub use copy::{CopyOptions, CopyStats, copy};
 pub use endpoint::EndpointSpec;
 pub use error::{Error, Result};
+pub use hydrate::{HydrateOptions, Hydration};
 pub use progress::Progress;
+pub use source::{Lane, Source, SourceDev, SourceError, SourceIdentity, SourceStatus};

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_api::{CheckpointInfo, DeleteInfo, RevertInfo, SnapshotInfo};
-use ferry_block::{BlockDev, Layer};
+use ferry_block::{BlockDev, Extent, IDENTITY_PREFIX, Layer, Result as BlockResult};
 
 use crate::dirty::{DirtyTracker, NewGeneration};
 use crate::error::{Result, StoreError};
@@ -113,9 +113,14 @@ impl Disk {
         let dir = disks_dir.join(name);
         let mut manifest = Manifest::new(source.clone(), size, granularity);
         let mut on_disk = false;
-        let mut lock = None;
+        // Whoever has state here (a manifest, or the layers below: a disk
+        // still arriving) holds the directory for this daemon alone.
+        let lock = if dir.is_dir() {
+            Some(take_lock(&dir)?)
+        } else {
+            None
+        };
         if let Some(m) = Manifest::load(&dir)? {
-            lock = Some(take_lock(&dir)?);
             on_disk = true;
             if !m.is_empty() {
                 if m.source != source || m.size != size {
@@ -257,6 +262,16 @@ impl Disk {
         })
     }
 
+    /// `nbdferry:identity:ID` for the live disk, `...ID@SEQ` for snapshot
+    /// SEQ of it.
+    fn identity_context(&self, snapshot: Option<u64>) -> String {
+        let id = &self.state().manifest.identity;
+        match snapshot {
+            Some(seq) => format!("{IDENTITY_PREFIX}{id}@{seq}"),
+            None => format!("{IDENTITY_PREFIX}{id}"),
+        }
+    }
+
     // ---- snapshots ----------------------------------------------------
 
     /// Freezes the disk's current content as snapshot `name`; with
@@ -348,6 +363,7 @@ impl Disk {
             self.origin.clone(),
             self.dirty.clone(),
             format!("{}@{}", self.name, s.name),
+            self.identity_context(Some(s.seq)),
             s.seq,
             s.gen_end,
         )))
@@ -497,9 +513,38 @@ impl Disk {
 }
 
 /// The disk is the top of its own stack, so whoever serves it keeps its
-/// state directory locked; everything passes on to the fence.
+/// state directory locked; everything passes on to the fence. It adds the
+/// disk's identity context.
 impl Layer for Disk {
     fn next(&self) -> &dyn BlockDev {
         &*self.fence
     }
+
+    fn contexts(&self) -> Vec<String> {
+        let mut v = self.next().contexts();
+        v.push(self.identity_context(None));
+        v
+    }
+
+    fn extents(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> BlockResult<Vec<Extent>> {
+        if context == self.identity_context(None) {
+            return identity_extent(self.next().size(), offset, len);
+        }
+        self.next().extents(context, offset, len, max)
+    }
+}
+
+/// The one extent of an identity context: it describes no data.
+pub(crate) fn identity_extent(size: u64, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+    ferry_block::check_range(size, offset, len)?;
+    Ok(vec![Extent {
+        length: len,
+        flags: 0,
+    }])
 }

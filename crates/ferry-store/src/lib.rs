@@ -2,6 +2,8 @@
 //! state they keep.
 //!
 //! - [`FileDev`]: the bottom, a regular file or block device.
+//! - [`CopyOnRead`] (`copy_on_read.rs`): a disk still arriving from a
+//!   source (post-copy): absent blocks are fetched when read.
 //! - [`DirtyTracker`] (`dirty.rs`): records written blocks in bitmap
 //!   generations, one per checkpoint.
 //! - [`SnapshotOrigin`] (`origin.rs`): preserves blocks before their first
@@ -17,6 +19,7 @@
 
 mod aligned;
 mod bitmap;
+mod copy_on_read;
 mod cow_store;
 mod dirty;
 mod disk;
@@ -33,10 +36,11 @@ mod view;
 #[cfg(test)]
 mod disk_tests;
 
+pub use copy_on_read::{Claim, CopyOnRead, HydrationProgress};
 pub use dirty::DirtyTracker;
 pub use disk::{DEFAULT_GRANULARITY, Disk, validate_granularity};
 pub use error::{Result, StoreError};
 pub use fence::WriteFence;
 pub use file::FileDev;
-pub use manifest::validate_name;
+pub use manifest::{validate_name, write_atomic};
 pub use origin::SnapshotOrigin;

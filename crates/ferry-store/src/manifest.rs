@@ -64,6 +64,11 @@ pub(crate) struct Manifest {
     pub source: PathBuf,
     pub size: u64,
     pub granularity: u64,
+    /// This disk's identity, published to NBD clients (a post-copy
+    /// destination checks it did not get another disk after a reconnect).
+    /// Made once; state from before it existed gets one when loaded.
+    #[serde(default = "new_identity")]
+    pub identity: String,
     /// Next id for generations and snapshot seqs (one counter, so both
     /// are ordered in time against each other).
     pub next_id: u64,
@@ -79,6 +84,7 @@ impl Manifest {
             source,
             size,
             granularity,
+            identity: new_identity(),
             next_id: 1,
             tracking: TrackingMeta::default(),
             snapshots: Vec::new(),
@@ -125,7 +131,7 @@ impl Manifest {
 
 /// temp + fsync + rename + fsync(dir): the file is either old or new. A
 /// failure (a full file system, say) leaves no temporary file behind.
-pub(crate) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let written = (|| {
         let mut f = File::create(&tmp)?;
@@ -176,6 +182,25 @@ pub(crate) fn create_zeroed(path: &Path, len: u64) -> io::Result<File> {
         return Err(e);
     }
     Ok(f)
+}
+
+/// 128 random bits, in hex.
+fn new_identity() -> String {
+    let mut b = [0u8; 16];
+    if let Err(e) = File::open("/dev/urandom").and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut b)
+    }) {
+        // Unique enough without randomness: the time and the process.
+        tracing::warn!("no /dev/urandom ({e}): identity from the clock");
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b[..8].copy_from_slice(&(t as u64).to_le_bytes());
+        b[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 pub(crate) fn now() -> u64 {

@@ -8,6 +8,7 @@
 //! GET    /v1/disks/{disk}/checkpoints
 //! POST   /v1/disks/{disk}/checkpoints              {"name": N}
 //! DELETE /v1/disks/{disk}/checkpoints/{name}
+//! GET    /v1/disks/{disk}/hydration
 //! ```
 //! Answers are the `ferry_api` types as JSON; errors are
 //! `{"error": "one line"}` with a 4xx/5xx status chosen here, from the
@@ -24,7 +25,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, middleware};
 use ferry_api::{
     CheckpointCreated, CheckpointDeleted, CheckpointList, CreateCheckpoint, CreateSnapshot,
-    ErrorBody, ExportList, Reverted, SnapshotCreated, SnapshotDeleted, SnapshotList,
+    ErrorBody, ExportList, HydrationStatus, Reverted, SnapshotCreated, SnapshotDeleted,
+    SnapshotList,
 };
 use serde::de::DeserializeOwned;
 
@@ -158,6 +160,13 @@ async fn delete_checkpoint(
     ))
 }
 
+async fn hydration(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+) -> Answer<HydrationStatus> {
+    Ok(Json(app.daemon.hydration(&disk)?))
+}
+
 async fn fallback() -> ApiError {
     ApiError(StatusCode::NOT_FOUND, "no such API route".into())
 }
@@ -184,6 +193,7 @@ pub fn router(daemon: Arc<Daemon>, grants: Arc<Grants>) -> Router {
             "/v1/disks/{disk}/checkpoints/{name}",
             delete(delete_checkpoint),
         )
+        .route("/v1/disks/{disk}/hydration", get(hydration))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(grants, authorize))
         .with_state(app)

@@ -4,6 +4,7 @@ mod certs;
 mod checkpoint;
 mod copy;
 mod demo;
+mod hydrate;
 mod info;
 mod map;
 mod serve;
@@ -29,6 +30,8 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Create, list or delete dirty-tracking checkpoints of a served disk.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Follow a disk that is still arriving from its source (post-copy).
+    Hydrate(hydrate::HydrateArgs),
 }
 
 impl Command {
@@ -42,6 +45,7 @@ impl Command {
             Command::Certs(a) => certs::run(a).await,
             Command::Snapshot(a) => snapshot::run(a).await,
             Command::Checkpoint(a) => checkpoint::run(a).await,
+            Command::Hydrate(a) => hydrate::run(a).await,
         }
     }
 }

@@ -3,10 +3,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ferry_daemon::http::{Grant, Grants, LocalListener, TlsListener};
-use ferry_daemon::{Daemon, ExportSpec};
+use ferry_daemon::{Daemon, ExportSpec, HydrateOptions, SourceSpec};
 use nbd_proto::server_handshake::{HandshakeConfig, TlsMode};
 use nbd_server::{Access, Limits, Listener, Registry, Server};
 use serde::Deserialize;
@@ -86,6 +87,20 @@ pub struct ServeArgs {
     /// size it was created with) [default: 64K].
     #[arg(long, value_name = "BYTES", value_parser = super::size::parse_granularity)]
     granularity: Option<u64>,
+    /// Post-copy: serve a disk that is still arriving from this NBD URI
+    /// (nbds:// with tls-certificates= too). FILE is created sparse at the
+    /// source's size if missing; absent blocks are fetched when read, and a
+    /// background pass brings the rest.
+    #[arg(long, value_name = "URI", conflicts_with = "read_only")]
+    source: Option<String>,
+    /// How long a read of an absent block waits for an unreachable source
+    /// before that read fails with EIO.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    source_timeout: u64,
+    /// Bytes per second for the background hydration pass (reads clients
+    /// need are never paced), e.g. 100M.
+    #[arg(long, value_name = "BYTES/s", value_parser = super::size::parse_bytes)]
+    rate: Option<u64>,
     /// Client certificate name (CN or SAN) allowed to use the export
     /// (repeatable); without it any certificate signed by the CA is.
     #[arg(long = "allow-client", value_name = "NAME")]
@@ -173,6 +188,12 @@ struct ExportConfig {
     allow_clients: Vec<String>,
     /// As `--granularity`, for this export: bytes, or a string like "1M".
     granularity: Option<Bytes>,
+    /// Post-copy: the disk arrives from this NBD URI (as `--source`).
+    source: Option<String>,
+    /// As `--source-timeout`, in seconds, for this export.
+    source_timeout: Option<u64>,
+    /// As `--rate`, for this export: bytes per second, or "100M".
+    rate: Option<Bytes>,
 }
 
 /// A byte count in the config file: `65536` or `"64K"`.
@@ -184,6 +205,13 @@ enum Bytes {
 }
 
 impl Bytes {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Bytes::Number(n) => Ok(*n),
+            Bytes::Text(s) => super::size::parse_bytes(s),
+        }
+    }
+
     fn granularity(&self) -> Result<u64, String> {
         match self {
             Bytes::Number(n) => super::size::check_granularity(*n),
@@ -247,13 +275,31 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 })?),
                 None => args.granularity,
             };
-            daemon.add_export(&ExportSpec {
-                name: e.name.clone(),
-                description: e.description.clone(),
-                path: e.path.clone(),
-                read_only: e.read_only,
-                granularity,
-            })?;
+            let bad = |m: String| anyhow::anyhow!("{}: export '{}': {m}", path.display(), e.name);
+            let source = match &e.source {
+                Some(uri) => Some(SourceSpec {
+                    uri: uri.clone(),
+                    timeout: Duration::from_secs(e.source_timeout.unwrap_or(args.source_timeout)),
+                    rate: match &e.rate {
+                        Some(r) => Some(r.bytes().map_err(bad)?),
+                        None => args.rate,
+                    },
+                }),
+                None => None,
+            };
+            daemon
+                .add_export(
+                    &ExportSpec {
+                        name: e.name.clone(),
+                        description: e.description.clone(),
+                        path: e.path.clone(),
+                        read_only: e.read_only,
+                        granularity,
+                        source,
+                    },
+                    &HydrateOptions::default(),
+                )
+                .await?;
             access.push((
                 e.name.clone(),
                 e.tls == Some(TlsArg::Require),
@@ -268,13 +314,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             bail!("--granularity {NO_STATE}");
         }
         let name = args.name.unwrap_or_default();
-        daemon.add_export(&ExportSpec {
-            name: name.clone(),
-            description: args.description.unwrap_or_default(),
-            path: file.clone(),
-            read_only: args.read_only,
-            granularity: args.granularity,
-        })?;
+        let source = args.source.map(|uri| SourceSpec {
+            uri,
+            timeout: Duration::from_secs(args.source_timeout),
+            rate: args.rate,
+        });
+        daemon
+            .add_export(
+                &ExportSpec {
+                    name: name.clone(),
+                    description: args.description.unwrap_or_default(),
+                    path: file.clone(),
+                    read_only: args.read_only,
+                    granularity: args.granularity,
+                    source,
+                },
+                &HydrateOptions::default(),
+            )
+            .await?;
         registry.set_default(&name);
         access.push((name, false, args.allow_clients));
     }
@@ -330,6 +387,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     eprintln!("listening on {}", addrs.join(", "));
     signals.wait().await;
     tracing::info!("shutting down: draining in-flight requests");
+    daemon.stop_jobs();
     shutdown.cancel();
     serving.await.context("server task failed")?;
     for t in admin_tasks {
