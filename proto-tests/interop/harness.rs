@@ -64,6 +64,7 @@ pub fn package_of(bin: &str) -> &'static str {
         "nbd-client" => "nbd-client",
         "fio" => "fio",
         "certtool" => "gnutls-bin",
+        "ip" | "tc" => "iproute2",
         "losetup" => "mount (util-linux)",
         _ => "the package providing it",
     }
@@ -415,7 +416,24 @@ impl Server {
 
     /// [`start`](Self::start) with extra environment variables.
     pub fn start_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Server {
-        let mut cmd = nbdferry();
+        Server::start_command(nbdferry(), args, env)
+    }
+
+    /// [`start`](Self::start) inside network namespace `ns` (the process
+    /// keeps its pid: `ip netns exec` execs it).
+    pub fn start_in<S: AsRef<std::ffi::OsStr>>(ns: &str, args: &[S]) -> Server {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(env!("CARGO_BIN_EXE_nbdferry"))
+            .stdin(Stdio::null());
+        Server::start_command(cmd, args, &[])
+    }
+
+    fn start_command<S: AsRef<std::ffi::OsStr>>(
+        mut cmd: Command,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> Server {
         cmd.arg("serve").args(args).envs(env.iter().copied());
         let state = if args.iter().any(|a| a.as_ref() == "--state-dir") {
             None
@@ -635,7 +653,7 @@ impl Drop for Server {
     }
 }
 
-fn unique() -> u64 {
+pub fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)

@@ -13,6 +13,7 @@ mod libnbd;
 mod mutate;
 mod nbd_server_ref;
 mod nbdkit;
+mod netns;
 mod postcopy;
 mod qemu;
 mod relay;

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
+use crate::netns::{HostPair, IP_A};
 use crate::relay::Relay;
 
 const SIZE: u64 = 64 * MIB;
@@ -338,4 +339,88 @@ fn peers_as_sources_and_snapshots_while_arriving() {
         live.assert_file(&dst);
         s.stop();
     }
+}
+
+/// The whole scenario between two hosts: the source host serves `disk@s1`
+/// over mutual TLS on a 200 Mbit/s link; the destination serves at once,
+/// a client reads all over the disk and writes, and the disk arrives
+/// byte-exact and sparse.
+#[test]
+fn two_hosts_over_mutual_tls_on_a_shaped_link() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let hosts = HostPair::new(Some("200mbit"));
+    let pki = d.join("pki");
+    run(nbdferry().args(["certs", "init"]).arg(&pki).args([
+        "--server-name",
+        IP_A,
+        "--client-name",
+        "dest-01",
+    ]));
+    let img = d.join("src.raw");
+    make_sparse_image(&img, SIZE, 504);
+    let st1 = d.join("st1");
+    let pki_s = pki.to_str().unwrap();
+    let src = Server::start_in(
+        &hosts.a,
+        &[
+            "--listen",
+            &format!("{IP_A}:10809"),
+            "--tls-creds",
+            pki_s,
+            "--allow-client",
+            "dest-01",
+            "--name",
+            "disk",
+            "--state-dir",
+            st1.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    run(nbdferry()
+        .args(["snapshot", "create", "disk", "s1", "--admin"])
+        .arg(st1.join("admin.sock")));
+    let st2 = d.join("st2");
+    let dst = d.join("dst.raw");
+    let sock = d.join("dst.sock");
+    let uri = format!("nbds://{IP_A}:10809/disk@s1?tls-certificates={pki_s}");
+    let s = Server::start_in(
+        &hosts.b,
+        &[
+            "--socket",
+            sock.to_str().unwrap(),
+            "--name",
+            "disk",
+            "--state-dir",
+            st2.to_str().unwrap(),
+            "--source",
+            &uri,
+            dst.to_str().unwrap(),
+        ],
+    );
+    let local = format!("nbd+unix:///disk?socket={}", sock.display());
+    let mut model = Model::from_file(&img);
+    let mut cmds = Vec::new();
+    for i in 0..8u64 {
+        let off = i * 8 * MIB + 777;
+        let byte = model.0[off as usize];
+        if model.0[off as usize..][..512].iter().all(|&b| b == byte) {
+            cmds.push(format!("read -P {byte} {off} 512"));
+        }
+        cmds.push(format!("write -P {} {} 4k", 0x60 + i, off + 2 * MIB));
+        cmds.push(format!("read -P {} {} 4k", 0x60 + i, off + 2 * MIB));
+        model.fill(off + 2 * MIB, 4096, 0x60 + i as u8);
+    }
+    qemu_io(&local, &cmds);
+    let st = wait_complete(&st2, CMD_DEADLINE);
+    eprintln!("two hosts: {st}");
+    model.assert_file(&dst);
+    let (data, alloc) = (data_bytes(&img), allocated_bytes(&dst));
+    assert!(
+        alloc <= data + 8 * 4096 + 4 * MIB,
+        "destination allocates {alloc} bytes for {data} bytes of data"
+    );
+    s.stop();
+    src.stop();
+    drop(hosts);
 }
