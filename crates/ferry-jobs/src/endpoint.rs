@@ -15,6 +15,7 @@ use rustix::io::ReadWriteFlags;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
+use crate::plan::{Run, dirty_runs};
 
 /// What the user named on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,6 +298,49 @@ pub(crate) async fn nbd_extents(
         covered += l;
     }
     Ok(out)
+}
+
+/// Runs of an incremental copy from an NBD export: the dirty ranges of
+/// the `dirty` context (bit 0 set: changed since the bitmap was started),
+/// as data or, where `base:allocation` says so, zeroes; everything else
+/// kept. Both contexts come from one BLOCK_STATUS request.
+pub(crate) async fn nbd_dirty_runs(
+    client: &Client,
+    uri: &NbdUri,
+    allocation: bool,
+    dirty: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<(u64, Run)>> {
+    let ctxs = client
+        .block_status(offset, len)
+        .await
+        .map_err(nbd_err(uri))?;
+    let runs = |name: &str, bit: u64| -> Option<Vec<(u64, bool)>> {
+        let ctx = ctxs.iter().find(|c| c.name == name)?;
+        let mut out = Vec::with_capacity(ctx.extents.len());
+        let mut covered = 0u64;
+        for e in &ctx.extents {
+            if covered >= len {
+                break;
+            }
+            let l = e.length.min(len - covered);
+            out.push((l, e.flags & bit != 0));
+            covered += l;
+        }
+        Some(out)
+    };
+    let missing = |name: &str| Error::Nbd {
+        endpoint: uri.to_string(),
+        source: nbd_client::Error::Protocol(format!("block status reply lacks {name}")),
+    };
+    let alloc = if allocation {
+        runs(BASE_ALLOCATION, u64::from(state::ZERO)).ok_or_else(|| missing(BASE_ALLOCATION))?
+    } else {
+        vec![(len, false)]
+    };
+    let dirty = runs(dirty, u64::from(state::DIRTY)).ok_or_else(|| missing(dirty))?;
+    Ok(dirty_runs(&alloc, &dirty))
 }
 
 /// Writes `len` zero bytes to an NBD export that cannot WRITE_ZEROES.
