@@ -65,6 +65,9 @@ pub fn package_of(bin: &str) -> &'static str {
         "fio" => "fio",
         "certtool" => "gnutls-bin",
         "losetup" => "mount (util-linux)",
+        "s3s-fs" => {
+            "s3s-fs: not Debian's; `cargo install s3s-fs --features binary` as .ci/run does"
+        }
         _ => "the package providing it",
     }
 }

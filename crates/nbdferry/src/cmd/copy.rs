@@ -10,7 +10,7 @@ use anyhow::Context;
 use ferry_jobs::{CopyOptions, Progress};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProgressMode {
+pub(super) enum ProgressMode {
     /// A bar when standard error is a terminal, else nothing.
     Auto,
     Bar,
@@ -84,7 +84,7 @@ pub async fn run(args: CopyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress_json(p: &Progress, done: bool) -> String {
+pub(super) fn progress_json(p: &Progress, done: bool) -> String {
     let (d, t) = (p.done(), p.total());
     let pct = if t == 0 {
         0.0
@@ -94,7 +94,7 @@ fn progress_json(p: &Progress, done: bool) -> String {
     serde_json::json!({ "bytes": d, "total": t, "percent": (pct * 10.0).round() / 10.0, "done": done }).to_string()
 }
 
-async fn show_progress(p: Arc<Progress>, mode: ProgressMode) {
+pub(super) async fn show_progress(p: Arc<Progress>, mode: ProgressMode) {
     match mode {
         ProgressMode::Bar => {
             let bar = indicatif::ProgressBar::new(p.total());

@@ -1,11 +1,13 @@
 //! One module per subcommand, each with its clap arguments and `run`.
 
+mod backup;
 mod certs;
 mod checkpoint;
 mod copy;
 mod demo;
 mod info;
 mod map;
+mod restore;
 mod serve;
 mod size;
 mod snapshot;
@@ -29,6 +31,10 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Create, list or delete dirty-tracking checkpoints of a served disk.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Back up disks into a repository; list, verify, prune and delete points.
+    Backup(backup::BackupArgs),
+    /// Restore a backed-up point to a file, a block device or an NBD URI.
+    Restore(restore::RestoreArgs),
 }
 
 impl Command {
@@ -42,6 +48,8 @@ impl Command {
             Command::Certs(a) => certs::run(a).await,
             Command::Snapshot(a) => snapshot::run(a).await,
             Command::Checkpoint(a) => checkpoint::run(a).await,
+            Command::Backup(a) => backup::run(a).await,
+            Command::Restore(a) => restore::run(a).await,
         }
     }
 }
