@@ -1,7 +1,6 @@
 //! `nbdferry backup pull|list|verify|prune|delete`: the CLI around the
 //! repository (`ferry_repo`) and the backup jobs (`ferry_jobs::backup`).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +9,7 @@ use anyhow::{Context, bail};
 use ferry_jobs::{CopyOptions, Progress};
 use ferry_repo::{CreateOptions, KeepPolicy, KeyFile, PointRef, Repo};
 
-use super::copy::{ProgressMode, progress_json, show_progress};
+use super::copy::{ProgressMode, progress_json, with_progress};
 
 #[derive(clap::Args)]
 pub struct BackupArgs {
@@ -94,16 +93,7 @@ impl JobArgs {
     where
         F: Future<Output = T>,
     {
-        let progress = Arc::new(Progress::new());
-        let mode = match self.progress {
-            ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
-            ProgressMode::Auto => ProgressMode::None,
-            m => m,
-        };
-        let display = tokio::spawn(show_progress(progress.clone(), mode));
-        let result = job(progress.clone()).await;
-        display.abort();
-        let _ = display.await;
+        let (result, mode, progress) = with_progress(self.progress, job).await;
         if mode == ProgressMode::Json {
             eprintln!("{}", progress_json(&progress, true));
         }

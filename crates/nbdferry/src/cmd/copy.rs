@@ -61,16 +61,10 @@ pub async fn run(args: CopyArgs) -> anyhow::Result<()> {
         io_timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
         ..CopyOptions::default()
     };
-    let progress = Arc::new(Progress::new());
-    let mode = match args.progress {
-        ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
-        ProgressMode::Auto => ProgressMode::None,
-        m => m,
-    };
-    let display = tokio::spawn(show_progress(progress.clone(), mode));
-    let result = ferry_jobs::copy(&args.src, &args.dst, &opts, progress.clone()).await;
-    display.abort();
-    let _ = display.await;
+    let (result, mode, progress) = with_progress(args.progress, |p| {
+        ferry_jobs::copy(&args.src, &args.dst, &opts, p)
+    })
+    .await;
     let stats = result.with_context(|| format!("copy {} -> {} failed", args.src, args.dst))?;
     match mode {
         ProgressMode::Json => eprintln!("{}", progress_json(&progress, true)),
@@ -84,6 +78,25 @@ pub async fn run(args: CopyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `job` with a progress display in `mode` (`Auto` resolved against
+/// standard error); returns its result, the mode shown and the counters.
+pub(super) async fn with_progress<T, F: Future<Output = T>>(
+    mode: ProgressMode,
+    job: impl FnOnce(Arc<Progress>) -> F,
+) -> (T, ProgressMode, Arc<Progress>) {
+    let progress = Arc::new(Progress::new());
+    let mode = match mode {
+        ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
+        ProgressMode::Auto => ProgressMode::None,
+        m => m,
+    };
+    let display = tokio::spawn(show_progress(progress.clone(), mode));
+    let result = job(progress.clone()).await;
+    display.abort();
+    let _ = display.await;
+    (result, mode, progress)
+}
+
 pub(super) fn progress_json(p: &Progress, done: bool) -> String {
     let (d, t) = (p.done(), p.total());
     let pct = if t == 0 {
@@ -94,7 +107,7 @@ pub(super) fn progress_json(p: &Progress, done: bool) -> String {
     serde_json::json!({ "bytes": d, "total": t, "percent": (pct * 10.0).round() / 10.0, "done": done }).to_string()
 }
 
-pub(super) async fn show_progress(p: Arc<Progress>, mode: ProgressMode) {
+async fn show_progress(p: Arc<Progress>, mode: ProgressMode) {
     match mode {
         ProgressMode::Bar => {
             let bar = indicatif::ProgressBar::new(p.total());
