@@ -317,3 +317,27 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_backups_into_one_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path()).await;
+    // Two disks sharing half their content, backed up at the same time.
+    let a = noise(256 * CS as usize, 1);
+    let mut b = a.clone();
+    b[128 * CS as usize..].copy_from_slice(&noise(128 * CS as usize, 2));
+    let (ra, rb) = (repo.clone(), repo.clone());
+    let (ia, ib) = (a.clone(), b.clone());
+    let ta = tokio::spawn(async move { full(&ra, "a", &ia).await });
+    let tb = tokio::spawn(async move { full(&rb, "b", &ib).await });
+    let (pa, pb) = (ta.await.unwrap(), tb.await.unwrap());
+    // Each shared chunk is stored at least once and the total is no more
+    // than both disks' distinct content (a race may store a chunk twice
+    // over the same object, never as two objects).
+    assert!(pa.stats.new_chunks + pb.stats.new_chunks >= 384);
+    assert_eq!(repo.list_chunks().await.unwrap().len(), 384);
+    assert_eq!(restore(&repo, "a", None).await, a);
+    assert_eq!(restore(&repo, "b", None).await, b);
+    let v = repo.verify(true).await.unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+}
