@@ -73,11 +73,11 @@ pub fn point_key(disk: &str, point: &str) -> String {
     format!("{POINTS}{disk}/{point}")
 }
 
-/// `20261201T000717Z-3fa9`: the UTC time the backup started (so ids sort
-/// oldest first) and 16 random bits (two backups of one disk in the same
-/// second get distinct ids).
+/// `20261201T000717.123Z-3fa9`: the UTC time the backup started, to the
+/// millisecond (so ids sort oldest first) and 16 random bits (two backups
+/// of one disk in the same millisecond get distinct ids).
 pub fn new_point_id(at: SystemTime) -> Result<String> {
-    let stamp: String = humantime::format_rfc3339_seconds(at)
+    let stamp: String = humantime::format_rfc3339_millis(at)
         .to_string()
         .chars()
         .filter(|c| !matches!(c, '-' | ':'))
@@ -120,7 +120,10 @@ mod tests {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
         let id = new_point_id(SystemTime::UNIX_EPOCH).unwrap();
-        assert!(id.starts_with("19700101T000000Z-"), "{id}");
+        assert!(id.starts_with("19700101T000000.000Z-"), "{id}");
+        let later =
+            new_point_id(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1)).unwrap();
+        assert!(later > id, "ids sort by time: {later} {id}");
         check_name(&id).unwrap();
         let c = ChunkId([0xab; 32]);
         assert_eq!(ChunkId::from_key(&c.key()), Some(c));
