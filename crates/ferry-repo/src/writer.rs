@@ -54,6 +54,9 @@ struct Partial {
 /// Completed slots not yet in a journal segment.
 struct Journal {
     pending: Vec<(u64, Slot)>,
+    /// Bytes of them that a rerun would have to read again (kept slots
+    /// cost nothing to redo, so they do not hurry a flush: an incremental
+    /// of a large disk would otherwise sync after every few clean slots).
     pending_bytes: u64,
     last_flush: Instant,
     next_segment: u64,
@@ -366,7 +369,8 @@ impl PointWriter {
             .as_ref()
             .and_then(|x| x.slots.get(slot as usize).copied())
             .unwrap_or(Slot::Zero);
-        let all_kept = p.kept.iter().map(|(a, b)| (b - a) as u64).sum::<u64>() == len;
+        let kept = p.kept.iter().map(|(a, b)| (b - a) as u64).sum::<u64>();
+        let all_kept = kept == len;
         let entry =
             match (p.buf, parent_slot) {
                 _ if all_kept => parent_slot,
@@ -399,16 +403,17 @@ impl PointWriter {
                     Slot::Chunk(id)
                 }
             };
-        self.finish_slot(slot, len, entry).await
+        self.finish_slot(slot, len - kept, entry).await
     }
 
-    /// Records a slot's entry and journals it.
-    async fn finish_slot(&self, slot: u64, len: u64, entry: Slot) -> Result<()> {
+    /// Records a slot's entry and journals it; `redo` is what a rerun
+    /// would read again without it.
+    async fn finish_slot(&self, slot: u64, redo: u64, entry: Slot) -> Result<()> {
         lock(&self.shared.entries)[slot as usize] = Some(entry);
         let batch = {
             let mut j = lock(&self.shared.journal);
             j.pending.push((slot, entry));
-            j.pending_bytes += len;
+            j.pending_bytes += redo;
             if j.pending_bytes >= self.shared.journal_every
                 || j.last_flush.elapsed() >= JOURNAL_MAX_AGE
             {

@@ -126,7 +126,7 @@ struct PullArgs {
     compression: Compression,
     /// Chunk size of a repository this pull creates (a power of two,
     /// 4K to 16M).
-    #[arg(long, value_parser = super::size::parse_bytes, default_value = "256K")]
+    #[arg(long, value_parser = super::size::parse_bytes, default_value = "64K")]
     chunk_size: u64,
     /// Print the new point as JSON on standard output.
     #[arg(long)]
