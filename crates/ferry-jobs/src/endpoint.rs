@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use nbd_client::{Client, ConnectOptions, NbdUri};
+use nbd_client::{Client, ConnectOptions, ContextExtents, NbdUri};
 use nbd_proto::consts::{BASE_ALLOCATION, state};
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::ReadWriteFlags;
@@ -281,23 +281,7 @@ pub(crate) async fn nbd_extents(
         .block_status(offset, len)
         .await
         .map_err(nbd_err(uri))?;
-    let Some(ctx) = ctxs.into_iter().find(|c| c.name == BASE_ALLOCATION) else {
-        return Err(Error::Nbd {
-            endpoint: uri.to_string(),
-            source: nbd_client::Error::Protocol("block status reply lacks base:allocation".into()),
-        });
-    };
-    let mut out = Vec::with_capacity(ctx.extents.len());
-    let mut covered = 0u64;
-    for e in ctx.extents {
-        if covered >= len {
-            break;
-        }
-        let l = e.length.min(len - covered);
-        out.push((l, e.flags & u64::from(state::ZERO) != 0));
-        covered += l;
-    }
-    Ok(out)
+    context_runs(&ctxs, uri, BASE_ALLOCATION, state::ZERO, len)
 }
 
 /// Runs of an incremental copy from an NBD export: the dirty ranges of
@@ -316,31 +300,40 @@ pub(crate) async fn nbd_dirty_runs(
         .block_status(offset, len)
         .await
         .map_err(nbd_err(uri))?;
-    let runs = |name: &str, bit: u64| -> Option<Vec<(u64, bool)>> {
-        let ctx = ctxs.iter().find(|c| c.name == name)?;
-        let mut out = Vec::with_capacity(ctx.extents.len());
-        let mut covered = 0u64;
-        for e in &ctx.extents {
-            if covered >= len {
-                break;
-            }
-            let l = e.length.min(len - covered);
-            out.push((l, e.flags & bit != 0));
-            covered += l;
-        }
-        Some(out)
-    };
-    let missing = |name: &str| Error::Nbd {
-        endpoint: uri.to_string(),
-        source: nbd_client::Error::Protocol(format!("block status reply lacks {name}")),
-    };
     let alloc = if allocation {
-        runs(BASE_ALLOCATION, u64::from(state::ZERO)).ok_or_else(|| missing(BASE_ALLOCATION))?
+        context_runs(&ctxs, uri, BASE_ALLOCATION, state::ZERO, len)?
     } else {
         vec![(len, false)]
     };
-    let dirty = runs(dirty, u64::from(state::DIRTY)).ok_or_else(|| missing(dirty))?;
+    let dirty = context_runs(&ctxs, uri, dirty, state::DIRTY, len)?;
     Ok(dirty_runs(&alloc, &dirty))
+}
+
+/// One context's extents as (length, `bit` set) runs, cut at `len`.
+fn context_runs(
+    ctxs: &[ContextExtents],
+    uri: &NbdUri,
+    name: &str,
+    bit: u32,
+    len: u64,
+) -> Result<Vec<(u64, bool)>> {
+    let Some(ctx) = ctxs.iter().find(|c| c.name == name) else {
+        return Err(Error::Nbd {
+            endpoint: uri.to_string(),
+            source: nbd_client::Error::Protocol(format!("block status reply lacks {name}")),
+        });
+    };
+    let mut out = Vec::with_capacity(ctx.extents.len());
+    let mut covered = 0u64;
+    for e in &ctx.extents {
+        if covered >= len {
+            break;
+        }
+        let l = e.length.min(len - covered);
+        out.push((l, e.flags & u64::from(bit) != 0));
+        covered += l;
+    }
+    Ok(out)
 }
 
 /// Writes `len` zero bytes to an NBD export that cannot WRITE_ZEROES.
