@@ -66,6 +66,9 @@ pub fn package_of(bin: &str) -> &'static str {
         "certtool" => "gnutls-bin",
         "ip" | "tc" => "iproute2",
         "losetup" => "mount (util-linux)",
+        "s3s-fs" => {
+            "s3s-fs: not Debian's; `cargo install s3s-fs --features binary` as .ci/run does"
+        }
         _ => "the package providing it",
     }
 }

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod backup;
 mod blockdev;
 mod cli;
 mod client;

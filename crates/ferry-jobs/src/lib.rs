@@ -1,11 +1,15 @@
 //! Long-running jobs: [`copy`], a sparse-aware, pipelined disk copy
 //! between NBD exports, local files or block devices, and streams; and the
-//! hydration of a post-copy disk from its [`Source`] ([`Hydration`]).
+//! [`backup`] jobs built on it (pull into a repository, restore, verify
+//! against a live export); and the hydration of a post-copy disk from its
+//! [`Source`] ([`Hydration`]).
 
+pub mod backup;
 pub mod copy;
 mod endpoint;
 mod error;
 mod hydrate;
+mod pace;
 mod plan;
 mod progress;
 mod source;

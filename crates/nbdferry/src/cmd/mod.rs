@@ -1,5 +1,6 @@
 //! One module per subcommand, each with its clap arguments and `run`.
 
+mod backup;
 mod certs;
 mod checkpoint;
 mod copy;
@@ -7,6 +8,7 @@ mod demo;
 mod hydrate;
 mod info;
 mod map;
+mod restore;
 mod serve;
 mod size;
 mod snapshot;
@@ -32,6 +34,10 @@ pub enum Command {
     Checkpoint(checkpoint::CheckpointArgs),
     /// Follow a disk that is still arriving from its source (post-copy).
     Hydrate(hydrate::HydrateArgs),
+    /// Back up disks into a repository; list, verify, prune and delete points.
+    Backup(backup::BackupArgs),
+    /// Restore a backed-up point to a file, a block device or an NBD URI.
+    Restore(restore::RestoreArgs),
 }
 
 impl Command {
@@ -46,6 +52,8 @@ impl Command {
             Command::Snapshot(a) => snapshot::run(a).await,
             Command::Checkpoint(a) => checkpoint::run(a).await,
             Command::Hydrate(a) => hydrate::run(a).await,
+            Command::Backup(a) => backup::run(a).await,
+            Command::Restore(a) => restore::run(a).await,
         }
     }
 }
