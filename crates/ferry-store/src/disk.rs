@@ -2,7 +2,7 @@
 //! export is built from.
 //!
 //! ```text
-//! device below (file, block device) → dirty tracking → snapshot origin → write fence → export
+//! device below (file, block device) → dirty tracking → snapshot origin → write tap → write fence → export
 //! snapshot export DISK@S: a read-only view over the origin's preserved blocks and the device below
 //! ```
 //!
@@ -33,6 +33,7 @@ use crate::error::{Result, StoreError};
 use crate::fence::WriteFence;
 use crate::manifest::{self, CheckpointMeta, Manifest, SnapshotMeta, validate_name};
 use crate::origin::SnapshotOrigin;
+use crate::tap::{Tap, WriteTap};
 use crate::view::SnapshotView;
 
 pub const DEFAULT_GRANULARITY: u64 = 64 * 1024;
@@ -76,6 +77,7 @@ pub struct Disk {
     gran: u64,
     state: Mutex<State>,
     fence: Arc<WriteFence>,
+    tap: Arc<Tap>,
     origin: Arc<SnapshotOrigin>,
     dirty: Arc<DirtyTracker>,
 }
@@ -136,6 +138,9 @@ impl Disk {
                 manifest = m;
             } else {
                 manifest.next_id = m.next_id;
+                if m.source == source && m.size == size {
+                    manifest.identity = m.identity;
+                }
             }
         }
         let gran = manifest.granularity;
@@ -151,6 +156,7 @@ impl Disk {
                 .load(&manifest.snapshots)
                 .map_err(|e| StoreError::BadState(format!("{}: {e}", dir.display())))?;
         }
+        let tap = Arc::new(Tap::new(origin.clone()));
         Ok(Arc::new(Disk {
             name: name.to_string(),
             dir,
@@ -160,7 +166,8 @@ impl Disk {
                 on_disk,
                 _lock: lock,
             }),
-            fence: Arc::new(WriteFence::new(origin.clone())),
+            fence: Arc::new(WriteFence::new(tap.clone())),
+            tap,
             origin,
             dirty,
         }))
@@ -399,8 +406,9 @@ impl Disk {
         let _fence = self.fence.hold();
         let seq = self.find_snapshot(&self.state(), name)?.seq;
         let blocks = self.origin.preserved(seq);
-        // Below the fence, which this holds.
-        let live: &dyn BlockDev = &*self.origin;
+        // Below the fence, which this holds; through the tap, so that a
+        // mirror sees the blocks change.
+        let live: &dyn BlockDev = &*self.tap;
         let size = live.size();
         let mut buf = vec![0u8; self.gran as usize];
         for &(blk, slot) in &blocks {
@@ -496,6 +504,39 @@ impl Disk {
                 self.name
             ))
         })
+    }
+
+    /// Plugs a tap in that sees every change from now on (None: takes it
+    /// out). No change is in flight meanwhile.
+    pub fn set_tap(&self, tap: Option<Arc<dyn WriteTap>>) {
+        let _fence = self.fence.hold();
+        self.tap.set(tap);
+    }
+
+    /// Holds writes back (those in flight finish first) until the guard is
+    /// dropped: a job's short freeze.
+    pub fn hold_writes(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.fence.hold()
+    }
+
+    /// Refuses every write from now on, with EPERM (the disk has moved).
+    pub fn close_writes(&self) {
+        self.tap.close();
+    }
+
+    /// The disk's state directory (it may not exist yet).
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A directory for a job's durable state in the disk's state
+    /// directory (created, with the state directory, if missing).
+    pub fn job_dir(&self, job: &str) -> Result<PathBuf> {
+        let mut st = self.state();
+        self.ensure_on_disk(&mut st)?;
+        let dir = self.dir.join(job);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
     }
 
     /// Periodic upkeep (the daemon calls it every few seconds): keeps what

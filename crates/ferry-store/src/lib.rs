@@ -8,6 +8,8 @@
 //!   generations, one per checkpoint.
 //! - [`SnapshotOrigin`] (`origin.rs`): preserves blocks before their first
 //!   overwrite, for every snapshot at once (`cow_store.rs`).
+//! - [`Tap`] (`tap.rs`): where a mirror sees every change, and where
+//!   writes are closed off once a disk has moved.
 //! - [`WriteFence`] (`fence.rs`): holds writes back while snapshots and
 //!   checkpoints change.
 //! - [`Disk`] (`disk.rs`): owns a live disk's state directory and stacks
@@ -31,16 +33,20 @@ mod io;
 mod manifest;
 mod origin;
 mod sync;
+mod tap;
 mod view;
 
 #[cfg(test)]
 mod disk_tests;
 
+pub use bitmap::AtomicBitmap;
 pub use copy_on_read::{Claim, CopyOnRead, HydrationProgress};
 pub use dirty::DirtyTracker;
 pub use disk::{DEFAULT_GRANULARITY, Disk, validate_granularity};
+pub use durable_bitmap::{DurableBitmap, Rounding};
 pub use error::{Result, StoreError};
 pub use fence::WriteFence;
 pub use file::FileDev;
 pub use manifest::{validate_name, write_atomic};
 pub use origin::SnapshotOrigin;
+pub use tap::{Change, Tap, Ticket, WriteTap};

@@ -66,7 +66,8 @@ pub(crate) struct Manifest {
     pub granularity: u64,
     /// This disk's identity, published to NBD clients (a post-copy
     /// destination checks it did not get another disk after a reconnect).
-    /// Made once; state from before it existed gets one when loaded.
+    /// Made from the image file (see `file_identity`) and then kept;
+    /// state from before it existed gets a random one when loaded.
     #[serde(default = "new_identity")]
     pub identity: String,
     /// Next id for generations and snapshot seqs (one counter, so both
@@ -81,10 +82,10 @@ impl Manifest {
     pub fn new(source: PathBuf, size: u64, granularity: u64) -> Self {
         Manifest {
             version: FORMAT_VERSION,
-            source,
             size,
             granularity,
-            identity: new_identity(),
+            identity: file_identity(&source).unwrap_or_else(new_identity),
+            source,
             next_id: 1,
             tracking: TrackingMeta::default(),
             snapshots: Vec::new(),
@@ -182,6 +183,28 @@ pub(crate) fn create_zeroed(path: &Path, len: u64) -> io::Result<File> {
         return Err(e);
     }
     Ok(f)
+}
+
+/// The identity of an image that has no state yet: its file system, inode
+/// and birth time. A restart of the daemon (even a `kill -9`) serving the
+/// same file publishes the same identity, so a peer that was fetching from
+/// it or mirroring to it carries on; a file replaced at the same path is
+/// another disk. None where the file system keeps no birth time.
+fn file_identity(source: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::metadata(source).ok()?;
+    let born = md
+        .created()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some(format!(
+        "{:x}.{:x}.{:x}.{:x}",
+        md.dev(),
+        md.ino(),
+        born.as_secs(),
+        born.subsec_nanos()
+    ))
 }
 
 /// 128 random bits, in hex.
