@@ -11,6 +11,7 @@ mod client;
 mod full_disk;
 mod hostile;
 mod libnbd;
+mod mirror;
 mod mutate;
 mod nbd_server_ref;
 mod nbdkit;

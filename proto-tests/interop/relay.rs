@@ -14,6 +14,7 @@ struct State {
     cut: AtomicBool,
     stop: AtomicBool,
     down: AtomicU64,
+    up: AtomicU64,
     conns: Mutex<Vec<TcpStream>>,
 }
 
@@ -32,6 +33,7 @@ impl Relay {
             cut: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             down: AtomicU64::new(0),
+            up: AtomicU64::new(0),
             conns: Mutex::new(Vec::new()),
         });
         let st = state.clone();
@@ -60,9 +62,10 @@ impl Relay {
                 pipe(
                     client.try_clone().unwrap(),
                     server.try_clone().unwrap(),
-                    None,
+                    st.clone(),
+                    Dir::Up,
                 );
-                pipe(server, client, Some(st.clone()));
+                pipe(server, client, st.clone(), Dir::Down);
             }
         });
         Relay { port, state }
@@ -77,6 +80,11 @@ impl Relay {
         self.state.down.load(Ordering::SeqCst)
     }
 
+    /// Bytes the client side has sent through the relay so far.
+    pub fn bytes_up(&self) -> u64 {
+        self.state.up.load(Ordering::SeqCst)
+    }
+
     /// Cuts the link: every connection is closed and new ones are refused
     /// until [`restore`](Self::restore).
     pub fn cut(&self) {
@@ -88,6 +96,11 @@ impl Relay {
 
     pub fn restore(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Where new connections go.
+    pub fn upstream(&self) -> SocketAddr {
+        *self.state.upstream.lock().unwrap()
     }
 
     /// New connections go to `upstream` from now on.
@@ -105,9 +118,14 @@ impl Drop for Relay {
     }
 }
 
-/// Copies `from` to `to` until either side closes; counts the bytes in
-/// `count` when given.
-fn pipe(mut from: TcpStream, mut to: TcpStream, count: Option<Arc<State>>) {
+#[derive(Clone, Copy)]
+enum Dir {
+    Up,
+    Down,
+}
+
+/// Copies `from` to `to` until either side closes, counting the bytes.
+fn pipe(mut from: TcpStream, mut to: TcpStream, st: Arc<State>, dir: Dir) {
     thread::spawn(move || {
         let mut buf = vec![0u8; 256 * 1024];
         loop {
@@ -118,9 +136,11 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, count: Option<Arc<State>>) {
             if to.write_all(&buf[..n]).is_err() {
                 break;
             }
-            if let Some(s) = &count {
-                s.down.fetch_add(n as u64, Ordering::SeqCst);
-            }
+            let counter = match dir {
+                Dir::Up => &st.up,
+                Dir::Down => &st.down,
+            };
+            counter.fetch_add(n as u64, Ordering::SeqCst);
         }
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_block::BlockDev;
-use ferry_jobs::{Hydration, Source, SourceDev, SourceIdentity};
+use ferry_jobs::{Hydration, Remote, RemoteIdentity, SourceDev};
 use ferry_store::{CopyOnRead, DEFAULT_GRANULARITY, Disk, FileDev};
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +39,7 @@ pub struct SourceSpec {
 #[derive(Debug, Serialize, Deserialize)]
 struct SourceRecord {
     uri: String,
-    identity: SourceIdentity,
+    identity: RemoteIdentity,
     granularity: u64,
 }
 
@@ -174,7 +174,7 @@ async fn arriving(
         requests: 16,
         ..nbd_client::ConnectOptions::default()
     };
-    let source = Source::connect(uri, opts, src.timeout, record.map(|r| r.identity))
+    let source = Remote::connect(uri, opts, src.timeout, record.map(|r| r.identity))
         .await
         .map_err(|e| fail(&e))?;
     let size = source.identity().size;

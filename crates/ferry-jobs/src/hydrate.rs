@@ -17,7 +17,7 @@ use nbd_proto::consts::state;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::source::{Lane, Source, SourceError};
+use crate::remote::{Lane, Remote, RemoteError};
 
 /// How the pass runs.
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 /// A disk's hydration: the layer, its source, and the pass's state.
 pub struct Hydration {
     cor: Arc<CopyOnRead>,
-    source: Arc<Source>,
+    source: Arc<Remote>,
     uri: String,
     /// Bytes the background pass read from the source.
     fetched: Arc<AtomicU64>,
@@ -83,7 +83,7 @@ impl Pacer {
 }
 
 impl Hydration {
-    pub fn new(cor: Arc<CopyOnRead>, source: Arc<Source>, uri: String) -> Arc<Self> {
+    pub fn new(cor: Arc<CopyOnRead>, source: Arc<Remote>, uri: String) -> Arc<Self> {
         Arc::new(Hydration {
             cor,
             source,
@@ -161,7 +161,7 @@ impl Hydration {
             self.sample();
             match done {
                 Some(Ok(Ok(()))) | None => {}
-                Some(Ok(Err(e @ FetchError::Source(SourceError::Changed { .. })))) => {
+                Some(Ok(Err(e @ FetchError::Source(RemoteError::Changed { .. })))) => {
                     tracing::error!(source = %self.uri, "hydration stopped: {e}");
                     self.note_error(&e);
                     return;
@@ -269,7 +269,7 @@ impl Hydration {
 #[derive(Debug, thiserror::Error)]
 enum FetchError {
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Source(#[from] RemoteError),
     #[error("cannot store fetched blocks: {0}")]
     Local(String),
 }
@@ -278,7 +278,7 @@ enum FetchError {
 /// as holes; data is read in whole blocks and installed (all-zero data as
 /// a hole too, so the local file stays sparse).
 async fn fetch(
-    source: Arc<Source>,
+    source: Arc<Remote>,
     mut claim: Claim<Arc<CopyOnRead>>,
     gran: u64,
     fetched: Arc<AtomicU64>,

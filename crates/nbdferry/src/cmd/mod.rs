@@ -8,6 +8,7 @@ mod demo;
 mod hydrate;
 mod info;
 mod map;
+mod mirror;
 mod restore;
 mod serve;
 mod size;
@@ -34,6 +35,11 @@ pub enum Command {
     Checkpoint(checkpoint::CheckpointArgs),
     /// Follow a disk that is still arriving from its source (post-copy).
     Hydrate(hydrate::HydrateArgs),
+    /// Mirror a served disk to another export while it is written
+    /// (pre-copy): start, status, set, complete, cancel.
+    Mirror(mirror::MirrorArgs),
+    /// Move a served disk: mirror, wait until ready, complete.
+    Migrate(mirror::MigrateArgs),
     /// Back up disks into a repository; list, verify, prune and delete points.
     Backup(backup::BackupArgs),
     /// Restore a backed-up point to a file, a block device or an NBD URI.
@@ -52,6 +58,8 @@ impl Command {
             Command::Snapshot(a) => snapshot::run(a).await,
             Command::Checkpoint(a) => checkpoint::run(a).await,
             Command::Hydrate(a) => hydrate::run(a).await,
+            Command::Mirror(a) => mirror::run(a).await,
+            Command::Migrate(a) => mirror::migrate(a).await,
             Command::Backup(a) => backup::run(a).await,
             Command::Restore(a) => restore::run(a).await,
         }

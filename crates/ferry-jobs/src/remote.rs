@@ -1,14 +1,17 @@
-//! The source of a disk that is still arriving (post-copy): an NBD export
-//! that is reached again after every failure, and checked each time to
-//! still be the same disk.
+//! A remote disk a job works with: the source of a disk that is still
+//! arriving (post-copy), the destination of a mirror. An NBD export that
+//! is reached again after every failure, and checked each time to still
+//! be the same disk.
 //!
-//! A request waits for the source up to the source timeout: through
-//! reconnects with capped, jittered back-off; past the timeout it fails
-//! (the server answers that one request with EIO and keeps serving).
+//! A request waits for the remote up to its timeout: through reconnects
+//! with capped, jittered back-off; past the timeout it fails (for a
+//! post-copy read: the server answers that one request with EIO and keeps
+//! serving).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ferry_block::{
     BASE_ALLOCATION, BlockDev, Caps, Error as BlockError, Extent, IDENTITY_PREFIX,
     Result as BlockResult, ZeroMode, check_range,
@@ -16,17 +19,18 @@ use ferry_block::{
 use nbd_client::{Client, ConnectOptions, NbdUri};
 use serde::{Deserialize, Serialize};
 
-/// What a source is: checked at every connection, recorded at the first.
+/// What a remote disk is: checked at every connection, recorded at the
+/// first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceIdentity {
+pub struct RemoteIdentity {
     pub size: u64,
     pub export: String,
-    /// The `nbdferry:identity:...` context an nbdferry source publishes
+    /// The `nbdferry:identity:...` context an nbdferry server publishes
     /// for its disk or snapshot (other servers publish none).
     pub id: Option<String>,
 }
 
-impl SourceIdentity {
+impl RemoteIdentity {
     fn of(uri: &NbdUri, client: &Client) -> Self {
         let info = client.info();
         let id = info.available_contexts.as_ref().and_then(|list| {
@@ -34,7 +38,7 @@ impl SourceIdentity {
                 .find(|c| c.starts_with(IDENTITY_PREFIX))
                 .cloned()
         });
-        SourceIdentity {
+        RemoteIdentity {
             size: info.size,
             export: uri.export.clone(),
             id,
@@ -42,24 +46,27 @@ impl SourceIdentity {
     }
 }
 
-/// Why the source could not answer.
+/// Why the remote could not answer.
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("the source is not reachable ({0}) and did not come back within {1:?}")]
+pub enum RemoteError {
+    #[error("the remote disk is not reachable ({0}) and did not come back within {1:?}")]
     Unavailable(String, Duration),
-    /// Another disk answers at the source's address: never mixed in.
-    #[error("the source is not the disk it was: it was {expected:?}, it is now {found:?}")]
+    /// Another disk answers at the remote's address: never mixed in.
+    #[error("the remote is not the disk it was: it was {expected:?}, it is now {found:?}")]
     Changed {
-        expected: SourceIdentity,
-        found: SourceIdentity,
+        expected: RemoteIdentity,
+        found: RemoteIdentity,
     },
-    #[error("the source refused: {0}")]
+    #[error("the remote refused: {0}")]
     Refused(nbd_client::Error),
+    /// A mirror's destination must take writes.
+    #[error("{0} is read-only")]
+    ReadOnly(String),
 }
 
 /// Connected or not, and the last failure.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SourceStatus {
+pub struct RemoteStatus {
     pub connected: bool,
     pub reconnects: u64,
     pub last_error: Option<String>,
@@ -76,7 +83,7 @@ pub enum Lane {
 
 struct Link {
     client: Option<Arc<Client>>,
-    status: SourceStatus,
+    status: RemoteStatus,
 }
 
 struct Lanes<T> {
@@ -93,10 +100,10 @@ impl<T> Lanes<T> {
     }
 }
 
-pub struct Source {
+pub struct Remote {
     uri: NbdUri,
     opts: Lanes<ConnectOptions>,
-    identity: SourceIdentity,
+    identity: RemoteIdentity,
     timeout: Duration,
     links: Lanes<Mutex<Link>>,
     /// One reconnect at a time per lane; the others wait for its outcome.
@@ -126,7 +133,7 @@ fn connection_lost(e: &nbd_client::Error) -> bool {
     )
 }
 
-impl Source {
+impl Remote {
     /// Connects once (one handshake; the background pass's connections
     /// are opened when it first needs them). With `recorded`, the source
     /// must be that disk; without, what it is now is returned, to record.
@@ -136,8 +143,8 @@ impl Source {
         uri: NbdUri,
         mut opts: ConnectOptions,
         timeout: Duration,
-        recorded: Option<SourceIdentity>,
-    ) -> Result<Source, SourceError> {
+        recorded: Option<RemoteIdentity>,
+    ) -> Result<Remote, RemoteError> {
         opts.list_contexts = true;
         if !opts.meta_contexts.iter().any(|c| c == BASE_ALLOCATION) {
             opts.meta_contexts.push(BASE_ALLOCATION.to_string());
@@ -148,24 +155,24 @@ impl Source {
         };
         let client = Client::connect(&uri, &demand_opts)
             .await
-            .map_err(|e| SourceError::Unavailable(e.to_string(), Duration::ZERO))?;
-        let found = SourceIdentity::of(&uri, &client);
+            .map_err(|e| RemoteError::Unavailable(e.to_string(), Duration::ZERO))?;
+        let found = RemoteIdentity::of(&uri, &client);
         if let Some(expected) = recorded
             && expected != found
         {
-            return Err(SourceError::Changed { expected, found });
+            return Err(RemoteError::Changed { expected, found });
         }
         tracing::info!(source = %uri, size = found.size, "connected to the source");
         let link = |client: Option<Client>| {
             Mutex::new(Link {
-                status: SourceStatus {
+                status: RemoteStatus {
                     connected: client.is_some(),
-                    ..SourceStatus::default()
+                    ..RemoteStatus::default()
                 },
                 client: client.map(Arc::new),
             })
         };
-        Ok(Source {
+        Ok(Remote {
             uri,
             opts: Lanes {
                 demand: demand_opts,
@@ -184,12 +191,12 @@ impl Source {
         })
     }
 
-    pub fn identity(&self) -> &SourceIdentity {
+    pub fn identity(&self) -> &RemoteIdentity {
         &self.identity
     }
 
     /// The clients' lane's view (the background one comes and goes).
-    pub fn status(&self) -> SourceStatus {
+    pub fn status(&self) -> RemoteStatus {
         let mut st = self.link(Lane::Demand).status.clone();
         let bulk = self.link(Lane::Bulk).status.clone();
         st.reconnects += bulk.reconnects;
@@ -225,7 +232,7 @@ impl Source {
 
     /// The lane's live connection, reconnecting (with back-off) until
     /// `deadline`.
-    async fn client(&self, lane: Lane, deadline: Instant) -> Result<Arc<Client>, SourceError> {
+    async fn client(&self, lane: Lane, deadline: Instant) -> Result<Arc<Client>, RemoteError> {
         if let Some(c) = self.link(lane).client.clone() {
             return Ok(c);
         }
@@ -242,9 +249,9 @@ impl Source {
             .await;
             let why = match attempt {
                 Ok(Ok(client)) => {
-                    let found = SourceIdentity::of(&self.uri, &client);
+                    let found = RemoteIdentity::of(&self.uri, &client);
                     if found != self.identity {
-                        let e = SourceError::Changed {
+                        let e = RemoteError::Changed {
                             expected: self.identity.clone(),
                             found,
                         };
@@ -269,7 +276,7 @@ impl Source {
             self.link(lane).status.last_error = Some(why.clone());
             let now = Instant::now();
             if now >= deadline {
-                return Err(SourceError::Unavailable(why, self.timeout));
+                return Err(RemoteError::Unavailable(why, self.timeout));
             }
             tokio::time::sleep(jitter(wait).min(deadline - now)).await;
             wait = (wait * 2).min(BACKOFF_MAX);
@@ -278,7 +285,7 @@ impl Source {
 
     /// Runs `op` on the connection, again on a new one after a failure,
     /// until the source timeout.
-    async fn with_client<T, F, Fut>(&self, lane: Lane, op: F) -> Result<T, SourceError>
+    async fn with_client<T, F, Fut>(&self, lane: Lane, op: F) -> Result<T, RemoteError>
     where
         F: Fn(Arc<Client>) -> Fut,
         Fut: std::future::Future<Output = nbd_client::Result<T>>,
@@ -292,23 +299,23 @@ impl Source {
                 // fails, and the connection is not trusted again.
                 let e = nbd_client::Error::Timeout(self.timeout);
                 self.lost(lane, &client, &e);
-                return Err(SourceError::Unavailable(e.to_string(), self.timeout));
+                return Err(RemoteError::Unavailable(e.to_string(), self.timeout));
             };
             match answer {
                 Ok(v) => return Ok(v),
                 Err(e) if connection_lost(&e) => {
                     self.lost(lane, &client, &e);
                     if Instant::now() >= deadline {
-                        return Err(SourceError::Unavailable(e.to_string(), self.timeout));
+                        return Err(RemoteError::Unavailable(e.to_string(), self.timeout));
                     }
                 }
-                Err(e) => return Err(SourceError::Refused(e)),
+                Err(e) => return Err(RemoteError::Refused(e)),
             }
         }
     }
 
     /// `len` bytes at `offset`.
-    pub async fn read(&self, lane: Lane, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+    pub async fn read(&self, lane: Lane, offset: u64, len: u64) -> Result<Vec<u8>, RemoteError> {
         self.with_client(lane, |c| async move {
             c.read(offset, vec![0u8; len as usize]).await
         })
@@ -321,7 +328,7 @@ impl Source {
         lane: Lane,
         offset: u64,
         len: u64,
-    ) -> Result<Vec<Extent>, SourceError> {
+    ) -> Result<Vec<Extent>, RemoteError> {
         let found = self
             .with_client(lane, |c| async move { c.block_status(offset, len).await })
             .await?;
@@ -349,22 +356,56 @@ impl Source {
     }
 }
 
+impl Remote {
+    /// Writes `data` at `offset`.
+    pub async fn write(&self, lane: Lane, offset: u64, data: Bytes) -> Result<(), RemoteError> {
+        self.with_client(lane, |c| {
+            let data = data.clone();
+            async move { c.write(offset, data, false).await }
+        })
+        .await
+    }
+
+    /// Zeroes `[offset, offset+len)` (holes allowed).
+    pub async fn write_zeroes(&self, lane: Lane, offset: u64, len: u64) -> Result<(), RemoteError> {
+        self.with_client(lane, |c| async move {
+            c.write_zeroes(offset, len, false, false).await
+        })
+        .await
+    }
+
+    /// Makes every write acknowledged so far durable.
+    pub async fn flush(&self, lane: Lane) -> Result<(), RemoteError> {
+        self.with_client(lane, |c| async move { c.flush().await })
+            .await
+    }
+
+    /// Fails unless the remote takes writes.
+    pub fn check_writable(&self) -> Result<(), RemoteError> {
+        let l = self.link(Lane::Demand);
+        match &l.client {
+            Some(c) if c.info().read_only() => Err(RemoteError::ReadOnly(self.uri.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The source as a (read-only, blocking) device, for the copy-on-read
 /// layer: each call waits for the source on the runtime, without holding
 /// up the runtime's other work.
 pub struct SourceDev {
-    source: Arc<Source>,
+    source: Arc<Remote>,
     handle: tokio::runtime::Handle,
 }
 
 impl SourceDev {
-    pub fn new(source: Arc<Source>, handle: tokio::runtime::Handle) -> Self {
+    pub fn new(source: Arc<Remote>, handle: tokio::runtime::Handle) -> Self {
         SourceDev { source, handle }
     }
 
     fn wait<T>(
         &self,
-        fut: impl std::future::Future<Output = Result<T, SourceError>>,
+        fut: impl std::future::Future<Output = Result<T, RemoteError>>,
     ) -> BlockResult<T> {
         // block_in_place lets an async worker block (its other tasks move
         // to another thread); on a blocking-pool thread it just runs.
