@@ -2,8 +2,12 @@
 //! transmission loop. It knows nothing of what an export is made of: every
 //! export is a [`ferry_store::BlockDev`].
 
+mod admission;
+mod budget;
 mod bufpool;
 mod conn;
+mod deadline;
+mod dispatch;
 mod execute;
 mod frame;
 mod limits;

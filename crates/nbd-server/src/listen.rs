@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::MemoryBudget;
 use crate::conn::{ConnContext, serve};
 use crate::limits::Limits;
 use crate::registry::Registry;
@@ -89,6 +90,7 @@ impl Server {
             handshake: self.handshake,
             shutdown: shutdown.clone(),
             tls: self.tls,
+            budget: Arc::new(MemoryBudget::new(&self.limits)),
         });
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
