@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nbd_proto::server_handshake::{HandshakeConfig, TlsMode};
 use tokio::net::{TcpListener, UnixListener};
@@ -10,9 +11,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::budget::MemoryBudget;
+use crate::bufpool::{POOL, return_large_frees_to_system};
 use crate::conn::{ConnContext, serve};
 use crate::limits::Limits;
 use crate::registry::Registry;
+
+/// How often idle buffers the last interval did not need are freed.
+const POOL_TRIM_INTERVAL: Duration = Duration::from_secs(5);
 
 pub enum Listener {
     Tcp(TcpListener),
@@ -84,6 +89,8 @@ impl Server {
     /// Accepts clients until `shutdown` fires, then lets every connection
     /// finish its in-flight requests and returns.
     pub async fn run(self, listeners: Vec<Listener>, shutdown: CancellationToken) {
+        return_large_frees_to_system();
+        POOL.limit_idle(self.limits.max_memory / 8);
         let ctx = Arc::new(ConnContext {
             registry: self.registry,
             limits: self.limits.clone(),
@@ -109,11 +116,24 @@ impl Server {
                 .clone()
                 .spawn(accept_loop(l, ctx, tracker, slots, shutdown));
         }
+        tracker.spawn(trim_pool(shutdown.clone()));
         shutdown.cancelled().await;
         tracker.close();
         tracker.wait().await;
         for p in sockets {
             let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Frees pooled buffers that went unused, until shutdown.
+async fn trim_pool(shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(POOL_TRIM_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => POOL.trim(),
         }
     }
 }
