@@ -13,6 +13,7 @@ mod frame;
 mod limits;
 mod listen;
 mod outgoing;
+mod refuse;
 mod registry;
 mod split;
 
