@@ -8,11 +8,11 @@
 //!
 //! Two rules keep the sharing fair. A connection holds at most its share
 //! (at most half of the shared part), so no single connection can take all
-//! of it. And a slice of the budget is kept in reserve for light
-//! connections, those with at most a few MiB in flight: clients that never
-//! read their replies or stall mid-payload may fill the shared part until
-//! the stall deadline cuts them off, but an interactive client's small
-//! requests are still served at once, from the reserve.
+//! of it. And every connection may hold a small allowance (the reserve
+//! divided by the connection limit, at most 4 MiB) without waiting: clients
+//! that never read their replies or stall mid-payload may fill the shared
+//! part until the stall deadline cuts them off, but a client with a
+//! request or two in flight is still served at once, from the reserve.
 
 use std::sync::Arc;
 
@@ -20,12 +20,11 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 
 use crate::limits::Limits;
 
-/// A light connection holds at most this much, or a quarter of the
-/// reserve if that is less: enough for qemu-img's 2 MiB requests one at a
+/// The largest allowance: enough for qemu-img's 2 MiB requests one at a
 /// time, or a handful of smaller ones in flight.
-const MAX_LIGHT: usize = 4 << 20;
+const MAX_ALLOWANCE: usize = 4 << 20;
 
-/// The part of the budget kept for light connections (1/RESERVE_SHARE).
+/// The reserve is at most this part of the budget (1/RESERVE_SHARE).
 const RESERVE_SHARE: usize = 8;
 
 pub struct MemoryBudget {
@@ -33,8 +32,10 @@ pub struct MemoryBudget {
     reserve: Arc<Semaphore>,
     /// Most bytes one connection may hold.
     per_connection: usize,
-    /// A connection holding at most this much may use the reserve.
-    light: usize,
+    /// A connection holding at most this much may use the reserve. As it
+    /// is the reserve divided by the connection limit, the reserve never
+    /// runs out: taking from it never waits.
+    allowance: usize,
 }
 
 impl MemoryBudget {
@@ -42,7 +43,8 @@ impl MemoryBudget {
     /// below it, since the largest request must fit).
     pub fn new(limits: &Limits) -> Self {
         let total = limits.max_memory.max(limits.min_memory());
-        let reserve = total / RESERVE_SHARE;
+        let connections = limits.max_connections.max(1);
+        let reserve = (total / RESERVE_SHARE).min(connections * MAX_ALLOWANCE);
         let shared = total - reserve;
         let per_connection = limits
             .max_inflight_bytes
@@ -52,7 +54,7 @@ impl MemoryBudget {
             shared: Arc::new(Semaphore::new(shared)),
             reserve: Arc::new(Semaphore::new(reserve)),
             per_connection,
-            light: (reserve / 4).min(MAX_LIGHT),
+            allowance: reserve / connections,
         }
     }
 
@@ -86,7 +88,9 @@ impl ConnBudget {
         let held = server.per_connection - self.own.available_permits();
         let from_server = match server.shared.clone().try_acquire_many_owned(bytes) {
             Ok(p) => p,
-            Err(_) if held <= server.light => server.reserve.clone().acquire_many_owned(bytes).await?,
+            Err(_) if held <= server.allowance => {
+                server.reserve.clone().acquire_many_owned(bytes).await?
+            }
             Err(_) => server.shared.clone().acquire_many_owned(bytes).await?,
         };
         Ok(Lease {
@@ -149,11 +153,13 @@ mod tests {
         // 224 MiB shared, all held: a heavy request waits...
         let third = b.connection();
         assert!(pending(third.lease(8 * MIB as u32)).await);
-        // ...a light one does not, and a heavy connection below its own
-        // share still cannot reach the reserve.
+        // ...one within the allowance (32 MiB / 256 connections) does
+        // not, and a heavy connection below its own share still cannot
+        // reach the reserve.
         let light = b.connection();
-        let small = light.lease(MIB as u32).await.unwrap();
-        assert!(pending(heavy1.lease(MIB as u32)).await);
+        let small = light.lease(128 << 10).await.unwrap();
+        assert!(pending(light.lease(MIB as u32)).await);
+        assert!(pending(heavy1.lease(64 << 10)).await);
         drop(small);
         drop(held.pop());
         assert!(!pending(third.lease(8 * MIB as u32)).await);
