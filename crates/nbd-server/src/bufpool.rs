@@ -100,7 +100,8 @@ impl BufPool {
         }
         let Some(c) = class_of(cap) else { return };
         let mut class = self.class(c);
-        let fits_class = class.idle.len() < MAX_IDLE && (class.idle.len() + 1) * cap <= MAX_IDLE_BYTES;
+        let fits_class =
+            class.idle.len() < MAX_IDLE && (class.idle.len() + 1) * cap <= MAX_IDLE_BYTES;
         let limit = self.idle_limit.load(Ordering::Relaxed);
         let total = self.idle_bytes.fetch_add(cap, Ordering::Relaxed) + cap;
         if fits_class && total <= limit {

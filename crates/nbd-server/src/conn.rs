@@ -196,6 +196,9 @@ async fn transmission<S: Split>(
         Ok(Ending::Idle) => {
             tracing::info!(%peer, timeout = ?limits.idle_timeout, "idle client: disconnecting");
         }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            tracing::warn!(%peer, "closing: {e}");
+        }
         Err(e) => tracing::info!(%peer, "connection ends: {e}"),
     }
     // In-flight requests keep their own senders: the writer finishes when
@@ -211,7 +214,7 @@ async fn transmission<S: Split>(
     match finished {
         Some(Ok(Ok(()))) => {}
         Some(Ok(Err(e))) if e.kind() == std::io::ErrorKind::TimedOut => {
-            tracing::info!(%peer, "closing: {e}");
+            tracing::warn!(%peer, "closing: {e}");
         }
         Some(Ok(Err(e))) => tracing::debug!(%peer, "writer: {e}"),
         Some(Err(e)) => tracing::warn!(%peer, "writer task failed: {e}"),
@@ -316,11 +319,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static> Requests<R, W
                     "payload too large to discard",
                 ));
             }
-            let permits = self.dispatch.alongside(self.admission.slot_only()).await??;
+            let permits = self
+                .dispatch
+                .alongside(self.admission.slot_only())
+                .await??;
             self.framing.discard(payload).await?;
             return self.dispatch.refuse(&req, code, message, permits);
         }
-        let permits = self.dispatch.alongside(self.admission.admit(&req)).await??;
+        let permits = self
+            .dispatch
+            .alongside(self.admission.admit(&req))
+            .await??;
         match req.command {
             cmd::READ => self.dispatch.read(req, permits),
             cmd::WRITE => {

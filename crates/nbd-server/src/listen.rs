@@ -113,12 +113,8 @@ impl Server {
         });
         let mut sockets = Vec::new();
         for l in listeners {
-            let (ctx, tracker, gate, shutdown) = (
-                ctx.clone(),
-                tracker.clone(),
-                gate.clone(),
-                shutdown.clone(),
-            );
+            let (ctx, tracker, gate, shutdown) =
+                (ctx.clone(), tracker.clone(), gate.clone(), shutdown.clone());
             if let Listener::Unix(_, p) = &l {
                 sockets.push(p.clone());
             }
