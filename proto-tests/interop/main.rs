@@ -7,6 +7,8 @@ mod harness;
 mod blockdev;
 mod cli;
 mod client;
+mod flood;
+mod guards;
 mod hostile;
 mod libnbd;
 mod mutate;

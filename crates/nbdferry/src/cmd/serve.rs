@@ -352,7 +352,7 @@ impl Guards {
         if let Some(bytes) = self.max_memory {
             let min = limits.min_memory();
             if bytes < min as u64 {
-                bail!("--max-memory must be at least {min} (two of the largest requests)");
+                bail!("max-memory must be at least {min} bytes (two of the largest requests)");
             }
             limits.max_memory = usize::try_from(bytes).unwrap_or(usize::MAX);
         }
