@@ -94,7 +94,10 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Dispatch<W> {
         let mut f = std::pin::pin!(f);
         loop {
             self.start_ready()?;
+            // `f` first: when it is ready at once (the usual case for a
+            // permit) nothing else is polled or registered.
             tokio::select! {
+                biased;
                 v = &mut f => return Ok(v),
                 () = self.sink.room(), if !self.deferred.is_empty() => {}
                 () = self.sink.gone() => {

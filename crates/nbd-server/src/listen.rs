@@ -177,7 +177,10 @@ async fn accept_loop(
         let ctx = ctx.clone();
         tracker.spawn(async move {
             let Ok(_slot) = gate.slots.try_acquire() else {
-                turn_away(stream, &gate, peer).await;
+                tokio::select! {
+                    () = turn_away(stream, &gate, peer) => {}
+                    _ = ctx.shutdown.cancelled() => {}
+                }
                 return;
             };
             let result = match stream {
