@@ -65,6 +65,8 @@ pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use nbd_proto::consts::{IHAVEOPT, NBDMAGIC, OPT_REPLY_MAGIC};
+    use tokio::io::DuplexStream;
+    use tokio::task::JoinHandle;
 
     use super::*;
 
@@ -76,14 +78,20 @@ mod tests {
         v
     }
 
-    #[tokio::test]
-    async fn options_get_the_reason_then_abort_is_acknowledged() {
+    /// A refusal of `message` and a client past the greeting.
+    async fn refused(message: &'static str) -> (JoinHandle<std::io::Result<()>>, DuplexStream) {
         let (server, mut client) = tokio::io::duplex(4096);
-        let task = tokio::spawn(refuse(server, "too many connections"));
+        let task = tokio::spawn(refuse(server, message));
         let mut greeting = [0u8; 18];
         client.read_exact(&mut greeting).await.unwrap();
         assert_eq!(greeting[..8], NBDMAGIC.to_be_bytes());
         client.write_all(&1u32.to_be_bytes()).await.unwrap();
+        (task, client)
+    }
+
+    #[tokio::test]
+    async fn options_get_the_reason_then_abort_is_acknowledged() {
+        let (task, mut client) = refused("too many connections").await;
         let mut go = 4u32.to_be_bytes().to_vec();
         go.extend_from_slice(b"disk\0\0");
         client.write_all(&option(opt::GO, &go)).await.unwrap();
@@ -103,14 +111,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_option_ends_the_refusal() {
-        let (server, mut client) = tokio::io::duplex(4096);
-        let task = tokio::spawn(refuse(server, "busy"));
-        let mut greeting = [0u8; 18];
-        client.read_exact(&mut greeting).await.unwrap();
-        client.write_all(&1u32.to_be_bytes()).await.unwrap();
-        let mut big = IHAVEOPT.to_be_bytes().to_vec();
-        big.extend_from_slice(&opt::GO.to_be_bytes());
-        big.extend_from_slice(&u32::MAX.to_be_bytes());
+        let (task, mut client) = refused("busy").await;
+        let mut big = option(opt::GO, &[]);
+        big[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
         client.write_all(&big).await.unwrap();
         task.await.unwrap().unwrap();
         let mut rest = Vec::new();
