@@ -40,9 +40,12 @@ pub struct MemoryBudget {
 
 impl MemoryBudget {
     /// The budget of `limits.max_memory` bytes (raised to the minimum if
-    /// below it, since the largest request must fit).
+    /// below it, since the largest request must fit, and cut to what a
+    /// semaphore can count).
     pub fn new(limits: &Limits) -> Self {
-        let total = limits.max_memory.max(limits.min_memory());
+        let total = limits
+            .max_memory
+            .clamp(limits.min_memory(), Semaphore::MAX_PERMITS);
         let connections = limits.max_connections.max(1);
         let reserve = (total / RESERVE_SHARE).min(connections * MAX_ALLOWANCE);
         let shared = total - reserve;

@@ -183,13 +183,9 @@ async fn transmission<S: Split>(
     // On shutdown the loop answers what the client already sent; a client
     // that stalls (mid-payload, or never reading replies) gets a grace
     // period and is then cut off.
-    let grace = async {
-        ctx.shutdown.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
     let ending = tokio::select! {
         r = requests.serve(&ctx.shutdown) => r,
-        _ = grace => Ok(Ending::Input),
+        () = shutdown_grace(&ctx.shutdown) => Ok(Ending::Input),
     };
     match ending {
         Ok(Ending::Input) => {}
@@ -206,10 +202,7 @@ async fn transmission<S: Split>(
     let mut writer = writer;
     let finished = tokio::select! {
         r = &mut writer => Some(r),
-        _ = async {
-            ctx.shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => None,
+        () = shutdown_grace(&ctx.shutdown) => None,
     };
     match finished {
         Some(Ok(Ok(()))) => {}
@@ -224,6 +217,12 @@ async fn transmission<S: Split>(
         }
     }
     Ok(())
+}
+
+/// Returns `SHUTDOWN_GRACE` after the server began to shut down.
+async fn shutdown_grace(shutdown: &CancellationToken) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
 }
 
 /// Why a connection's input ended without an error.
