@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::budget::MemoryBudget;
-use crate::bufpool::{POOL, return_large_frees_to_system};
+use crate::bufpool::{POOL, release_free_memory};
 use crate::conn::{ConnContext, serve};
 use crate::limits::Limits;
 use crate::refuse::refuse;
@@ -95,7 +95,6 @@ impl Server {
     /// Accepts clients until `shutdown` fires, then lets every connection
     /// finish its in-flight requests and returns.
     pub async fn run(self, listeners: Vec<Listener>, shutdown: CancellationToken) {
-        return_large_frees_to_system();
         POOL.limit_idle(self.limits.max_memory / 8);
         let ctx = Arc::new(ConnContext {
             registry: self.registry,
@@ -132,14 +131,19 @@ impl Server {
     }
 }
 
-/// Frees pooled buffers that went unused, until shutdown.
+/// Frees pooled buffers that went unused, until shutdown; once some were,
+/// a burst is over and the allocator's free memory goes back too.
 async fn trim_pool(shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(POOL_TRIM_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => POOL.trim(),
+            _ = tick.tick() => {
+                if POOL.trim() > 0 {
+                    tokio::task::spawn_blocking(release_free_memory);
+                }
+            }
         }
     }
 }
