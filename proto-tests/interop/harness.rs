@@ -1492,14 +1492,7 @@ impl RawConn {
     }
 
     pub fn send_request(&mut self, flags: u16, ty: u16, cookie: u64, off: u64, len: u32) -> bool {
-        let mut b = [0u8; 28];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&flags.to_be_bytes());
-        b[6..8].copy_from_slice(&ty.to_be_bytes());
-        b[8..16].copy_from_slice(&cookie.to_be_bytes());
-        b[16..24].copy_from_slice(&off.to_be_bytes());
-        b[24..28].copy_from_slice(&len.to_be_bytes());
-        self.send(&b)
+        self.send(&request_header(flags, ty, cookie, off, len))
     }
 
     /// A simple reply header: Some((error, cookie)) or None if closed.
@@ -1553,6 +1546,18 @@ impl RawConn {
         self.s.shutdown_write();
         self.expect_closed("after NBD_CMD_DISC");
     }
+}
+
+/// A compact (28-byte) request header.
+pub fn request_header(flags: u16, ty: u16, cookie: u64, off: u64, len: u32) -> [u8; 28] {
+    let mut b = [0u8; 28];
+    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&ty.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&off.to_be_bytes());
+    b[24..28].copy_from_slice(&len.to_be_bytes());
+    b
 }
 
 pub fn be16(b: &[u8]) -> u16 {

@@ -43,16 +43,9 @@ pub struct ServeArgs {
     /// Serve the exports described in a TOML file instead of FILE.
     #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["file", "name", "read_only", "description"])]
     config: Option<PathBuf>,
-    /// Requests in flight per connection.
-    #[arg(long, default_value_t = Limits::default().max_inflight)]
-    max_inflight: usize,
-    /// Bytes of request buffers one connection may pin (at least 32 MiB,
-    /// the largest request).
-    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_inflight_bytes)]
-    max_inflight_bytes: usize,
-    /// Simultaneous client connections.
-    #[arg(long, default_value_t = Limits::default().max_connections)]
-    max_connections: usize,
+    /// Boxed: the flags make the command enum large otherwise.
+    #[command(flatten)]
+    limits: Box<LimitArgs>,
     /// Where snapshots, checkpoint bitmaps and the admin socket live
     /// [default: /var/lib/nbdferry for root, else
     /// $XDG_STATE_HOME/nbdferry or ~/.local/state/nbdferry].
@@ -124,6 +117,12 @@ struct ConfigFile {
     admin_listen: Option<String>,
     #[serde(default)]
     admin: AdminConfig,
+    /// As `--max-memory`: bytes, or a string like "4G".
+    max_memory: Option<Bytes>,
+    /// As `--stall-timeout`, in seconds.
+    stall_timeout: Option<u64>,
+    /// As `--idle-timeout`, in seconds.
+    idle_timeout: Option<u64>,
     #[serde(default, rename = "export")]
     exports: Vec<ExportConfig>,
 }
@@ -224,16 +223,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Before anything can print readiness: a signal that arrives right
     // after it must drain and exit 0, not kill the process.
     let signals = Signals::new()?;
-    if args.max_inflight_bytes < Limits::default().max_payload as usize {
+    let LimitArgs {
+        max_inflight,
+        max_inflight_bytes,
+        max_connections,
+        mut guards,
+    } = *args.limits;
+    if max_inflight_bytes < Limits::default().max_payload as usize {
         bail!(
             "--max-inflight-bytes must be at least {} (the largest request)",
             Limits::default().max_payload
         );
     }
-    let limits = Limits {
-        max_inflight_bytes: args.max_inflight_bytes,
-        max_inflight: args.max_inflight.max(1),
-        max_connections: args.max_connections.max(1),
+    let mut limits = Limits {
+        max_inflight_bytes,
+        max_inflight: max_inflight.max(1),
+        max_connections: max_connections.max(1),
         ..Limits::default()
     };
     let registry = Arc::new(Registry::new(limits.max_payload));
@@ -251,6 +256,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut access = Vec::new();
     if let Some(path) = &args.config {
         let cfg = load_config(path)?;
+        guards = guards.or(Guards::from_config(&cfg, path)?);
         if listen.is_empty() {
             listen = cfg.listen;
         }
@@ -363,6 +369,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let grants = Arc::new(Grants(grants));
 
+    guards.apply(&mut limits)?;
     let shutdown = CancellationToken::new();
     let handshake = HandshakeConfig {
         tls: mode,
@@ -395,6 +402,91 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     upkeep.await.context("upkeep task failed")?;
     Ok(())
+}
+
+/// The resource limits of the server.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = Limits::default().max_inflight)]
+    max_inflight: usize,
+    /// Bytes of request buffers one connection may pin (at least 32 MiB,
+    /// the largest request).
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_inflight_bytes)]
+    max_inflight_bytes: usize,
+    /// Simultaneous client connections; clients beyond are refused with
+    /// an error that says why.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    #[command(flatten)]
+    guards: Guards,
+}
+
+/// The limits that guard the server against clients that hog it, from
+/// the command line or the config file (the command line wins).
+#[derive(clap::Args)]
+struct Guards {
+    /// Request and reply buffers of all connections together; when they
+    /// are in use, requests wait their turn [default: a quarter of the
+    /// RAM (or of the cgroup's limit)].
+    #[arg(long, value_name = "BYTES", value_parser = super::size::parse_bytes)]
+    max_memory: Option<u64>,
+    /// Close a connection that takes no byte of its replies, or sends no
+    /// byte of a request it started, for this many seconds [default: 30].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout: Option<u64>,
+    /// Close a connection that has nothing in flight and sends no request
+    /// for this many seconds [default: never].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: Option<u64>,
+}
+
+impl Guards {
+    fn from_config(cfg: &ConfigFile, path: &Path) -> anyhow::Result<Self> {
+        let max_memory = match &cfg.max_memory {
+            Some(b) => Some(
+                b.bytes()
+                    .map_err(|m| anyhow::anyhow!("{}: max-memory: {m}", path.display()))?,
+            ),
+            None => None,
+        };
+        for (key, v) in [
+            ("stall-timeout", cfg.stall_timeout),
+            ("idle-timeout", cfg.idle_timeout),
+        ] {
+            if v == Some(0) {
+                bail!("{}: {key} must be at least 1 second", path.display());
+            }
+        }
+        Ok(Guards {
+            max_memory,
+            stall_timeout: cfg.stall_timeout,
+            idle_timeout: cfg.idle_timeout,
+        })
+    }
+
+    fn or(self, other: Guards) -> Guards {
+        Guards {
+            max_memory: self.max_memory.or(other.max_memory),
+            stall_timeout: self.stall_timeout.or(other.stall_timeout),
+            idle_timeout: self.idle_timeout.or(other.idle_timeout),
+        }
+    }
+
+    fn apply(self, limits: &mut Limits) -> anyhow::Result<()> {
+        if let Some(bytes) = self.max_memory {
+            let min = limits.min_memory();
+            if bytes < min as u64 {
+                bail!("max-memory must be at least {min} bytes (two of the largest requests)");
+            }
+            limits.max_memory = usize::try_from(bytes).unwrap_or(usize::MAX);
+        }
+        if let Some(s) = self.stall_timeout {
+            limits.stall_timeout = Duration::from_secs(s);
+        }
+        limits.idle_timeout = self.idle_timeout.map(Duration::from_secs);
+        Ok(())
+    }
 }
 
 fn load_config(path: &Path) -> anyhow::Result<ConfigFile> {
