@@ -500,3 +500,99 @@ fn five_points_on_an_s3_server_encrypted() {
     let (_, err) = run_fail(&mut c);
     assert!(err.contains("key"), "{err}");
 }
+
+/// `serve --backup`: every point is an export `DISK@POINT` that qemu-img
+/// compares equal to the image it was taken from, nbdcopy copies thin, and
+/// writes are refused; a post-copy destination arrives from a point (an
+/// instant restore) and ends identical.
+#[test]
+fn points_are_served_read_only_and_restore_instantly() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let img = d.join("disk.raw");
+    make_sparse_image(&img, IMG_SIZE, 77);
+    let first = d.join("first.raw");
+    std::fs::copy(&img, &first).unwrap();
+    let loc = d.join("repo");
+    let repo = Repo {
+        location: loc.to_str().unwrap().to_string(),
+        key: None,
+        env: Vec::new(),
+    };
+    let p1 = {
+        let srv = qemu_nbd(&img, "disk", true);
+        s(&repo.pull(&srv.uri("disk"), false, &[]), "point")
+    };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&[0xab; MIB as usize], 3 * MIB).unwrap();
+    }
+    let p2 = {
+        let srv = qemu_nbd(&img, "disk", true);
+        s(&repo.pull(&srv.uri("disk"), false, &[]), "point")
+    };
+
+    let srv = Server::start(&["--listen", "127.0.0.1:0", "--backup", &repo.location]);
+    let uri = |p: &str| srv.uri_for(&format!("disk@{p}"));
+    for (p, want) in [(&p1, &first), (&p2, &img)] {
+        run(peer("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(want)
+            .arg(uri(p)));
+        let copy = d.join("copy.raw");
+        run(peer("nbdcopy").arg(uri(p)).arg(&copy));
+        assert_eq!(hash_file(&copy), hash_file(want), "nbdcopy of disk@{p}");
+        let (thin, data) = (allocated_bytes(&copy), allocated_bytes(want));
+        assert!(
+            thin <= data + 4 * MIB,
+            "the copy of disk@{p} holds {thin} bytes for {data} of data"
+        );
+        std::fs::remove_file(&copy).unwrap();
+    }
+    let holes: u64 = qemu_img_map(&uri(&p1))
+        .iter()
+        .filter(|e| !e.2)
+        .map(|e| e.1)
+        .sum();
+    assert!(
+        holes >= IMG_SIZE / 4,
+        "disk@{p1} shows {holes} bytes of holes"
+    );
+    let (_, err) = run_fail(
+        peer("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 4k"])
+            .arg(uri(&p1)),
+    );
+    assert!(!err.is_empty(), "a write to a point was not refused");
+
+    // Instant restore: serve a new disk at once from the newest point.
+    let dst = d.join("restored.raw");
+    let st = d.join("st");
+    let target = Server::serve(
+        d,
+        &dst,
+        &[
+            "--name",
+            "disk",
+            "--state-dir",
+            st.to_str().unwrap(),
+            "--source",
+            &uri(&p2),
+        ],
+    )
+    .with_name("disk");
+    run(peer("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&img)
+        .arg(target.uri()));
+    wait_until(CMD_DEADLINE, "the restore to hydrate", || {
+        let st = run(nbdferry()
+            .args(["hydrate", "status", "disk", "--json", "--admin"])
+            .arg(st.join("admin.sock")));
+        json_bool(&st, "complete") == Some(true)
+    });
+    target.stop();
+    srv.stop();
+    assert_same_content(&img, &dst);
+}

@@ -3,7 +3,8 @@
 //! [`backup`] jobs built on it (pull into a repository, restore, verify
 //! against a live export); the hydration of a post-copy disk from its
 //! source ([`Hydration`], [`Remote`]); and the [`Mirror`] of a live disk
-//! onto another export (pre-copy).
+//! onto another export (pre-copy); a backup point as a read-only device
+//! ([`PointDev`]).
 
 pub mod backup;
 pub mod copy;
@@ -13,6 +14,7 @@ mod hydrate;
 mod mirror;
 mod pace;
 mod plan;
+mod point_dev;
 mod progress;
 mod remote;
 pub mod zero;
@@ -22,5 +24,6 @@ pub use endpoint::EndpointSpec;
 pub use error::{Error, Result};
 pub use hydrate::{HydrateOptions, Hydration};
 pub use mirror::{Finished, Mirror, MirrorError};
+pub use point_dev::PointDev;
 pub use progress::Progress;
 pub use remote::{Lane, Remote, RemoteError, RemoteIdentity, RemoteStatus, SourceDev};

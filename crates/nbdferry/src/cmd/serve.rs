@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use ferry_daemon::http::{Grant, Grants, LocalListener, TlsListener};
 use ferry_daemon::{Daemon, ExportSpec, HydrateOptions, SourceSpec};
+use ferry_jobs::PointDev;
 use nbd_proto::server_handshake::{HandshakeConfig, TlsMode};
 use nbd_server::{Access, Limits, Listener, Registry, Server};
 use serde::Deserialize;
@@ -98,8 +99,15 @@ pub struct ServeArgs {
     /// (repeatable); without it any certificate signed by the CA is.
     #[arg(long = "allow-client", value_name = "NAME")]
     allow_clients: Vec<String>,
+    /// Also export every point of this backup repository read-only, as
+    /// DISK@POINT (a directory, or s3://BUCKET/PREFIX).
+    #[arg(long, value_name = "REPO")]
+    backup: Option<String>,
+    /// Key file of an encrypted --backup repository.
+    #[arg(long, value_name = "FILE", requires = "backup")]
+    key_file: Option<PathBuf>,
     /// File or block device to export.
-    #[arg(required_unless_present = "config")]
+    #[arg(required_unless_present_any = ["config", "backup"])]
     file: Option<PathBuf>,
 }
 
@@ -339,7 +347,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             )
             .await?;
         registry.set_default(&name);
-        access.push((name, false, args.allow_clients));
+        access.push((name, false, args.allow_clients.clone()));
+    }
+    if let Some(location) = &args.backup {
+        for name in serve_points(&registry, location, args.key_file.as_deref()).await? {
+            access.push((name, false, args.allow_clients.clone()));
+        }
     }
     let (mode, tls_config) =
         tls_setup(tls, tls_creds.as_deref(), anonymous, admin_listen.is_some())?;
@@ -503,6 +516,35 @@ fn load_config(path: &Path) -> anyhow::Result<ConfigFile> {
             None => anyhow::anyhow!("{}: {msg}", path.display()),
         }
     })
+}
+
+/// Publishes every point of the repository at `location` as a read-only
+/// export `DISK@POINT`; returns their names.
+async fn serve_points(
+    registry: &Registry,
+    location: &str,
+    key_file: Option<&Path>,
+) -> anyhow::Result<Vec<String>> {
+    let key = key_file.map(ferry_repo::KeyFile::read).transpose()?;
+    let repo = ferry_repo::Repo::open(location, key.as_ref())
+        .await
+        .with_context(|| format!("cannot open the repository {location}"))?;
+    let mut names = Vec::new();
+    for meta in repo.list().await? {
+        let name = format!("{}@{}", meta.disk, meta.point);
+        let description = format!("backup of {} from {}", meta.disk, meta.source);
+        let dev = PointDev::new(repo.clone(), meta, tokio::runtime::Handle::current());
+        registry
+            .add(name.as_str(), description, Arc::new(dev))
+            .map_err(anyhow::Error::msg)?;
+        names.push(name);
+    }
+    tracing::info!(
+        repo = location,
+        points = names.len(),
+        "serving backup points"
+    );
+    Ok(names)
 }
 
 /// Binds the admin socket. With an explicit `--state-dir`/`--admin-socket`
