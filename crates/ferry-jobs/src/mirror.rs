@@ -149,6 +149,9 @@ pub struct Mirror {
     stripes: Arc<Stripes>,
     versions: Box<[AtomicU32]>,
     active: AtomicBool,
+    /// The bulk plan is made: from now on a block that is not pending is
+    /// current on the destination (before, nothing is).
+    planned: AtomicBool,
     rate: AtomicU64,
     pass: AtomicU64,
     sent: AtomicU64,
@@ -275,6 +278,7 @@ impl Mirror {
             remote: Arc::new(remote),
             dir,
             active: AtomicBool::new(record.mode == MirrorMode::Active),
+            planned: AtomicBool::new(record.planned),
             rate: AtomicU64::new(record.rate.unwrap_or(0)),
             record: Mutex::new(record),
             pending,
@@ -308,6 +312,18 @@ impl Mirror {
 
     fn nblocks(&self) -> u64 {
         self.size.div_ceil(self.gran)
+    }
+
+    /// Blocks the copier (or completion) must still send: pending, and not
+    /// sent by an active write already (those wait only for a flush).
+    fn to_send(&self) -> u64 {
+        let sent = self.active_sent.snapshot();
+        self.pending
+            .words()
+            .iter()
+            .zip(sent.iter().chain(std::iter::repeat(&0)))
+            .map(|(p, a)| u64::from((p & !a).count_ones()))
+            .sum()
     }
 
     /// The first block at or after `from` the copier must send.
@@ -374,8 +390,12 @@ impl Mirror {
         let mut paced = Instant::now();
         loop {
             if self.next_to_send(0).is_none() {
-                // Caught up: clear what active writes sent, wait for writes (or look again now and then,
-                // to keep the pending map's file tight).
+                // Caught up: clear what active writes sent, wait for writes
+                // (or look again now and then, to keep the pending map's
+                // file tight).
+                if self.pass.load(Ordering::Acquire) > 0 {
+                    lock(&self.counters).phase = "caught-up".into();
+                }
                 if let Err(e) = self.flush_and_clear().await {
                     self.failed(&e).await;
                 }
@@ -473,7 +493,9 @@ impl Mirror {
         }
         self.remote.flush(Lane::Bulk).await?;
         lock(&self.record).planned = true;
-        self.save()
+        self.save()?;
+        self.planned.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Whether the destination reads zeroes all over `[offset, offset+len)`.
@@ -679,7 +701,7 @@ impl Mirror {
         } else {
             (0.0, 0.0)
         };
-        let dirty = self.pending.count() * self.gran;
+        let dirty = self.to_send() * self.gran;
         let record = lock(&self.record);
         let budget = link_rate * record.max_downtime_ms as f64 / 1000.0;
         let ready = !c.after_pass.is_empty() && (dirty == 0 || dirty as f64 <= budget);
@@ -761,6 +783,10 @@ impl Ticket for ActiveWrite {
         });
         match sent {
             Ok(()) => {
+                m.sent.fetch_add(
+                    (self.blocks.end - self.blocks.start) * m.gran,
+                    Ordering::Relaxed,
+                );
                 let mut u = lock(&m.unflushed);
                 u.extend(
                     self.blocks
@@ -808,10 +834,13 @@ impl WriteTap for Mirror {
         self.written.fetch_add(len, Ordering::Relaxed);
         let blocks = self.blocks(offset, len);
         let held = self.stripes.hold(blocks.clone());
-        // The destination's copy is current but for active writes.
-        let current = blocks
-            .clone()
-            .all(|b| !self.pending.get(b) || self.active_sent.get(b));
+        // The destination's copy is current but for active writes. Not
+        // before the plan: a block not pending yet may still be sent by
+        // the bulk pass, or zeroed by it, after this write went there.
+        let current = self.planned.load(Ordering::Acquire)
+            && blocks
+                .clone()
+                .all(|b| !self.pending.get(b) || self.active_sent.get(b));
         for b in blocks.clone() {
             self.version(b).fetch_add(1, Ordering::AcqRel);
         }

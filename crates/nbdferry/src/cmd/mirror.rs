@@ -159,7 +159,10 @@ pub async fn run(args: MirrorArgs) -> anyhow::Result<()> {
             } else {
                 println!("{}", summary(&s));
             }
-            let ended = !matches!(s.phase.as_str(), "bulk" | "passes" | "completing");
+            let ended = !matches!(
+                s.phase.as_str(),
+                "bulk" | "passes" | "caught-up" | "completing"
+            );
             if !watch || ended {
                 return Ok(());
             }
