@@ -246,7 +246,7 @@ print("ready: runs ready without a switch to active; left@switch: not yet on the
 
 print(f"\nbulk phase: 512 MiB of data (the rest holes) to the same qemu-nbd destination")
 for label, case, tool in [("nbdferry mirror bg0 (start -> ready)", "bg0", "nbdferry"),
-                          ("nbdferry mirror bg0 (start -> bulk pass done)", "bg0", "nbdferry"),
+                          ("nbdferry mirror bg10 (start -> bulk pass done)", "bg10", "nbdferry"),
                           ("qemu mirror bg0 (start -> BLOCK_JOB_READY)", "bg0", "qemu"),
                           ("nbdferry mirror act0 (start -> ready)", "act0", "nbdferry"),
                           ("qemu mirror act0 (write-blocking)", "act0", "qemu"),
@@ -254,7 +254,7 @@ for label, case, tool in [("nbdferry mirror bg0 (start -> ready)", "bg0", "nbdfe
     key = "bulk_s" if "bulk pass" in label else ("copy_s" if case == "copy" else "ready_s")
     xs = vals(case, tool, key)
     mbs = [DATA / MIB / x for x in xs]
-    print(f"  {label:48} {cell(xs, '{:.2f}'):>20} s   {cell(mbs, '{:.0f}'):>18} MiB/s of data")
+    print(f"  {label:50} {cell(xs, '{:.2f}'):>20} s   {cell(mbs, '{:.0f}'):>18} MiB/s of data")
 
 print(f"\nQD1 64 KiB write latency at {int(slow)//MIB} MiB/s, ms, while the mirror is ready"
       f" (hold window minus 0.5 s each end; per-run median/p99, then median (min-max) over runs)")
