@@ -338,3 +338,84 @@ fn migrate_between_two_hosts_over_mutual_tls() {
     src.stop();
     drop(hosts);
 }
+
+/// Hybrid switch-over under a writer faster than the copier: `complete
+/// --postcopy` seals and snapshots the source at once, the destination
+/// daemon becomes a post-copy disk that fetches what was still dirty,
+/// reads the source's final content at once, survives a restart without
+/// its source on the command line, and ends byte-exact.
+#[test]
+fn postcopy_switch_serves_at_once_and_ends_exact() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let img = d.join("src.raw");
+    make_sparse_image(&img, SIZE, 603);
+    let dst = d.join("dst.raw");
+    make_empty_image(&dst, SIZE);
+    let (st1, st2) = (d.join("st1"), d.join("st2"));
+    let src = live(d, &img, &st1);
+    let target = live(d, &dst, &st2);
+    let w = Writer::start(d, &src.uri(), 6 << 20, 5);
+    mirror_cli(
+        &st1,
+        &["start", "disk", "--to", &target.uri(), "--rate", "2M"],
+    );
+    wait_until(CMD_DEADLINE, "part of the bulk pass", || {
+        json_u64(&status(&st1), "bytes_sent").unwrap_or(0) >= SIZE / 8
+    });
+    let out = run(nbdferry()
+        .args([
+            "mirror",
+            "complete",
+            "disk",
+            "--postcopy",
+            "--json",
+            "--source-uri",
+        ])
+        .arg(src.uri())
+        .arg("--dest-admin")
+        .arg(st2.join("admin.sock"))
+        .arg("--admin")
+        .arg(st1.join("admin.sock")));
+    drop(w);
+    eprintln!("switched: {out}");
+    let snapshot = json_str(&out, "snapshot").expect("a snapshot in the answer");
+    assert!(out.contains("\"absent\""), "nothing left to fetch: {out}");
+    // The source is final now (sealed); the destination reads it at once.
+    run(peer("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&img)
+        .arg(target.uri()));
+    // A restart of the destination, without --source: it keeps arriving
+    // (or, if every block came meanwhile, is a plain disk).
+    let hydration = |st: &Path| {
+        let out = run_output(
+            nbdferry()
+                .args(["hydrate", "status", "disk", "--json", "--admin"])
+                .arg(st.join("admin.sock")),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.status.success().then_some(text)
+    };
+    let before = hydration(&st2).expect("the destination is arriving");
+    target.stop_with(SIGKILL);
+    let target = live(d, &dst, &st2);
+    run(peer("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&img)
+        .arg(target.uri()));
+    if json_bool(&before, "complete") == Some(false) {
+        wait_until(CMD_DEADLINE, "the destination to hydrate", || {
+            let st = hydration(&st2).expect("still arriving after a restart");
+            json_bool(&st, "complete") == Some(true)
+        });
+    }
+    target.stop();
+    assert_same_content(&img, &dst);
+    // The snapshot the destination fetched from is still the source's.
+    run(peer("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&img)
+        .arg(src.uri_for(&snapshot)));
+    src.stop();
+}

@@ -319,6 +319,14 @@ impl AdminClient {
         .await
     }
 
+    /// Makes `disk` a post-copy disk arriving from `req.source` (the end
+    /// of a hybrid migration, on the destination's daemon).
+    pub async fn arrive(&self, disk: &str, req: &Arrive) -> Result<Arriving, ClientError> {
+        validate_name("disk", disk).map_err(ClientError::Usage)?;
+        let path = format!("/v1/disks/{}/arrive", path_segment(disk));
+        self.call(Method::POST, &path, Some(req)).await
+    }
+
     pub async fn cancel_mirror(&self, disk: &str) -> Result<MirrorCancelled, ClientError> {
         self.call(Method::DELETE, &Self::mirror_path(disk, "")?, None::<&()>)
             .await

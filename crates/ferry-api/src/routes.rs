@@ -21,7 +21,8 @@ impl Role {
     pub fn needed(method: &str, path: &str) -> Role {
         match method {
             "GET" | "HEAD" => Role::Viewer,
-            _ if path.ends_with("/revert") => Role::Admin,
+            // Both replace what a disk holds.
+            _ if path.ends_with("/revert") || path.ends_with("/arrive") => Role::Admin,
             _ => Role::Operator,
         }
     }

@@ -232,6 +232,10 @@ pub enum AfterMirror {
 pub struct CompleteMirror {
     #[serde(default = "read_only")]
     pub after: AfterMirror,
+    /// Switch now: seal the source, snapshot it, and leave the blocks
+    /// still pending for the destination to fetch (hybrid migration).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 fn read_only() -> AfterMirror {
@@ -270,6 +274,32 @@ pub struct MirrorCompleted {
     pub bytes_sent: u64,
     pub passes: u64,
     pub after: AfterMirror,
+    /// With `postcopy`: the snapshot export the destination fetches from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// With `postcopy`: byte ranges `[offset, length]` the destination
+    /// does not hold current yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absent: Vec<(u64, u64)>,
+}
+
+/// `POST /v1/disks/{disk}/arrive`: a disk this daemon serves (a mirror's
+/// destination) holds all but `absent` of the disk at `source`; it
+/// becomes a post-copy disk that fetches the rest from there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Arrive {
+    pub source: String,
+    #[serde(default)]
+    pub absent: Vec<(u64, u64)>,
+}
+
+/// The answer to `arrive`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Arriving {
+    pub disk: String,
+    pub source: String,
+    pub absent_bytes: u64,
 }
 
 /// `DELETE /v1/disks/{disk}/mirror`

@@ -39,7 +39,8 @@ struct MirrorSlot {
 enum Slot {
     Live {
         disk: Arc<Disk>,
-        /// The export that serves the live disk.
+        /// The export that serves the live disk, as configured.
+        spec: ExportSpec,
         export: String,
         /// Held across each change of the disk and its exports.
         ops: Arc<Mutex<()>>,
@@ -224,6 +225,7 @@ impl Daemon {
                 }
                 Slot::Live {
                     disk,
+                    spec: spec.clone(),
                     export: name.to_string(),
                     ops: Arc::default(),
                 }
@@ -341,6 +343,12 @@ impl Daemon {
             })?;
             (slot.mirror.clone(), copier)
         };
+        if req.postcopy && req.after == AfterMirror::Keep {
+            // Writes after the switch would be on the source alone.
+            return Err(ServiceError::Config(
+                "a post-copy switch seals the source: --after keep does not apply".into(),
+            ));
+        }
         let sealed = d.clone();
         let after = req.after;
         let seal = move || {
@@ -348,7 +356,7 @@ impl Daemon {
                 sealed.close_writes();
             }
         };
-        let done = m.complete(copier, seal).await.map_err(|e| {
+        let done = m.complete(copier, req.postcopy, seal).await.map_err(|e| {
             ServiceError::Config(format!("cannot complete the mirror of '{disk}': {e}"))
         })?;
         match req.after {
@@ -364,6 +372,25 @@ impl Daemon {
             }
         }
         m.release("completed");
+        // The frozen source the destination fetches from: the sealed disk
+        // as a snapshot, which outlives the live export (--after stop).
+        let snapshot = if req.postcopy {
+            let name = format!(
+                "switch-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|t| t.as_millis())
+                    .unwrap_or(0)
+            );
+            let req = CreateSnapshot {
+                name,
+                checkpoint: false,
+            };
+            let made = tokio::task::block_in_place(|| self.create_snapshot(disk, &req));
+            Some(made?.export)
+        } else {
+            None
+        };
         let status = m.status(disk);
         Ok(MirrorCompleted {
             disk: disk.to_string(),
@@ -372,6 +399,90 @@ impl Daemon {
             bytes_sent: done.bytes_sent,
             passes: done.passes,
             after: req.after,
+            snapshot,
+            absent: done.absent,
+        })
+    }
+
+    /// The end of a hybrid migration, on the destination: `disk` (served
+    /// here, the mirror's target) holds all of the disk at `req.source`
+    /// but `req.absent`. Its export is rebuilt as a post-copy disk arriving
+    /// from there, with only those ranges absent: clients see the
+    /// source's content at once, and the rest is fetched.
+    pub async fn arrive(
+        &self,
+        disk: &str,
+        req: &ferry_api::Arrive,
+        hydrate: &HydrateOptions,
+    ) -> Result<ferry_api::Arriving, ServiceError> {
+        let (d, ops) = self.live(disk)?;
+        if lock(&self.hydrations).contains_key(disk) {
+            return Err(ServiceError::Exists(format!(
+                "disk '{disk}' is arriving already"
+            )));
+        }
+        if lock(&self.mirrors)
+            .get(disk)
+            .is_some_and(|m| m.mirror.is_running())
+        {
+            return Err(ServiceError::Busy(format!("disk '{disk}' is mirrored")));
+        }
+        let spec = {
+            let _op = lock(&ops);
+            let mut disks = lock(&self.disks);
+            let Some(Slot::Live { spec, export, .. }) = disks.remove(disk) else {
+                return Err(ServiceError::NoSuchDisk(disk.to_string()));
+            };
+            self.registry.remove(&export);
+            spec
+        };
+        let (size, gran) = (ferry_block::BlockDev::size(&*d), d.granularity());
+        let dir = d.state_dir().join(stack::HYDRATE);
+        drop(d);
+        let absent_bytes = req.absent.iter().map(|r| r.1).sum();
+        let seeded = tokio::task::block_in_place(|| {
+            ferry_store::CopyOnRead::seed(&dir, size, gran, &req.absent)
+        });
+        let spec = ExportSpec {
+            granularity: Some(gran),
+            source: Some(stack::SourceSpec {
+                uri: req.source.clone(),
+                timeout: stack::DEFAULT_SOURCE_TIMEOUT,
+                rate: None,
+            }),
+            ..spec
+        };
+        // The old stack goes once its last connection (the mirror's) has
+        // ended: until then the disk's state directory is locked.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let added = loop {
+            let tried = match &seeded {
+                Ok(()) => self.add_export(&spec, hydrate).await,
+                Err(e) => Err(ServiceError::Config(format!("disk '{disk}': {e}"))),
+            };
+            match tried {
+                Err(ServiceError::Config(m))
+                    if m.contains("in use") && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => break other,
+            }
+        };
+        if let Err(e) = added {
+            tracing::error!(disk, "cannot make the disk arrive: {e}");
+            return Err(e);
+        }
+        tracing::info!(
+            disk,
+            source = req.source,
+            absent_bytes,
+            "switched to post-copy"
+        );
+        Ok(ferry_api::Arriving {
+            disk: disk.to_string(),
+            source: req.source.clone(),
+            absent_bytes,
         })
     }
 

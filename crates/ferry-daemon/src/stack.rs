@@ -43,7 +43,9 @@ struct SourceRecord {
     granularity: u64,
 }
 
-const HYDRATE: &str = "hydrate";
+pub(crate) const HYDRATE: &str = "hydrate";
+/// How long a read of an absent block waits for the source, unless told.
+pub const DEFAULT_SOURCE_TIMEOUT: Duration = Duration::from_secs(60);
 const SOURCE_RECORD: &str = "source.json";
 
 /// One export as configured.
@@ -77,25 +79,37 @@ pub(crate) async fn build(
         ServiceError::Config(format!("cannot open {}: {e}", spec.path.display()))
     };
     let mut asked = spec.granularity.unwrap_or(DEFAULT_GRANULARITY);
-    let (below, hydration): (Arc<dyn BlockDev>, _) = match &spec.source {
-        Some(src) => {
-            let name = disk_name.filter(|_| !spec.read_only).ok_or_else(|| {
-                ServiceError::Config(format!(
-                    "export '{}' has a source: it must be writable and have a disk name",
-                    spec.name
-                ))
-            })?;
-            let (dev, hydration, gran) =
-                arriving(spec, src, &disks_dir.join(name).join(HYDRATE), asked).await?;
-            // The blocks it arrives in are the disk's.
-            asked = gran;
-            (dev, hydration)
+    // A disk that was still arriving keeps arriving from where it did,
+    // even if the configuration no longer says so (a hybrid migration's
+    // destination switched over the admin API, say): served plain, its
+    // absent blocks would read as whatever the file holds.
+    let recorded = match (&spec.source, disk_name) {
+        (None, Some(name)) if !spec.read_only => {
+            recorded_source(&disks_dir.join(name).join(HYDRATE)).map_err(|e| cannot_open(&e))?
         }
-        None => {
-            let file = FileDev::open(&spec.path, spec.read_only).map_err(|e| cannot_open(&e))?;
-            (Arc::new(file), None)
-        }
+        _ => None,
     };
+    let (below, hydration): (Arc<dyn BlockDev>, _) =
+        match spec.source.as_ref().or(recorded.as_ref()) {
+            Some(src) => {
+                let name = disk_name.filter(|_| !spec.read_only).ok_or_else(|| {
+                    ServiceError::Config(format!(
+                        "export '{}' has a source: it must be writable and have a disk name",
+                        spec.name
+                    ))
+                })?;
+                let (dev, hydration, gran) =
+                    arriving(spec, src, &disks_dir.join(name).join(HYDRATE), asked).await?;
+                // The blocks it arrives in are the disk's.
+                asked = gran;
+                (dev, hydration)
+            }
+            None => {
+                let file =
+                    FileDev::open(&spec.path, spec.read_only).map_err(|e| cannot_open(&e))?;
+                (Arc::new(file), None)
+            }
+        };
     let Some(name) = disk_name.filter(|_| !spec.read_only) else {
         if !spec.read_only {
             tracing::info!(
@@ -130,6 +144,42 @@ pub(crate) async fn build(
         disk: Some(disk),
         hydration,
     })
+}
+
+/// Where a disk with no source configured still arrives from, if it does:
+/// its recorded source while blocks are absent. A present map without a
+/// record (a switch cut short) is refused: which source is unknown.
+fn recorded_source(dir: &Path) -> Result<Option<SourceSpec>, String> {
+    let present = dir.join(ferry_store::PRESENT_MAP);
+    let record = match std::fs::read(dir.join(SOURCE_RECORD)) {
+        Ok(b) => serde_json::from_slice::<SourceRecord>(&b)
+            .map_err(|e| format!("damaged {}: {e}", dir.join(SOURCE_RECORD).display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if present.exists() {
+                return Err(format!(
+                    "{} says the disk is arriving, but from where is not recorded: \
+                     give its source (--source)",
+                    present.display()
+                ));
+            }
+            return Ok(None);
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    if CopyOnRead::arrived(dir, record.identity.size, record.granularity)
+        .map_err(|e| e.to_string())?
+    {
+        return Ok(None);
+    }
+    tracing::info!(
+        source = record.uri,
+        "the disk is still arriving: from its recorded source"
+    );
+    Ok(Some(SourceSpec {
+        uri: record.uri,
+        timeout: DEFAULT_SOURCE_TIMEOUT,
+        rate: None,
+    }))
 }
 
 /// The device below a disk with a source: the copy-on-read layer over the

@@ -190,6 +190,8 @@ pub struct Finished {
     pub downtime: Duration,
     pub bytes_sent: u64,
     pub passes: u64,
+    /// Left for the destination to fetch (post-copy switch): byte ranges.
+    pub absent: Vec<(u64, u64)>,
 }
 
 impl Mirror {
@@ -608,9 +610,13 @@ impl Mirror {
     /// nothing) before writes go again: a write held meanwhile must not
     /// land on the source alone. The caller then calls
     /// [`release`](Self::release).
+    /// With `postcopy`, nothing more is sent: what is durable on the
+    /// destination is kept, and the blocks still pending are returned for
+    /// the destination to fetch (downtime then does not depend on them).
     pub async fn complete(
         self: &Arc<Self>,
         copier: tokio::task::JoinHandle<()>,
+        postcopy: bool,
         seal: impl FnOnce() + Send + 'static,
     ) -> Result<Finished, MirrorError> {
         self.state.store(1, Ordering::Release);
@@ -622,16 +628,22 @@ impl Mirror {
         let finished = tokio::task::spawn_blocking(move || {
             let held = me.disk.hold_writes();
             let started = Instant::now();
-            let drained = handle.block_on(me.drain());
+            let drained = if postcopy {
+                handle
+                    .block_on(me.flush_and_clear())
+                    .map(|()| me.pending_runs())
+            } else {
+                handle.block_on(me.drain()).map(|()| Vec::new())
+            };
             if drained.is_ok() {
                 seal();
             }
             drop(held);
-            drained.map(|()| started.elapsed())
+            drained.map(|absent| (started.elapsed(), absent))
         })
         .await
         .map_err(state_err)?;
-        let downtime = match finished {
+        let (downtime, absent) = match finished {
             Ok(d) => d,
             Err(e) => {
                 lock(&self.counters).phase = "failed".into();
@@ -643,7 +655,23 @@ impl Mirror {
             downtime,
             bytes_sent: self.sent.load(Ordering::Relaxed),
             passes: self.pass.load(Ordering::Relaxed),
+            absent,
         })
+    }
+
+    /// The pending blocks as byte ranges.
+    fn pending_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        let mut b = 0;
+        while let Some(a) = self.pending.next_set(b) {
+            b = a + 1;
+            while b < self.nblocks() && self.pending.get(b) {
+                b += 1;
+            }
+            let off = a * self.gran;
+            runs.push((off, (b * self.gran).min(self.size) - off));
+        }
+        runs
     }
 
     /// With writes held: everything pending goes, then a flush, until

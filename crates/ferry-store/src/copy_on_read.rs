@@ -53,7 +53,8 @@ const STRIPES: u64 = 1024;
 /// A reader waits this long for another fetch of its blocks before it
 /// looks again (and fetches itself if that fetch failed).
 const WAIT_SLICE: Duration = Duration::from_millis(200);
-const PRESENT: &str = "present.bits";
+/// The present map's file in the layer's directory.
+pub const PRESENT_MAP: &str = "present.bits";
 /// Fetched data is written page by page, so zero pages stay holes.
 const PAGE: usize = 4096;
 const UNMAP: ZeroMode = ZeroMode {
@@ -174,7 +175,7 @@ impl CopyOnRead {
         }
         let nblocks = size.div_ceil(gran);
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(PRESENT);
+        let path = dir.join(PRESENT_MAP);
         let present = if path.exists() {
             DurableBitmap::open(&path, nblocks, EXACT)?
         } else {
@@ -208,10 +209,46 @@ impl CopyOnRead {
         self.gran
     }
 
+    /// Seeds the present map in `dir` of a disk of `size` bytes whose
+    /// local image already holds everything but the byte ranges `absent`
+    /// (a pre-copy mirror's target switched to post-copy): those blocks
+    /// will be fetched, the rest is present. Refuses to replace a map.
+    pub fn seed(dir: &Path, size: u64, gran: u64, absent: &[(u64, u64)]) -> std::io::Result<()> {
+        let path = dir.join(PRESENT_MAP);
+        if path.exists() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists: the disk is arriving already", path.display()),
+            ));
+        }
+        let nblocks = size.div_ceil(gran);
+        let mut gone: Vec<(u64, u64)> = absent
+            .iter()
+            .filter(|(_, len)| *len > 0)
+            .map(|&(off, len)| {
+                (
+                    off / gran,
+                    off.saturating_add(len).div_ceil(gran).min(nblocks),
+                )
+            })
+            .collect();
+        gone.sort_unstable();
+        std::fs::create_dir_all(dir)?;
+        let present = DurableBitmap::create(&path, nblocks, EXACT)?;
+        let mut at = 0;
+        for (a, b) in gone.into_iter().chain([(nblocks, nblocks)]) {
+            if a > at {
+                present.mark(at, a)?;
+            }
+            at = at.max(b);
+        }
+        Ok(())
+    }
+
     /// Whether a disk of `size` bytes whose present map is in `dir` has
     /// arrived whole: it then needs neither its source nor this layer.
     pub fn arrived(dir: &Path, size: u64, gran: u64) -> std::io::Result<bool> {
-        let path = dir.join(PRESENT);
+        let path = dir.join(PRESENT_MAP);
         if !path.exists() {
             return Ok(false);
         }
@@ -707,6 +744,22 @@ mod tests {
         let mut b = vec![0u8; len];
         dev.read_at(&mut b, off).unwrap();
         b
+    }
+
+    #[test]
+    fn a_seeded_map_leaves_exactly_the_absent_blocks_to_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let nblocks = SIZE.div_ceil(GRAN);
+        let absent = [(3 * GRAN + 10, 5), (10 * GRAN, 2 * GRAN), (SIZE - 1, 1)];
+        CopyOnRead::seed(dir.path(), SIZE, GRAN, &absent).unwrap();
+        let words =
+            crate::durable_bitmap::read_bits(&dir.path().join(PRESENT_MAP), nblocks).unwrap();
+        let missing: Vec<u64> = (0..nblocks)
+            .filter(|&b| !bitmap::test_bit(&words, b))
+            .collect();
+        assert_eq!(missing, vec![3, 10, 11, nblocks - 1]);
+        let again = CopyOnRead::seed(dir.path(), SIZE, GRAN, &[]);
+        assert!(again.is_err(), "a second seed replaced the map");
     }
 
     #[test]

@@ -40,7 +40,7 @@ mod view;
 mod disk_tests;
 
 pub use bitmap::AtomicBitmap;
-pub use copy_on_read::{Claim, CopyOnRead, HydrationProgress};
+pub use copy_on_read::{Claim, CopyOnRead, HydrationProgress, PRESENT_MAP};
 pub use dirty::DirtyTracker;
 pub use disk::{DEFAULT_GRANULARITY, Disk, validate_granularity};
 pub use durable_bitmap::{DurableBitmap, Rounding};

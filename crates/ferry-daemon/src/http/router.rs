@@ -12,8 +12,9 @@
 //! POST   /v1/disks/{disk}/mirror                   {"to": URI, "mode", "rate", "max_downtime_ms", "auto_active"}
 //! GET    /v1/disks/{disk}/mirror
 //! POST   /v1/disks/{disk}/mirror/set               {"mode", "rate"}
-//! POST   /v1/disks/{disk}/mirror/complete          {"after": "read-only"|"stop"|"keep"}
+//! POST   /v1/disks/{disk}/mirror/complete          {"after": "read-only"|"stop"|"keep", "postcopy": bool}
 //! DELETE /v1/disks/{disk}/mirror
+//! POST   /v1/disks/{disk}/arrive                   {"source": URI, "absent": [[offset, length]...]} (admin)
 //! ```
 //! Answers are the `ferry_api` types as JSON; errors are
 //! `{"error": "one line"}` with a 4xx/5xx status chosen here, from the
@@ -212,6 +213,16 @@ async fn complete_mirror(
     Ok(Json(app.daemon.complete_mirror(&disk, &req).await?))
 }
 
+async fn arrive(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+    req: Bytes,
+) -> Answer<ferry_api::Arriving> {
+    let req: ferry_api::Arrive = body(&req)?;
+    let hydrate = ferry_jobs::HydrateOptions::default();
+    Ok(Json(app.daemon.arrive(&disk, &req, &hydrate).await?))
+}
+
 async fn cancel_mirror(
     State(app): State<App>,
     UrlPath(disk): UrlPath<String>,
@@ -252,6 +263,7 @@ pub fn router(daemon: Arc<Daemon>, grants: Arc<Grants>) -> Router {
         )
         .route("/v1/disks/{disk}/mirror/set", post(set_mirror))
         .route("/v1/disks/{disk}/mirror/complete", post(complete_mirror))
+        .route("/v1/disks/{disk}/arrive", post(arrive))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(grants, authorize))
         .with_state(app)

@@ -43,10 +43,19 @@ pub struct AdminArg {
 
 impl AdminArg {
     pub fn client(&self) -> anyhow::Result<AdminClient> {
-        let endpoint = match &self.admin {
-            Some(a) => Endpoint::parse(a, self.tls_creds.as_deref())?,
-            None => Endpoint::Unix(default_admin_socket()),
-        };
+        match &self.admin {
+            Some(a) => self.client_at(a),
+            None => self.checked(Endpoint::Unix(default_admin_socket())),
+        }
+    }
+
+    /// A client of another daemon's API, `admin`, with the same TLS
+    /// credentials (the other end of a migration).
+    pub fn client_at(&self, admin: &str) -> anyhow::Result<AdminClient> {
+        self.checked(Endpoint::parse(admin, self.tls_creds.as_deref())?)
+    }
+
+    fn checked(&self, endpoint: Endpoint) -> anyhow::Result<AdminClient> {
         if self.tls_creds.is_some() && matches!(endpoint, Endpoint::Unix(_)) {
             anyhow::bail!("--tls-creds goes with an https:// --admin");
         }

@@ -5,7 +5,10 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use ferry_api::{AfterMirror, CompleteMirror, MirrorMode, MirrorStatus, SetMirror, StartMirror};
+use anyhow::Context;
+use ferry_api::{
+    AfterMirror, Arrive, CompleteMirror, MirrorMode, MirrorStatus, SetMirror, StartMirror,
+};
 
 use crate::admin::{AdminArg, print};
 
@@ -118,9 +121,50 @@ enum Action {
         after: AfterArg,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        postcopy: PostcopyArgs,
     },
     /// Stop mirroring; both sides stay as they are.
     Cancel { disk: String },
+}
+
+/// A hybrid switch: the destination serves at once and fetches the rest.
+#[derive(clap::Args)]
+struct PostcopyArgs {
+    /// Switch now, without waiting for convergence: the source is sealed
+    /// and snapshotted, and the destination daemon (--dest-admin) becomes
+    /// a post-copy disk that fetches the blocks still dirty from it.
+    #[arg(long, requires_all = ["dest_admin", "source_uri"])]
+    postcopy: bool,
+    /// The destination daemon's admin API (socket, or https://HOST:PORT
+    /// with the same --tls-creds).
+    #[arg(long, value_name = "PATH|URL")]
+    dest_admin: Option<String>,
+    /// The disk's name on the destination [default: DISK].
+    #[arg(long, value_name = "NAME")]
+    dest_disk: Option<String>,
+    /// How the destination reaches this daemon's export of DISK, e.g.
+    /// nbds://src.example/DISK?tls-certificates=pki; the snapshot taken at
+    /// the switch is fetched at the same address.
+    #[arg(long, value_name = "URI")]
+    source_uri: Option<String>,
+}
+
+/// `uri` with its export name replaced by `export` (the query stays).
+fn with_export(uri: &str, export: &str) -> anyhow::Result<String> {
+    let (base, query) = uri
+        .split_once('?')
+        .map_or((uri, None), |(b, q)| (b, Some(q)));
+    let slash = base
+        .find("://")
+        .and_then(|i| base[i + 3..].find('/').map(|j| i + 3 + j))
+        .ok_or_else(|| anyhow::anyhow!("--source-uri {uri}: not an NBD URI (nbd://HOST/DISK)"))?;
+    let mut out = format!("{}/{export}", &base[..slash]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    Ok(out)
 }
 
 fn summary(s: &MirrorStatus) -> String {
@@ -175,15 +219,42 @@ pub async fn run(args: MirrorArgs) -> anyhow::Result<()> {
             };
             print(&api.set_mirror(&disk, &req).await?)
         }
-        Action::Complete { disk, after, json } => {
+        Action::Complete {
+            disk,
+            after,
+            json,
+            postcopy,
+        } => {
+            let dest = match &postcopy.dest_admin {
+                Some(a) if postcopy.postcopy => Some(args.admin.client_at(a)?),
+                _ => None,
+            };
             let done = api
                 .complete_mirror(
                     &disk,
                     &CompleteMirror {
                         after: after.into(),
+                        postcopy: postcopy.postcopy,
                     },
                 )
                 .await?;
+            if let (Some(dest), Some(snapshot), Some(uri)) =
+                (dest, &done.snapshot, &postcopy.source_uri)
+            {
+                let req = Arrive {
+                    source: with_export(uri, snapshot)?,
+                    absent: done.absent.clone(),
+                };
+                let name = postcopy.dest_disk.as_deref().unwrap_or(&disk);
+                dest.arrive(name, &req).await.with_context(|| {
+                    format!(
+                        "the source is sealed and {snapshot} holds the disk, but the destination \
+                         did not switch; rerun the switch there with the same source and ranges \
+                         (POST /v1/disks/{name}/arrive {})",
+                        serde_json::to_string(&req).unwrap_or_default()
+                    )
+                })?;
+            }
             if json {
                 print(&done)
             } else {
@@ -252,6 +323,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
             disk,
             &CompleteMirror {
                 after: args.after.into(),
+                postcopy: false,
             },
         )
         .await?;
