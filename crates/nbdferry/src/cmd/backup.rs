@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use ferry_jobs::backup::PullRequest;
 use ferry_jobs::{CopyOptions, Progress};
 use ferry_repo::{CreateOptions, KeepPolicy, KeyFile, PointRef, Repo};
 
@@ -222,12 +223,11 @@ async fn pull(a: PullArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot open the repository {}", a.repo.repo))?;
     let bitmap = a.bitmap.as_deref().map(bitmap_context);
+    let req = PullRequest::parse(&a.uri, &a.disk, bitmap.as_deref())?;
     let opts = a.job.options();
     let stats = a
         .job
-        .with_progress(|p| {
-            ferry_jobs::backup::pull(&repo, &a.uri, &a.disk, bitmap.as_deref(), &opts, p)
-        })
+        .with_progress(|p| ferry_jobs::backup::pull(&repo, req, &opts, p))
         .await
         .with_context(|| format!("backup of {} failed", a.uri))?;
     let s = &stats.point.stats;
@@ -277,6 +277,8 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
                     "size": p.size,
                     "parent": p.parent,
                     "bitmap": p.bitmap,
+                    "checkpoint": p.checkpoint,
+                    "full_reason": p.full_reason,
                     "source": p.source,
                     "bytes_read": p.stats.bytes_read,
                     "new_chunks": p.stats.new_chunks,
@@ -295,10 +297,10 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
                 humantime_ms(p.created_ms),
                 p.size,
                 p.stats.data_bytes,
-                if p.parent.is_some() {
-                    ", incremental"
-                } else {
-                    ""
+                match (&p.parent, &p.full_reason) {
+                    (Some(_), _) => ", incremental".to_string(),
+                    (None, Some(why)) => format!(", full: {why}"),
+                    (None, None) => String::new(),
                 }
             );
         }
