@@ -561,6 +561,13 @@ impl Server {
         s
     }
 
+    /// A daemon serving `file` as the live disk `disk`, with its state
+    /// (admin socket, snapshots, checkpoints) in `state`.
+    pub fn live(dir: &Path, file: &Path, state: &Path) -> Server {
+        let st = state.to_str().expect("utf-8 path");
+        Server::serve(dir, file, &["--name", "disk", "--state-dir", st]).with_name("disk")
+    }
+
     pub fn with_name(mut self, name: &str) -> Server {
         self.name = name.to_string();
         self

@@ -5,6 +5,7 @@
 mod harness;
 
 mod backup;
+mod backup_run;
 mod blockdev;
 mod cli;
 mod client;

@@ -84,11 +84,6 @@ fn complete(state: &Path) -> u64 {
     json_u64(&out, "downtime_ms").unwrap_or_else(|| panic!("no downtime in {out}"))
 }
 
-fn live(dir: &Path, img: &Path, state: &Path) -> Server {
-    let st = state.to_str().unwrap();
-    Server::serve(dir, img, &["--name", "disk", "--state-dir", st]).with_name("disk")
-}
-
 /// A sparse disk under a light writer that was writing before the mirror
 /// started, onto a destination full of other data (so the bulk pass must
 /// zero the holes): background and active mode both end exact. (Active
@@ -104,8 +99,8 @@ fn mirror_under_a_light_writer_converges_exactly_in_either_mode() {
         let dst = d.join("dst.raw");
         make_filled_image(&dst, SIZE, 0xee);
         let (st1, st2) = (d.join("st1"), d.join("st2"));
-        let src = live(d, &img, &st1);
-        let target = live(d, &dst, &st2);
+        let src = Server::live(d, &img, &st1);
+        let target = Server::live(d, &dst, &st2);
         let w = Writer::start(d, &src.uri(), 1 << 20, 1);
         let out = mirror_cli(
             &st1,
@@ -142,8 +137,8 @@ fn active_mode_converges_where_background_cannot() {
         let dst = d.join("dst.raw");
         make_empty_image(&dst, SIZE);
         let (st1, st2) = (d.join("st1"), d.join("st2"));
-        let src = live(d, &img, &st1);
-        let target = live(d, &dst, &st2);
+        let src = Server::live(d, &img, &st1);
+        let target = Server::live(d, &dst, &st2);
         let _w = Writer::start(d, &src.uri(), 6 << 20, 2);
         let target_uri = target.uri();
         let mut args = vec!["start", "disk", "--to", &target_uri, "--rate", "2M"];
@@ -190,10 +185,10 @@ fn mirrors_survive_kill_9_of_either_side() {
     let dst = d.join("dst.raw");
     make_empty_image(&dst, SIZE);
     let (st1, st2) = (d.join("st1"), d.join("st2"));
-    let target = live(d, &dst, &st2);
+    let target = Server::live(d, &dst, &st2);
     let relay = Relay::start(target.addr.unwrap());
     let to = format!("nbd://127.0.0.1:{}/disk", relay.port());
-    let src = live(d, &img, &st1);
+    let src = Server::live(d, &img, &st1);
     mirror_cli(&st1, &["start", "disk", "--to", &to, "--rate", "8M"]);
     wait_until(CMD_DEADLINE, "a third of the bulk pass", || {
         json_u64(&status(&st1), "bytes_sent").unwrap_or(0) >= SIZE / 3
@@ -201,7 +196,7 @@ fn mirrors_survive_kill_9_of_either_side() {
     let left = json_u64(&status(&st1), "dirty_bytes").unwrap();
     src.stop_with(SIGKILL);
     let before = relay.bytes_up();
-    let src = live(d, &img, &st1);
+    let src = Server::live(d, &img, &st1);
     let st = status(&st1);
     assert!(
         json_str(&st, "phase").is_some(),
@@ -250,7 +245,7 @@ fn qemu_nbd_destination_and_wrong_sizes() {
     let small = d.join("small.raw");
     make_empty_image(&small, SIZE / 2);
     let st1 = d.join("st1");
-    let src = live(d, &img, &st1);
+    let src = Server::live(d, &img, &st1);
     let q = qemu_nbd(&dst, "disk", false);
     let wrong = qemu_nbd(&small, "small", false);
     let (_, err) = run_fail(
@@ -353,8 +348,8 @@ fn postcopy_switch_serves_at_once_and_ends_exact() {
     let dst = d.join("dst.raw");
     make_empty_image(&dst, SIZE);
     let (st1, st2) = (d.join("st1"), d.join("st2"));
-    let src = live(d, &img, &st1);
-    let target = live(d, &dst, &st2);
+    let src = Server::live(d, &img, &st1);
+    let target = Server::live(d, &dst, &st2);
     let w = Writer::start(d, &src.uri(), 6 << 20, 5);
     mirror_cli(
         &st1,
@@ -399,7 +394,7 @@ fn postcopy_switch_serves_at_once_and_ends_exact() {
     };
     let before = hydration(&st2).expect("the destination is arriving");
     target.stop_with(SIGKILL);
-    let target = live(d, &dst, &st2);
+    let target = Server::live(d, &dst, &st2);
     run(peer("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(&img)

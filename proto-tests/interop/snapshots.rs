@@ -16,12 +16,6 @@ use crate::harness::*;
 
 const GRAN: u64 = 64 * KIB;
 
-/// A daemon serving `img` as export `disk` with its state in `state`.
-fn start(dir: &Path, img: &Path, state: &Path) -> Server {
-    let st = state.to_str().expect("utf-8 path");
-    Server::serve(dir, img, &["--name", "disk", "--state-dir", st]).with_name("disk")
-}
-
 fn sock(state: &Path) -> PathBuf {
     state.join("admin.sock")
 }
@@ -120,7 +114,7 @@ fn random_ops(rng: &mut Rng, n: usize) -> (Vec<String>, Vec<(u64, u64)>) {
 fn snapshot_hashes_survive_writes_restart_and_kill() {
     let (dir, img) = fixture(301);
     let state = dir.path().join("state");
-    let s = start(dir.path(), &img, &state);
+    let s = Server::live(dir.path(), &img, &state);
     let mut rng = Rng::new(3);
     let mut expected = Vec::new();
     for round in 0..3 {
@@ -148,13 +142,13 @@ fn snapshot_hashes_survive_writes_restart_and_kill() {
     };
     check(&s, "after later writes");
     s.stop();
-    let s = start(dir.path(), &img, &state);
+    let s = Server::live(dir.path(), &img, &state);
     check(&s, "after a restart");
     let (cmds, _) = random_ops(&mut rng, 60);
     qemu_io(&s.uri(), &cmds);
     let live = hash_file(&img);
     s.stop_with(SIGKILL);
-    let s = start(dir.path(), &img, &state);
+    let s = Server::live(dir.path(), &img, &state);
     check(&s, "after SIGKILL");
     assert_eq!(
         pull_hash(dir.path(), &s.uri()),
@@ -173,7 +167,7 @@ fn snapshots_during_writes_are_point_in_time() {
     let img = dir.path().join("disk.raw");
     make_empty_image(&img, IMG_SIZE);
     let state = dir.path().join("state");
-    let s = start(dir.path(), &img, &state);
+    let s = Server::live(dir.path(), &img, &state);
     let nblocks = 256u64;
     let mut c = peer("qemu-io");
     c.args(["-f", "raw"]);
@@ -240,7 +234,7 @@ fn snapshots_during_writes_are_point_in_time() {
 fn dirty_bitmaps_match_the_write_log() {
     let (dir, img) = fixture(302);
     let state = dir.path().join("state");
-    let s = start(dir.path(), &img, &state);
+    let s = Server::live(dir.path(), &img, &state);
     let mut rng = Rng::new(5);
     cli(&state, &["checkpoint", "create", "disk", "c1"]);
     let (cmds, log1) = random_ops(&mut rng, 50);
@@ -305,7 +299,7 @@ fn dirty_bitmaps_match_the_write_log() {
 
     // After a clean restart the answers are still exact.
     s.stop();
-    let s = start(dir.path(), &img, &state);
+    let s = Server::live(dir.path(), &img, &state);
     assert_eq!(
         dirty_blocks(&s.uri_for("disk@s1"), "qemu:dirty-bitmap:c1"),
         b1
@@ -426,7 +420,7 @@ impl Drop for ChildGuard {
 fn crash_rounds_never_lose_a_dirty_block() {
     let (dir, img) = fixture(303);
     let state = dir.path().join("state");
-    let mut s = start(dir.path(), &img, &state);
+    let mut s = Server::live(dir.path(), &img, &state);
     cli(
         &state,
         &["snapshot", "create", "disk", "base", "--checkpoint"],
@@ -469,7 +463,7 @@ fn crash_rounds_never_lose_a_dirty_block() {
         }
         s.stop_with(SIGKILL);
         drop(writer);
-        s = start(dir.path(), &img, &state);
+        s = Server::live(dir.path(), &img, &state);
         // The snapshot survived intact...
         assert_eq!(
             pull_hash(dir.path(), &s.uri_for("disk@base")),
@@ -522,7 +516,7 @@ fn crashes_over_report_only_the_last_seconds_windows() {
     let img = dir.path().join("big.raw");
     make_empty_image(&img, SIZE);
     let state = dir.path().join("state");
-    let mut s = start(dir.path(), &img, &state);
+    let mut s = Server::live(dir.path(), &img, &state);
     cli(&state, &["checkpoint", "create", "disk", "c"]);
     // Writes go to random blocks of even windows only, so no write lands
     // right after a marked window and no read-ahead marking widens them.
@@ -582,7 +576,7 @@ while True:
         while let Ok((at, line)) = rx.try_recv() {
             written.push((at, line.trim().parse().expect("offset")));
         }
-        s = start(dir.path(), &img, &state);
+        s = Server::live(dir.path(), &img, &state);
         let dirty = dirty_blocks_of(&s.uri(), "qemu:dirty-bitmap:c", GRAN, SIZE);
         let changed: BTreeSet<u64> = data_map(&img)
             .into_iter()
@@ -630,7 +624,7 @@ while True:
 fn revert_restores_and_delete_frees_space() {
     let (dir, img) = fixture(304);
     let state = dir.path().join("state");
-    let s = start(dir.path(), &img, &state);
+    let s = Server::live(dir.path(), &img, &state);
     cli(&state, &["snapshot", "create", "disk", "s1"]);
     let h1 = hash_file(&img);
     qemu_io(

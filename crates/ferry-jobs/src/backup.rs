@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use ferry_repo::{BackupSpec, PointMeta, PointReader, PointWriter, Repo};
+use ferry_repo::{BackupSpec, PointMeta, PointNotes, PointReader, PointWriter, Repo};
 
 use crate::copy::{
     CopyOptions, CopyStats, Dest, OpenDest, Source, ZeroMap, connect_options, nbd_zero_map,
@@ -26,23 +26,53 @@ pub struct PullStats {
     pub resumed: u64,
 }
 
-/// Backs up `src` (an NBD URI, or a file or device) as a new point of
-/// `disk`. With `bitmap` (a dirty-bitmap context the export offers), only
-/// its dirty ranges are read and the rest is kept from the disk's newest
-/// point; without a usable one the point is full. The first point reads
-/// only allocated data; dirty ranges that now read as zeroes are recorded,
-/// not read. A killed run is resumed by running the same pull again.
+/// What to back up.
+pub struct PullRequest<'a> {
+    /// An NBD URI, or a file or device.
+    pub source: EndpointSpec,
+    /// Names the source in the point and decides which killed run a pull
+    /// resumes: the URI without credentials, or the path.
+    pub label: &'a str,
+    pub disk: &'a str,
+    /// A dirty-bitmap context the export offers.
+    pub bitmap: Option<&'a str>,
+    pub notes: PointNotes,
+}
+
+impl<'a> PullRequest<'a> {
+    /// A pull of `src` as named on the command line.
+    pub fn parse(src: &'a str, disk: &'a str, bitmap: Option<&'a str>) -> Result<Self> {
+        Ok(PullRequest {
+            source: EndpointSpec::parse(src)?,
+            label: src,
+            disk,
+            bitmap,
+            notes: PointNotes::default(),
+        })
+    }
+}
+
+/// Backs up the request's source as a new point of its disk. With a
+/// bitmap, only its dirty ranges are read and the rest is kept from the
+/// disk's newest point; without a usable one the point is full (and says
+/// why). The first point reads only allocated data; dirty ranges that now
+/// read as zeroes are recorded, not read. A killed run is resumed by
+/// running the same pull again.
 pub async fn pull(
     repo: &Repo,
-    src: &str,
-    disk: &str,
-    bitmap: Option<&str>,
+    req: PullRequest<'_>,
     opts: &CopyOptions,
     progress: Arc<Progress>,
 ) -> Result<PullStats> {
-    let spec = EndpointSpec::parse(src)?;
+    let PullRequest {
+        source,
+        label: src,
+        disk,
+        bitmap,
+        notes,
+    } = req;
     let contexts: Vec<&str> = bitmap.into_iter().collect();
-    let mut source = open_source(spec, opts, &contexts).await?;
+    let mut source = open_source(source, opts, &contexts).await?;
     if let Some(b) = bitmap {
         match &source {
             Source::Nbd { client, uri, .. } if !client.info().has_context(b) => {
@@ -62,6 +92,7 @@ pub async fn pull(
             source: src.to_string(),
             bitmap: bitmap.map(str::to_string),
             size,
+            notes,
         },
     )
     .await?;
@@ -69,6 +100,12 @@ pub async fn pull(
         && let Source::Nbd { dirty, .. } = &mut source
     {
         *dirty = bitmap.map(str::to_string);
+    }
+    if bitmap.is_some()
+        && !writer.incremental()
+        && let Some(why) = writer.full_reason()
+    {
+        tracing::warn!(disk, "full backup instead of an incremental: {why}");
     }
     tracing::info!(
         disk,

@@ -17,6 +17,9 @@ pub enum Error {
     },
     #[error(transparent)]
     Repo(#[from] ferry_repo::Error),
+    /// The daemon's admin API refused or could not be reached.
+    #[error(transparent)]
+    Admin(#[from] ferry_api::ClientError),
     /// A point and a live export disagree (verify against an export).
     #[error("{endpoint} differs from the backup at offset {offset}")]
     Differs { endpoint: String, offset: u64 },

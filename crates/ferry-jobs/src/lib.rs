@@ -1,12 +1,14 @@
 //! Long-running jobs: [`copy`], a sparse-aware, pipelined disk copy
 //! between NBD exports, local files or block devices, and streams; and the
 //! [`backup`] jobs built on it (pull into a repository, restore, verify
-//! against a live export); the hydration of a post-copy disk from its
+//! against a live export, and [`backup_run`], one point of a daemon's live
+//! disk through its admin API); the hydration of a post-copy disk from its
 //! source ([`Hydration`], [`Remote`]); and the [`Mirror`] of a live disk
 //! onto another export (pre-copy); a backup point as a read-only device
 //! ([`PointDev`]).
 
 pub mod backup;
+pub mod backup_run;
 pub mod copy;
 mod endpoint;
 mod error;

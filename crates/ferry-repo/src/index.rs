@@ -36,6 +36,23 @@ pub struct PointMeta {
     /// Where the data came from (URI or path), for people.
     pub source: String,
     pub stats: PointStats,
+    /// The host checkpoint started with this point's snapshot (`backup
+    /// run`): the next incremental reads what is dirty since it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// Why the point is full although an incremental was wanted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
+}
+
+/// What the caller knows about a point beside its data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PointNotes {
+    /// See [`PointMeta::checkpoint`].
+    pub checkpoint: Option<String>,
+    /// Why the caller asked for a full point (e.g. the host lost the
+    /// checkpoint the previous point recorded).
+    pub full_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +185,8 @@ mod tests {
                 bitmap: Some("qemu:dirty-bitmap:b0".into()),
                 source: "nbd://x".into(),
                 stats: PointStats::default(),
+                checkpoint: Some("backup-1".into()),
+                full_reason: None,
             },
             slots: vec![Slot::Zero, Slot::Chunk(ChunkId([3; 32])), Slot::Zero],
         }
@@ -181,6 +200,18 @@ mod tests {
         assert_eq!(p.slot_len(0), 4096);
         assert_eq!(p.slot_len(2), 10_000 - 8192);
         assert_eq!(p.chunks().count(), 1);
+    }
+
+    #[test]
+    fn headers_of_points_without_notes_still_decode() {
+        let mut p = sample();
+        p.meta.checkpoint = None;
+        // Points written before the notes existed have no such fields.
+        let header = serde_json::to_value(&p.meta).unwrap();
+        let fields = header.as_object().unwrap();
+        assert!(!fields.contains_key("checkpoint") && !fields.contains_key("full_reason"));
+        let old: PointMeta = serde_json::from_value(header).unwrap();
+        assert_eq!(old, p.meta);
     }
 
     #[test]

@@ -73,8 +73,8 @@ pub mod writer;
 
 pub use error::{Error, Result};
 pub use gc::GcReport;
-pub use id::{ChunkId, check_name, split_target};
-pub use index::{PointIndex, PointMeta, PointStats, Slot};
+pub use id::{ChunkId, check_name, new_point_id, split_target};
+pub use index::{PointIndex, PointMeta, PointNotes, PointStats, Slot};
 pub use prune::{KeepPolicy, PruneReport};
 pub use reader::PointReader;
 pub use repo::{CreateOptions, DEFAULT_CHUNK_SIZE, PointRef, Repo, RepoConfig};

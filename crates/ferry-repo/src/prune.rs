@@ -106,6 +106,8 @@ mod tests {
             bitmap: None,
             source: String::new(),
             stats: PointStats::default(),
+            checkpoint: None,
+            full_reason: None,
         }
     }
 

@@ -41,6 +41,7 @@ fn spec(disk: &str, size: u64, bitmap: bool) -> BackupSpec {
         source: format!("test:{disk}"),
         bitmap: bitmap.then(|| "qemu:dirty-bitmap:b0".to_string()),
         size,
+        notes: PointNotes::default(),
     }
 }
 
@@ -96,6 +97,34 @@ async fn points_restore_and_deduplicate_across_disks() {
     let listed = repo.list().await.unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(listed[0].point, a.point, "oldest first");
+}
+
+#[tokio::test]
+async fn an_unusable_parent_makes_a_full_point_that_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path()).await;
+    let w = PointWriter::begin(&repo, spec("d", 8192, true))
+        .await
+        .unwrap();
+    assert!(!w.incremental());
+    w.zero(0, 8192).await.unwrap();
+    let first = w.commit(0).await.unwrap();
+    assert_eq!(
+        first.full_reason.as_deref(),
+        Some("disk d has no earlier point")
+    );
+    // The disk grew: the parent's slots no longer line up.
+    let mut grown = spec("d", 3 * CS, true);
+    grown.notes.checkpoint = Some("c1".into());
+    let w = PointWriter::begin(&repo, grown).await.unwrap();
+    assert!(!w.incremental());
+    w.zero(0, 3 * CS).await.unwrap();
+    let p = w.commit(0).await.unwrap();
+    assert_eq!(p.checkpoint.as_deref(), Some("c1"));
+    let why = p.full_reason.unwrap();
+    assert!(why.contains("size changed from 8192 to 12288"), "{why}");
+    // A full point nobody asked to be incremental needs no reason.
+    assert_eq!(full(&repo, "d", &image()).await.full_reason, None);
 }
 
 #[tokio::test]

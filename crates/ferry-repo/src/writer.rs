@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 use crate::backend::Durability;
 use crate::error::{Error, Result};
 use crate::id::{self, ChunkId, unix_ms};
-use crate::index::{PointIndex, PointMeta, PointStats, Slot, slot_len};
+use crate::index::{PointIndex, PointMeta, PointNotes, PointStats, Slot, slot_len};
 use crate::repo::Repo;
 use crate::session::{self, COMMIT_WITHIN, HEARTBEAT, Owner, SessionRecord};
 
@@ -32,6 +32,8 @@ pub struct BackupSpec {
     /// The dirty-bitmap context, when only changed ranges will be read.
     pub bitmap: Option<String>,
     pub size: u64,
+    /// Recorded in the point's metadata.
+    pub notes: PointNotes,
 }
 
 /// A piece of one slot.
@@ -77,6 +79,9 @@ struct Shared {
     repo: Repo,
     record: Mutex<SessionRecord>,
     parent: Option<PointIndex>,
+    /// The caller's notes; `full_reason` also says why a wanted parent
+    /// could not be used.
+    notes: PointNotes,
     /// Chunks known to exist: the listing taken after the session was
     /// registered, plus what this session stored.
     known: Mutex<HashSet<ChunkId>>,
@@ -176,20 +181,24 @@ impl PointWriter {
         record.save(repo).await?;
         let known: HashSet<ChunkId> = repo.list_chunks().await?.into_keys().collect();
 
-        let parent = match &record.parent {
+        let (parent, unusable) = match &record.parent {
             Some(p) => match repo.load_point(&record.disk, p).await {
-                Ok(idx)
-                    if idx.meta.size == spec.size
-                        && idx.meta.chunk_size == chunk_size
-                        && idx.chunks().all(|c| known.contains(&c)) =>
-                {
-                    Some(idx)
-                }
-                Ok(_) | Err(Error::NoSuchPoint(_)) => None,
+                Ok(idx) => match parent_unusable(&idx, &spec, chunk_size, &known) {
+                    None => (Some(idx), None),
+                    why => (None, why),
+                },
+                Err(Error::NoSuchPoint(_)) => (None, Some(format!("point {p} was deleted"))),
                 Err(e) => return Err(e),
             },
-            None => None,
+            None => (
+                None,
+                Some(format!("disk {} has no earlier point", spec.disk)),
+            ),
         };
+        let mut notes = spec.notes.clone();
+        if spec.bitmap.is_some() && notes.full_reason.is_none() {
+            notes.full_reason = unusable;
+        }
         let slots = PointIndex::slot_count(spec.size, chunk_size) as usize;
         let mut entries = vec![None; slots];
         let mut resumed_bytes = 0;
@@ -216,6 +225,7 @@ impl PointWriter {
             repo: repo.clone(),
             record: Mutex::new(record),
             parent,
+            notes,
             known: Mutex::new(known),
             entries: Mutex::new(entries),
             partial: Mutex::new(HashMap::new()),
@@ -255,6 +265,11 @@ impl PointWriter {
     /// True when only dirty ranges need writing (a usable parent exists).
     pub fn incremental(&self) -> bool {
         self.shared.parent.is_some()
+    }
+
+    /// Why the point will be full, when the caller or the repository knows.
+    pub fn full_reason(&self) -> Option<&str> {
+        self.shared.notes.full_reason.as_deref()
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -484,6 +499,8 @@ impl PointWriter {
                     new_bytes: s.new_bytes.load(Ordering::Relaxed),
                     data_bytes,
                 },
+                checkpoint: s.notes.checkpoint.clone(),
+                full_reason: s.notes.full_reason.clone(),
             },
             slots,
         };
@@ -504,6 +521,28 @@ impl PointWriter {
             tracing::warn!("cannot remove the finished session {}: {e}", record.id);
         }
         Ok(index.meta)
+    }
+}
+
+/// Why `parent` cannot lend its slots to a backup of `spec`, if it cannot.
+fn parent_unusable(
+    parent: &PointIndex,
+    spec: &BackupSpec,
+    chunk_size: u64,
+    known: &HashSet<ChunkId>,
+) -> Option<String> {
+    let p = &parent.meta;
+    if p.size != spec.size {
+        Some(format!(
+            "the disk's size changed from {} to {} bytes since point {}",
+            p.size, spec.size, p.point
+        ))
+    } else if p.chunk_size != chunk_size {
+        Some(format!("point {} has another chunk size", p.point))
+    } else if !parent.chunks().all(|c| known.contains(&c)) {
+        Some(format!("chunks of point {} are missing", p.point))
+    } else {
+        None
     }
 }
 

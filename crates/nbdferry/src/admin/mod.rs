@@ -28,7 +28,7 @@ pub fn default_admin_socket() -> PathBuf {
 }
 
 /// Where the management commands find the daemon: shared by the
-/// `snapshot` and `checkpoint` commands.
+/// `snapshot`, `checkpoint`, `mirror` and `backup run` commands.
 #[derive(clap::Args)]
 pub struct AdminArg {
     /// The daemon's admin API: its socket, or https://HOST:PORT for a
@@ -43,10 +43,7 @@ pub struct AdminArg {
 
 impl AdminArg {
     pub fn client(&self) -> anyhow::Result<AdminClient> {
-        match &self.admin {
-            Some(a) => self.client_at(a),
-            None => self.checked(Endpoint::Unix(default_admin_socket())),
-        }
+        self.checked(self.endpoint()?)
     }
 
     /// A client of another daemon's API, `admin`, with the same TLS
@@ -60,6 +57,20 @@ impl AdminArg {
             anyhow::bail!("--tls-creds goes with an https:// --admin");
         }
         Ok(AdminClient::new(endpoint))
+    }
+
+    /// Where the daemon is; unlike [`AdminArg::client`], allows
+    /// `--tls-creds` beside a socket, for commands that also use them for
+    /// NBD.
+    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        Ok(match &self.admin {
+            Some(a) => Endpoint::parse(a, self.tls_creds.as_deref())?,
+            None => Endpoint::Unix(default_admin_socket()),
+        })
+    }
+
+    pub fn tls_creds(&self) -> Option<&std::path::Path> {
+        self.tls_creds.as_deref()
     }
 }
 

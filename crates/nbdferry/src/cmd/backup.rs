@@ -1,11 +1,13 @@
-//! `nbdferry backup pull|list|verify|prune|delete`: the CLI around the
-//! repository (`ferry_repo`) and the backup jobs (`ferry_jobs::backup`).
+//! `nbdferry backup pull|run|list|verify|prune|delete`: the CLI around the
+//! repository (`ferry_repo`) and the backup jobs (`ferry_jobs::backup`;
+//! `run` is in [`super::backup_run`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use ferry_jobs::backup::PullRequest;
 use ferry_jobs::{CopyOptions, Progress};
 use ferry_repo::{CreateOptions, KeepPolicy, KeyFile, PointRef, Repo};
 
@@ -22,6 +24,10 @@ enum BackupCommand {
     /// Back up an NBD export (or a local file or device) as a new point;
     /// with --bitmap, read only what changed since the disk's last point.
     Pull(PullArgs),
+    /// Back up a disk served by an nbdferry daemon: snapshot and
+    /// checkpoint it through the admin API, read only what changed since
+    /// the last run (all allocated data the first time), clean up.
+    Run(super::backup_run::RunArgs),
     /// List the points, oldest first.
     List(ListArgs),
     /// Check that every point's chunks exist (--deep: read and check every
@@ -51,6 +57,13 @@ pub(super) struct RepoArgs {
 impl RepoArgs {
     fn key(&self) -> anyhow::Result<Option<KeyFile>> {
         Ok(self.key_file.as_deref().map(KeyFile::read).transpose()?)
+    }
+
+    /// Opens the repository, creating it as `create` says if there is none.
+    pub(super) async fn open_or_create(&self, create: &CreateArgs) -> anyhow::Result<Repo> {
+        Repo::open_or_create(&self.repo, self.key()?.as_ref(), &create.options())
+            .await
+            .with_context(|| format!("cannot open the repository {}", self.repo))
     }
 
     pub(super) async fn open(&self) -> anyhow::Result<Repo> {
@@ -107,6 +120,30 @@ enum Compression {
     None,
 }
 
+/// How a backup that creates its repository creates it.
+#[derive(clap::Args)]
+pub(super) struct CreateArgs {
+    /// Compression of a repository this backup creates.
+    #[arg(long, value_enum, default_value_t = Compression::Zstd)]
+    compression: Compression,
+    /// Chunk size of a repository this backup creates (a power of two,
+    /// 4K to 16M).
+    #[arg(long, value_parser = super::size::parse_bytes, default_value = "64K")]
+    chunk_size: u64,
+}
+
+impl CreateArgs {
+    fn options(&self) -> CreateOptions {
+        CreateOptions {
+            chunk_size: self.chunk_size,
+            zstd: match self.compression {
+                Compression::Zstd => CreateOptions::default().zstd,
+                Compression::None => None,
+            },
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct PullArgs {
     /// The source: an NBD URI (or a local file or block device).
@@ -121,13 +158,8 @@ struct PullArgs {
     /// take the rest from the disk's last point.
     #[arg(long, value_name = "CONTEXT")]
     bitmap: Option<String>,
-    /// Compression of a repository this pull creates.
-    #[arg(long, value_enum, default_value_t = Compression::Zstd)]
-    compression: Compression,
-    /// Chunk size of a repository this pull creates (a power of two,
-    /// 4K to 16M).
-    #[arg(long, value_parser = super::size::parse_bytes, default_value = "64K")]
-    chunk_size: u64,
+    #[command(flatten)]
+    create: CreateArgs,
     /// Print the new point as JSON on standard output.
     #[arg(long)]
     json: bool,
@@ -193,6 +225,7 @@ struct DeleteArgs {
 pub async fn run(args: BackupArgs) -> anyhow::Result<()> {
     match args.command {
         BackupCommand::Pull(a) => pull(a).await,
+        BackupCommand::Run(a) => super::backup_run::run(a).await,
         BackupCommand::List(a) => list(a).await,
         BackupCommand::Verify(a) => verify(a).await,
         BackupCommand::Prune(a) => prune(a).await,
@@ -211,23 +244,13 @@ fn bitmap_context(b: &str) -> String {
 
 async fn pull(a: PullArgs) -> anyhow::Result<()> {
     ferry_repo::check_name(&a.disk)?;
-    let create = CreateOptions {
-        chunk_size: a.chunk_size,
-        zstd: match a.compression {
-            Compression::Zstd => CreateOptions::default().zstd,
-            Compression::None => None,
-        },
-    };
-    let repo = Repo::open_or_create(&a.repo.repo, a.repo.key()?.as_ref(), &create)
-        .await
-        .with_context(|| format!("cannot open the repository {}", a.repo.repo))?;
+    let repo = a.repo.open_or_create(&a.create).await?;
     let bitmap = a.bitmap.as_deref().map(bitmap_context);
+    let req = PullRequest::parse(&a.uri, &a.disk, bitmap.as_deref())?;
     let opts = a.job.options();
     let stats = a
         .job
-        .with_progress(|p| {
-            ferry_jobs::backup::pull(&repo, &a.uri, &a.disk, bitmap.as_deref(), &opts, p)
-        })
+        .with_progress(|p| ferry_jobs::backup::pull(&repo, req, &opts, p))
         .await
         .with_context(|| format!("backup of {} failed", a.uri))?;
     let s = &stats.point.stats;
@@ -277,6 +300,8 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
                     "size": p.size,
                     "parent": p.parent,
                     "bitmap": p.bitmap,
+                    "checkpoint": p.checkpoint,
+                    "full_reason": p.full_reason,
                     "source": p.source,
                     "bytes_read": p.stats.bytes_read,
                     "new_chunks": p.stats.new_chunks,
@@ -295,10 +320,10 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
                 humantime_ms(p.created_ms),
                 p.size,
                 p.stats.data_bytes,
-                if p.parent.is_some() {
-                    ", incremental"
-                } else {
-                    ""
+                match (&p.parent, &p.full_reason) {
+                    (Some(_), _) => ", incremental".to_string(),
+                    (None, Some(why)) => format!(", full: {why}"),
+                    (None, None) => String::new(),
                 }
             );
         }

@@ -1,6 +1,7 @@
 //! One module per subcommand, each with its clap arguments and `run`.
 
 mod backup;
+mod backup_run;
 mod certs;
 mod checkpoint;
 mod copy;
