@@ -3,9 +3,12 @@
 # read-only 4 GiB sparse image (1 GiB of data in 1 MiB runs), same clients,
 # runs alternated between the two servers.
 #
-# Usage: proto-tests/bench/bench-server.sh [--runs N] [--fio-runtime S] [--no-build] [--keep]
+# Usage: proto-tests/bench/bench-server.sh [--runs N] [--fio-runtime S] [--compare OLD_BIN] [--no-build] [--keep]
 #   --runs N          timed runs per workload and server (default 3, after 1 warm-up)
 #   --fio-runtime S   seconds per fio run (default 10)
+#   --compare OLD_BIN also serve with OLD_BIN (say, the previous release) as a
+#                     third server in every round, rounds rotated, and report
+#                     new/old for every figure
 #   --no-build        use the existing target/release/nbdferry
 #   --keep            keep the temp dir (image, logs, fio json)
 #   NBDFERRY_BIN=path overrides the binary (implies nothing about --no-build)
@@ -17,7 +20,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUNS=3
 FIO_RUNTIME=10
-bench_parse_args 13 --fio-runtime=FIO_RUNTIME -- "$@"
+bench_parse_args 15 --fio-runtime=FIO_RUNTIME --compare=BIN_OLD -- "$@"
 bench_need_tools qemu-nbd qemu-img nbdcopy fio python3 ss
 bench_build
 
@@ -30,6 +33,11 @@ bench_make_image
 # --- nbdferry ---------------------------------------------------------------
 bench_start_ferry nbdferry "$WORK/nbdferry.log" serve --read-only --listen 127.0.0.1:0 "$IMG"
 FERRY_PID=$SERVER_PID FERRY_PORT=$PORT
+if [ -n "$BIN_OLD" ]; then
+    BIN=$BIN_OLD bench_start_ferry nbdferry-old "$WORK/nbdferry-old.log" \
+        serve --read-only --listen 127.0.0.1:0 "$IMG"
+    OLD_PID=$SERVER_PID OLD_PORT=$PORT
+fi
 
 # --- qemu-nbd ---------------------------------------------------------------
 bench_start_qemu "$WORK/qemu-nbd.log" -r "$IMG"
@@ -37,6 +45,12 @@ QEMU_PID=$SERVER_PID QEMU_PORT=$PORT
 
 declare -A URI=([ferry]="nbd://127.0.0.1:$FERRY_PORT/" [qemu]="nbd://127.0.0.1:$QEMU_PORT/")
 SERVERS=(ferry qemu)
+ROTATE=0
+if [ -n "$BIN_OLD" ]; then
+    URI[ferry-old]="nbd://127.0.0.1:$OLD_PORT/"
+    SERVERS=(ferry-old ferry qemu)
+    ROTATE=1
+fi
 
 # run_once WORKLOAD SERVER -> prints elapsed seconds
 run_once() {
@@ -55,7 +69,7 @@ run_once() {
 declare -A RESULT
 for w in copy-null copy-sparse qemu-img-convert; do
     echo "== $w" >&2
-    bench_time_servers "$w" 0
+    bench_time_servers "$w" "$ROTATE"
     # Sanity: the copies are byte-identical to the image.
     if [ "$w" != copy-null ]; then
         for s in "${SERVERS[@]}"; do
@@ -65,22 +79,24 @@ for w in copy-null copy-sparse qemu-img-convert; do
 done
 
 echo "== fio randread 4k QD32 (${FIO_RUNTIME}s per run)" >&2
-declare -A IOPS=([ferry]="" [qemu]="")
+declare -A IOPS=()
 for r in $(seq "$RUNS"); do
-    for s in "${SERVERS[@]}"; do
+    for k in "${!SERVERS[@]}"; do
+        s=${SERVERS[$(((k + (r - 1) * ROTATE) % ${#SERVERS[@]}))]}
         out="$WORK/fio-$s-$r.json"
         fio --name=rr --ioengine=nbd --uri="${URI[$s]}" --rw=randread --bs=4k \
             --iodepth=32 --runtime="$FIO_RUNTIME" --time_based \
             --output-format=json --output="$out" >/dev/null
         i=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"])' "$out")
         echo "   run $r $s: $i IOPS" >&2
-        IOPS[$s]="${IOPS[$s]} $i"
+        IOPS[$s]="${IOPS[$s]:-} $i"
     done
 done
-# shellcheck disable=SC2086
-RESULT[fio,ferry]=$(median ${IOPS[ferry]})
-# shellcheck disable=SC2086
-RESULT[fio,qemu]=$(median ${IOPS[qemu]})
+for s in "${SERVERS[@]}"; do
+    # shellcheck disable=SC2086
+    RESULT[fio,$s]=$(median ${IOPS[$s]})
+    SAMPLES[fio,$s]="${IOPS[$s]# }"
+done
 
 FERRY_HWM=$(hwm "$FERRY_PID")
 QEMU_HWM=$(hwm "$QEMU_PID")
@@ -106,3 +122,15 @@ print(f"{'fio randread 4k QD32':32} {fio_f:14.0f} IOPS {fio_q:14.0f} IOPS {fio_f
 print(f"{'peak RSS (VmHWM)':32} {a[10]:>20} {a[11]:>20}")
 print("ratio = nbdferry speed / qemu-nbd speed (>1: nbdferry is faster)")
 EOF
+
+if [ -n "$BIN_OLD" ]; then
+    rows=()
+    for w in copy-null:"nbdcopy URI null:" copy-sparse:"nbdcopy URI sparse-out.raw" \
+        qemu-img-convert:"qemu-img convert URI out.raw" fio:"fio randread 4k QD32"; do
+        unit=s
+        if [ "${w%%:*}" = fio ]; then unit=IOPS; fi
+        rows+=("${w#*:}|$unit|${SAMPLES[${w%%:*},ferry-old]}|${SAMPLES[${w%%:*},ferry]}")
+    done
+    bench_compare_table "${rows[@]}"
+    echo "peak RSS (VmHWM): old $(hwm "$OLD_PID"), new $FERRY_HWM"
+fi

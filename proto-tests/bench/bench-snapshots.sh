@@ -26,7 +26,11 @@
 # overwrite must make the old block durable before the new one may reach
 # the disk, so snap1 cannot beat it, while "none" only fills the page cache.
 #
-# Usage: proto-tests/bench/bench-snapshots.sh [--runs N] [--fio-runtime S] [--no-build] [--keep]
+# Usage: proto-tests/bench/bench-snapshots.sh [--runs N] [--fio-runtime S] [--compare OLD_BIN] [--no-build] [--keep]
+#   --compare OLD_BIN  also run OLD_BIN (say, the previous release), its own
+#                      server and copy of the image, right before or after
+#                      $BIN in every measurement (the order alternates), and
+#                      report new/old for every figure
 #   NBDFERRY_BIN=path overrides the binary.
 # Needs: cargo, fio (nbd engine), python3.
 set -euo pipefail
@@ -36,7 +40,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUNS=3
 FIO_RUNTIME=10
-bench_parse_args 25 --fio-runtime=FIO_RUNTIME -- "$@"
+bench_parse_args 35 --fio-runtime=FIO_RUNTIME --compare=BIN_OLD -- "$@"
 bench_need_tools fio python3
 bench_build
 
@@ -54,35 +58,51 @@ with open(path, "wb") as f:
         f.write(block)
 EOF
 
-STATE="$WORK/state"
-ADMIN="$STATE/admin.sock"
-bench_start_ferry nbdferry "$WORK/server.log" serve --listen 127.0.0.1:0 --name disk --state-dir "$STATE" "$IMG"
-URI="nbd://127.0.0.1:$PORT/disk"
+# One server per binary (BINS), each on its own copy of the image: ferry
+# is $BIN, ferry-old the --compare binary.
+BINS=(ferry)
+declare -A EXE=([ferry]="$BIN") STATE=([ferry]="$WORK/state") URI=()
+if [ -n "$BIN_OLD" ]; then
+    cp "$IMG" "$WORK/disk-old.raw"
+    BINS=(ferry-old ferry)
+    EXE[ferry-old]=$BIN_OLD
+    STATE[ferry-old]="$WORK/state-old"
+fi
+for b in "${BINS[@]}"; do
+    sfx=${b#ferry}
+    BIN=${EXE[$b]} bench_start_ferry "nbdferry$sfx" "$WORK/server$sfx.log" \
+        serve --listen 127.0.0.1:0 --name disk --state-dir "${STATE[$b]}" "$WORK/disk$sfx.raw"
+    URI[$b]="nbd://127.0.0.1:$PORT/disk"
+done
 
-ctl() { "$BIN" "$@" --admin "$ADMIN" >/dev/null; }
+ctl() { # BIN-KEY ARGS...
+    local b="$1"
+    shift
+    "${EXE[$b]}" "$@" --admin "${STATE[$b]}/admin.sock" >/dev/null
+}
 
-# reset_state STATE: delete every snapshot/checkpoint, then create STATE's.
+# reset_state BIN-KEY STATE: delete every snapshot/checkpoint, then create STATE's.
 reset_state() {
-    local n
+    local b="$1" n
     for n in a b c d; do
-        ctl snapshot delete disk "s$n" 2>/dev/null || true
+        ctl "$b" snapshot delete disk "s$n" 2>/dev/null || true
     done
-    ctl checkpoint delete disk c1 2>/dev/null || true
-    case "$1" in
+    ctl "$b" checkpoint delete disk c1 2>/dev/null || true
+    case "$2" in
         none) ;;
-        cp1) ctl checkpoint create disk c1 ;;
-        snap1) ctl snapshot create disk sa ;;
-        snap4) for n in a b c d; do ctl snapshot create disk "s$n"; done ;;
+        cp1) ctl "$b" checkpoint create disk c1 ;;
+        snap1) ctl "$b" snapshot create disk sa ;;
+        snap4) for n in a b c d; do ctl "$b" snapshot create disk "s$n"; done ;;
     esac
     # Start every measurement with clean page cache: no run pays for the
     # writeback of the one before it.
     sync
 }
 
-# fio_run WORKLOAD OUT.json
+# fio_run BIN-KEY WORKLOAD OUT.json
 fio_run() {
-    local args=(--name=b --ioengine=nbd --uri="$URI" --output-format=json --output="$2")
-    case "$1" in
+    local args=(--name=b --ioengine=nbd --uri="${URI[$1]}" --output-format=json --output="$3")
+    case "$2" in
         seqwrite) args+=(--rw=write --bs=1m --iodepth=16 --size=1g) ;;
         randwrite) args+=(--rw=randwrite --bs=4k --iodepth=32 --runtime="$FIO_RUNTIME" --time_based) ;;
         seqread) args+=(--rw=read --bs=1m --iodepth=16 --size=1g) ;;
@@ -106,24 +126,32 @@ EOF
 
 STATES=(none cp1 snap1 snap4)
 WORKLOADS=(seqwrite randwrite seqread)
-declare -A VALUES
-fio_run seqread "$WORK/warmup.json" # page cache warm for every state alike
+declare -A VALUES STORE_KB
+for b in "${BINS[@]}"; do # page cache warm for every state alike
+    fio_run "$b" seqread "$WORK/warmup${b#ferry}.json"
+done
 for r in $(seq "$RUNS"); do
     for w in "${WORKLOADS[@]}"; do
         # Alternate the states inside one run, starting at a different one
-        # each run, so drift and ordering hit them alike.
+        # each run, so drift and ordering hit them alike; and so the
+        # binaries, which one goes first flipping from state to state.
         for k in "${!STATES[@]}"; do
             s=${STATES[$(((k + r - 1) % ${#STATES[@]}))]}
-            reset_state "$s"
-            out="$WORK/$w-$s-$r.json"
-            fio_run "$w" "$out"
-            v=$(metric "$w" "$out")
-            echo "run $r $w $s: $v" >&2
-            VALUES[$w,$s]="${VALUES[$w,$s]:-} $v"
+            for j in "${!BINS[@]}"; do
+                b=${BINS[$(((j + k + r) % ${#BINS[@]}))]}
+                reset_state "$b" "$s"
+                out="$WORK/$w-$s-$r${b#ferry}.json"
+                fio_run "$b" "$w" "$out"
+                v=$(metric "$w" "$out")
+                echo "run $r $w $s${b#ferry}: $v" >&2
+                VALUES[$b,$w,$s]="${VALUES[$b,$w,$s]:-} $v"
+            done
         done
     done
 done
-STORE_KB=$(du -k "$STATE/disks/disk/cow.store" 2>/dev/null | cut -f1 || echo 0)
+for b in "${BINS[@]}"; do
+    STORE_KB[$b]=$(du -k "${STATE[$b]}/disks/disk/cow.store" 2>/dev/null | cut -f1 || echo 0)
+done
 
 ceiling() {
     rm -f "$WORK/ceiling.raw"
@@ -138,11 +166,13 @@ for r in $(seq "$RUNS"); do CEILS="$CEILS $(ceiling)"; done
 
 # Every run's figure goes to the report, which gives medians and the best
 # run of each (interference on a shared VM only ever slows a run down).
-ARGS=("$RUNS" "$FIO_RUNTIME" "$STORE_KB" "ceiling:${CEILS# }")
-for w in "${WORKLOADS[@]}"; do
-    for s in "${STATES[@]}"; do ARGS+=("$w,$s:${VALUES[$w,$s]# }"); done
-done
-python3 - "${ARGS[@]}" <<'EOF'
+# report BIN-KEY
+report() {
+    local args=("$RUNS" "$FIO_RUNTIME" "${STORE_KB[$1]}" "ceiling:${CEILS# }") w s
+    for w in "${WORKLOADS[@]}"; do
+        for s in "${STATES[@]}"; do args+=("$w,$s:${VALUES[$1,$w,$s]# }"); done
+    done
+    python3 - "${args[@]}" <<'EOF'
 import statistics, sys
 a = sys.argv[1:]
 runs, rt, store_kb = a[0], a[1], a[2]
@@ -167,3 +197,22 @@ for label, stat in (("median", statistics.median), ("best", max)):
           f"{ceiling / none:.2f}x none; snap1 seqwrite reaches {snap1 / ceiling:.2f}x of it")
 print(f"preserved-block store after the last run: {int(store_kb)//1024} MiB")
 EOF
+}
+
+if [ -z "$BIN_OLD" ]; then
+    report ferry
+else
+    echo -e "\n== old: $BIN_OLD"
+    report ferry-old
+    echo -e "\n== new: $BIN"
+    report ferry
+    rows=()
+    for w in "${WORKLOADS[@]}"; do
+        unit=MB/s
+        if [ "$w" = randwrite ]; then unit=IOPS; fi
+        for s in "${STATES[@]}"; do
+            rows+=("$w $s|$unit|${VALUES[ferry-old,$w,$s]# }|${VALUES[ferry,$w,$s]# }")
+        done
+    done
+    bench_compare_table "${rows[@]}"
+fi

@@ -3,7 +3,7 @@
 #   source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # It sets no shell options itself and every function is safe under
 # `set -euo pipefail`: a failure it cannot handle exits the script.
-# Defines HERE, ROOT, BIN (the nbdferry under test) and PIDS.
+# Defines HERE, ROOT, BIN (the nbdferry under test), BIN_OLD and PIDS.
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     echo "lib.sh is sourced by the bench-*.sh scripts, not run" >&2
@@ -13,6 +13,9 @@ fi
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 BIN="${NBDFERRY_BIN:-$ROOT/target/release/nbdferry}"
+# A previous release to compare $BIN with, run by run in the same
+# benchmark: set by the scripts that take --compare OLD_BIN.
+BIN_OLD=""
 
 # Every script takes --runs N, --no-build, --keep and -h/--help, and a few
 # options of its own; one parser keeps their spelling and errors alike.
@@ -66,12 +69,16 @@ bench_need_tools() {
 }
 
 # The numbers are only meaningful for an optimised build: build it unless
-# --no-build, and insist that $BIN exists either way.
+# --no-build, and insist that $BIN (and $BIN_OLD if given) exists either way.
 bench_build() {
     if [ "$BUILD" = 1 ]; then
         (cd "$ROOT" && cargo build --release -p nbdferry)
     fi
     [ -x "$BIN" ] || { echo "no release binary at $BIN" >&2; exit 1; }
+    if [ -n "$BIN_OLD" ] && [ ! -x "$BIN_OLD" ]; then
+        echo "no binary to compare with at $BIN_OLD" >&2
+        exit 1
+    fi
 }
 
 # Servers started by the script (stopped at exit) and temp dirs (removed
@@ -165,6 +172,7 @@ wait_listen() {
 # should listen on 127.0.0.1:0) with stderr to LOG, and reads the port it
 # bound from its "listening on" line, which avoids racing for a free port.
 # Sets SERVER_PID and PORT; exits (showing the log) if it does not start.
+# `BIN=$BIN_OLD bench_start_ferry ...` starts the binary compared with.
 bench_start_ferry() {
     local name="$1" log="$2" line
     shift 2
@@ -215,12 +223,15 @@ elapsed() { python3 -c "print(f'{$2 - $1:.4f}')"; }
 # Runs are few and noisy: every table reports medians.
 median() { python3 -c 'import sys, statistics; print(statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 
+# Every timed run of bench_time_servers, as SAMPLES[WORKLOAD,SERVER]="t1 t2 ...".
+declare -A SAMPLES=()
+
 # bench_time_servers WORKLOAD ROTATE: the alternating runs of the server
 # benchmarks, so that drift hits every server alike. One untimed warm-up
 # `run_once WORKLOAD SERVER` per server, then RUNS rounds over SERVERS
 # (ROTATE=1: each round starts one server later), each time logged;
-# sets RESULT[WORKLOAD,SERVER] to the median. The caller defines run_once
-# (prints seconds), SERVERS and RESULT.
+# sets RESULT[WORKLOAD,SERVER] to the median and SAMPLES[WORKLOAD,SERVER].
+# The caller defines run_once (prints seconds), SERVERS and RESULT.
 bench_time_servers() {
     local w="$1" rotate="$2" n=${#SERVERS[@]} r i s t
     local -A times=()
@@ -240,7 +251,33 @@ bench_time_servers() {
     for s in "${SERVERS[@]}"; do
         # shellcheck disable=SC2086
         RESULT[$w,$s]=$(median ${times[$s]:-})
+        SAMPLES[$w,$s]="${times[$s]# }"
     done
+}
+
+# bench_compare_table ROW...: the --compare report of $BIN_OLD against $BIN.
+#   ROW  "NAME|UNIT|OLD SAMPLES|NEW SAMPLES"; UNIT s is a time (lower is
+#        better), any other a rate (higher is better)
+# new/old compares the medians as speeds (> 1: the new binary is faster);
+# spread is (max - min) / median of each binary's runs.
+bench_compare_table() {
+    python3 - "$BIN_OLD" "$BIN" "$@" <<'EOF'
+import statistics, sys
+old_bin, new_bin, rows = sys.argv[1], sys.argv[2], sys.argv[3:]
+print(f"\nold = {old_bin}\nnew = {new_bin}")
+print(f"{'workload':36} {'old':>12} {'new':>12} {'new/old':>8} {'spread old/new':>15}")
+spread = lambda xs: (max(xs) - min(xs)) / statistics.median(xs)
+for row in rows:
+    name, unit, old, new = row.split("|")
+    old, new = [float(x) for x in old.split()], [float(x) for x in new.split()]
+    o, n = statistics.median(old), statistics.median(new)
+    ratio = o / n if unit == "s" else n / o
+    spreads = f"{spread(old):.0%}/{spread(new):.0%}"
+    f = (lambda v: f"{v:.3f} s") if unit == "s" else (lambda v: f"{v:.0f} {unit}")
+    print(f"{name:36} {f(o):>12} {f(n):>12} {ratio:8.3f} {spreads:>15}"
+          + ("" if ratio >= 0.97 else "  < 0.97"))
+print("new/old = new speed / old speed, of the medians (goal >= 0.97)")
+EOF
 }
 
 # hwm PID: peak resident memory of a (still running) server, e.g. "12345 kB".
