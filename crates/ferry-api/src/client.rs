@@ -241,6 +241,17 @@ impl AdminClient {
         self.call(Method::GET, path, None::<&()>).await
     }
 
+    /// Liveness; an error when the daemon does not answer.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get(crate::HEALTH).await
+    }
+
+    /// Readiness; [`ClientError::Api`] (503) with the reason when the
+    /// daemon is starting or shutting down.
+    pub async fn ready(&self) -> Result<Ready, ClientError> {
+        self.get(crate::READY).await
+    }
+
     pub async fn exports(&self) -> Result<ExportList, ClientError> {
         self.get("/v1/exports").await
     }

@@ -142,3 +142,17 @@ pub struct ExportEntry {
 pub struct ExportList {
     pub exports: Vec<ExportEntry>,
 }
+
+/// `GET /v1/health`: the daemon answers, so it is alive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Health {
+    pub alive: bool,
+}
+
+/// `GET /v1/ready` (200): every listener is up and every disk's state is
+/// loaded. A daemon that is starting or shutting down answers 503 with an
+/// [`ErrorBody`] that says which.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ready {
+    pub ready: bool,
+}

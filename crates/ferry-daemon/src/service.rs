@@ -21,6 +21,7 @@ use ferry_store::{Disk, validate_name};
 use nbd_server::{Registry, RegistryError};
 
 use crate::error::ServiceError;
+use crate::phase::{Phase, PhaseCell};
 use crate::stack::{self, ExportSpec};
 
 enum Slot {
@@ -39,6 +40,7 @@ pub struct Daemon {
     registry: Arc<Registry>,
     disks_dir: PathBuf,
     disks: Mutex<BTreeMap<String, Slot>>,
+    phase: PhaseCell,
 }
 
 /// `DISK@SNAP`, the export name of a snapshot.
@@ -103,7 +105,18 @@ impl Daemon {
             registry,
             disks_dir: state_dir.join("disks"),
             disks: Mutex::new(BTreeMap::new()),
+            phase: PhaseCell::default(),
         }
+    }
+
+    /// Where the daemon is: [`Phase::Starting`] until the owner of its
+    /// listeners says otherwise with [`set_phase`](Self::set_phase).
+    pub fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.set(phase);
     }
 
     pub fn registry(&self) -> &Arc<Registry> {

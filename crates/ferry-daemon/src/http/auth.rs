@@ -4,8 +4,8 @@
 //! a 0700 state directory). A caller over TCP has passed mutual TLS: its
 //! identities are its certificate's CN and SAN names, and it may do what
 //! the grants give any of them, per disk ([`Role::needed`] says what a
-//! route takes). Every refusal is logged with the identity, the route and
-//! the disk.
+//! route takes; the health probes take none). Every refusal is logged
+//! with the identity, the route and the disk.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -114,7 +114,9 @@ pub(crate) async fn authorize(
 ) -> Response {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
-    let needed = Role::needed(&method, &path);
+    let Some(needed) = Role::needed(&method, &path) else {
+        return next.run(req).await;
+    };
     let disk = disk_of(&path);
     if grants.role(&caller, disk.as_deref()) >= Some(needed) {
         return next.run(req).await;
