@@ -391,6 +391,22 @@ pub fn free_port() -> u16 {
 // nbdferry server
 // ---------------------------------------------------------------------------
 
+/// The text of a daemon's status line (`listening on ...`): the line
+/// itself, or with `NBDFERRY_LOG_FORMAT=json` the message of a status
+/// object.
+pub fn status_text(line: &str) -> std::borrow::Cow<'_, str> {
+    let json = line
+        .starts_with('{')
+        .then(|| serde_json::from_str::<serde_json::Value>(line).ok())
+        .flatten();
+    match json {
+        Some(v) if v["target"] == "nbdferry::status" => {
+            v["message"].as_str().unwrap_or_default().to_string().into()
+        }
+        _ => line.into(),
+    }
+}
+
 /// A running `nbdferry serve`. Killed (SIGTERM, then SIGKILL) on drop.
 pub struct Server {
     child: Option<Child>,
@@ -442,9 +458,10 @@ impl Server {
                     log.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push(line.clone());
-                    if !sent && line.starts_with("listening on ") {
+                    let status = status_text(&line);
+                    if !sent && status.starts_with("listening on ") {
                         sent = true;
-                        let _ = tx.send(Some(line));
+                        let _ = tx.send(Some(status.to_string()));
                     }
                 }
                 let _ = tx.send(None);

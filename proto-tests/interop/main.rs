@@ -15,5 +15,6 @@ mod nbd_server_ref;
 mod nbdkit;
 mod qemu;
 mod remote_admin;
+mod service;
 mod snapshots;
 mod tls;

@@ -4,6 +4,7 @@ mod certs;
 mod checkpoint;
 mod copy;
 mod demo;
+mod health;
 mod info;
 mod map;
 mod serve;
@@ -29,6 +30,8 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Create, list or delete dirty-tracking checkpoints of a served disk.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Ask a daemon whether it is alive, or ready (--ready): exit 0 if so.
+    Health(health::HealthArgs),
 }
 
 impl Command {
@@ -42,6 +45,7 @@ impl Command {
             Command::Certs(a) => certs::run(a).await,
             Command::Snapshot(a) => snapshot::run(a).await,
             Command::Checkpoint(a) => checkpoint::run(a).await,
+            Command::Health(a) => health::run(a).await,
         }
     }
 }

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use ferry_daemon::http::{Grant, Grants, LocalListener, TlsListener};
-use ferry_daemon::{Daemon, ExportSpec};
+use ferry_daemon::{Daemon, ExportSpec, Phase};
 use nbd_proto::server_handshake::{HandshakeConfig, TlsMode};
 use nbd_server::{Access, Limits, Listener, Registry, Server};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin;
+use crate::{admin, logging, systemd};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
@@ -323,12 +323,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(l) = admin_tcp {
         // Before the readiness line, so a script that waits for that one
         // finds this one too.
-        eprintln!("admin API on https://{}", l.local_addr());
+        logging::status(&format!("admin API on https://{}", l.local_addr()));
         let api = ferry_daemon::http::serve(l, daemon.clone(), grants.clone(), shutdown.clone());
         admin_tasks.push(tokio::spawn(api));
     }
-    eprintln!("listening on {}", addrs.join(", "));
+    logging::status(&format!("listening on {}", addrs.join(", ")));
+    enter(&daemon, Phase::Ready);
     signals.wait().await;
+    enter(&daemon, Phase::Stopping);
     tracing::info!("shutting down: draining in-flight requests");
     shutdown.cancel();
     serving.await.context("server task failed")?;
@@ -337,6 +339,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     upkeep.await.context("upkeep task failed")?;
     Ok(())
+}
+
+/// The daemon's new phase, for `/v1/ready` and for systemd.
+fn enter(daemon: &Daemon, phase: Phase) {
+    daemon.set_phase(phase);
+    systemd::notify(phase);
 }
 
 fn load_config(path: &Path) -> anyhow::Result<ConfigFile> {
