@@ -2,10 +2,12 @@
 
 mod certs;
 mod checkpoint;
+mod completions;
 mod copy;
 mod demo;
 mod health;
 mod info;
+mod manpage;
 mod map;
 mod serve;
 mod size;
@@ -32,6 +34,11 @@ pub enum Command {
     Checkpoint(checkpoint::CheckpointArgs),
     /// Ask a daemon whether it is alive, or ready (--ready): exit 0 if so.
     Health(health::HealthArgs),
+    /// Print the shell completion script for bash, zsh, fish, elvish or
+    /// powershell.
+    Completions(completions::CompletionsArgs),
+    /// Print the man page, or write one per command (--dir).
+    Manpage(manpage::ManpageArgs),
 }
 
 impl Command {
@@ -46,6 +53,8 @@ impl Command {
             Command::Snapshot(a) => snapshot::run(a).await,
             Command::Checkpoint(a) => checkpoint::run(a).await,
             Command::Health(a) => health::run(a).await,
+            Command::Completions(a) => completions::run(a),
+            Command::Manpage(a) => manpage::run(a),
         }
     }
 }
