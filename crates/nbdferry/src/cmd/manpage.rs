@@ -10,7 +10,8 @@ use clap::CommandFactory;
 
 #[derive(clap::Args)]
 pub struct ManpageArgs {
-    /// Write every command's page into this directory instead.
+    /// Write every command's page into this directory (created if
+    /// missing) instead.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
 }
@@ -18,7 +19,8 @@ pub struct ManpageArgs {
 pub fn run(args: ManpageArgs) -> anyhow::Result<()> {
     let cli = crate::Cli::command();
     match args.dir {
-        Some(dir) => clap_mangen::generate_to(cli, &dir)
+        Some(dir) => std::fs::create_dir_all(&dir)
+            .and_then(|()| clap_mangen::generate_to(cli, &dir))
             .with_context(|| format!("cannot write man pages to {}", dir.display())),
         None => clap_mangen::Man::new(cli)
             .render(&mut std::io::stdout())
