@@ -7,6 +7,7 @@ mod harness;
 mod blockdev;
 mod cli;
 mod client;
+mod deploy;
 mod full_disk;
 mod hostile;
 mod libnbd;

@@ -1,0 +1,157 @@
+//! What deploy/ ships, checked as an operator would use it: the systemd
+//! unit and its user (systemd-analyze, systemd-sysusers), the example
+//! configurations served for real, the Kubernetes manifests against the
+//! Kubernetes schemas, and the two-host walkthroughs run end to end.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::harness::*;
+
+/// The repository's deploy/ directory.
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
+}
+
+/// A root for `systemd-analyze --root`: the host's system units (the
+/// targets ours names), our unit, its binary and ExecReload's kill.
+fn unit_root(dir: &Path) -> PathBuf {
+    let root = dir.join("root");
+    let units = root.join("usr/lib/systemd/system");
+    fs::create_dir_all(&units).unwrap();
+    for unit in fs::read_dir("/usr/lib/systemd/system").expect("systemd's units") {
+        let unit = unit.unwrap();
+        if unit.file_type().unwrap().is_file() {
+            fs::copy(unit.path(), units.join(unit.file_name())).unwrap();
+        }
+    }
+    let ours = root.join("etc/systemd/system");
+    fs::create_dir_all(&ours).unwrap();
+    fs::copy(
+        deploy_dir().join("systemd/nbdferry.service"),
+        ours.join("nbdferry.service"),
+    )
+    .unwrap();
+    for (from, to) in [
+        (
+            Path::new(env!("CARGO_BIN_EXE_nbdferry")),
+            "usr/bin/nbdferry",
+        ),
+        (Path::new("/bin/kill"), "bin/kill"),
+    ] {
+        let to = root.join(to);
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        if fs::hard_link(from, &to).is_err() {
+            fs::copy(from, &to).unwrap();
+        }
+    }
+    root
+}
+
+#[test]
+fn systemd_unit_verifies_and_scores_as_hardened() {
+    require_peer("systemd-analyze");
+    let dir = tmpdir();
+    let root = unit_root(dir.path());
+    // Documentation=man:nbdferry-serve(1) must name a page we generate.
+    let man = dir.path().join("man");
+    run(nbdferry().args(["manpage", "--dir"]).arg(man.join("man1")));
+
+    let out = run_output(
+        peer("systemd-analyze")
+            .arg("verify")
+            .arg(format!("--root={}", root.display()))
+            .arg("/etc/systemd/system/nbdferry.service")
+            .env("MANPATH", &man),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    // A bad setting is only a warning: any line on stderr fails the test.
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify ({}):\n{err}",
+        out.status
+    );
+
+    let out = run(peer("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(format!("--root={}", root.display()))
+        .arg("nbdferry.service"));
+    let score: f64 = out
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for nbdferry.service: "))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{out}"));
+    eprintln!("systemd-analyze security: exposure {score}");
+    assert!(score <= 2.0, "exposure {score} (want <= 2.0):\n{out}");
+}
+
+/// `text` with each `(from, to)` replaced; every `from` must be there, so
+/// that an edit of the example fails here instead of passing unchecked.
+fn relocate(text: &str, moves: &[(&str, String)]) -> String {
+    let mut out = text.to_string();
+    for (from, to) in moves {
+        assert!(out.contains(from), "`{from}` not in:\n{text}");
+        out = out.replace(from, to);
+    }
+    out
+}
+
+/// Serves `config` (an example with its paths moved under `dir`) and
+/// checks the daemon is ready and serves `export` over TLS to `client`.
+fn serve_example(dir: &Path, config: &str, client: &str, export: &str) {
+    let cfg = dir.join("nbdferry.toml");
+    fs::write(&cfg, config).unwrap();
+    let s = Server::serve_config(&dir.join("state"), &cfg);
+    run(nbdferry()
+        .args(["health", "--ready", "--admin"])
+        .arg(dir.join("state/admin.sock")));
+    let creds = dir.join(format!("{client}-pki"));
+    run(nbdferry()
+        .args(["certs", "client"])
+        .arg(dir.join("pki"))
+        .arg(client)
+        .arg(&creds));
+    let uri = format!(
+        "nbds://127.0.0.1:{}/{export}?tls-certificates={}",
+        s.port(),
+        creds.display()
+    );
+    let info = run(nbdferry().args(["info", &uri]));
+    assert!(info.contains(&format!("{}", 16 * MIB)), "{info}");
+    s.stop();
+}
+
+fn example_images(dir: &Path, names: &[&str]) -> PathBuf {
+    let images = dir.join("images");
+    fs::create_dir(&images).unwrap();
+    for name in names {
+        make_sparse_image(&images.join(format!("{name}.raw")), 16 * MIB, 3);
+    }
+    run(nbdferry().args(["certs", "init"]).arg(dir.join("pki")));
+    images
+}
+
+#[test]
+fn example_config_of_the_systemd_unit_serves() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let images = example_images(d, &["disk1", "golden"]);
+    let text = fs::read_to_string(deploy_dir().join("systemd/nbdferry.toml")).unwrap();
+    let config = relocate(
+        &text,
+        &[
+            (
+                r#"listen = ["0.0.0.0:10809", "[::]:10809"]"#,
+                r#"listen = ["127.0.0.1:0"]"#.into(),
+            ),
+            (
+                "/run/nbdferry/nbd.sock",
+                d.join("nbd.sock").display().to_string(),
+            ),
+            ("/etc/nbdferry/pki", d.join("pki").display().to_string()),
+            ("0.0.0.0:10810", "127.0.0.1:0".into()),
+            ("/srv/nbdferry", images.display().to_string()),
+        ],
+    );
+    serve_example(d, &config, "backup-01", "golden");
+}
