@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::harness::*;
 
@@ -12,6 +13,9 @@ use crate::harness::*;
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
 }
+
+/// Where .ci/run installs the PyPI validator (it ships the schemas).
+const KUBERNETES_VALIDATE: &str = "/usr/local/bin/kubernetes-validate";
 
 /// A root for `systemd-analyze --root`: the host's system units (the
 /// targets ours names), our unit, its binary and ExecReload's kill.
@@ -154,4 +158,98 @@ fn example_config_of_the_systemd_unit_serves() {
         ],
     );
     serve_example(d, &config, "backup-01", "golden");
+}
+
+#[test]
+fn example_config_of_the_kubernetes_configmap_serves() {
+    let dir = tmpdir();
+    let d = dir.path();
+    let images = example_images(d, &["disk1"]);
+    let manifest = fs::read_to_string(deploy_dir().join("kubernetes/configmap.yaml")).unwrap();
+    // The block scalar under `nbdferry.toml: |`, indented by four.
+    let text: String = manifest
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("nbdferry.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or_default()))
+        .collect();
+    let config = relocate(
+        &text,
+        &[
+            ("0.0.0.0:10809", "127.0.0.1:0".into()),
+            ("/etc/nbdferry/pki", d.join("pki").display().to_string()),
+            ("0.0.0.0:10810", "127.0.0.1:0".into()),
+            ("/srv/nbdferry", images.display().to_string()),
+        ],
+    );
+    serve_example(d, &config, "nbdferry-backup", "disk1");
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_schemas() {
+    assert!(
+        Path::new(KUBERNETES_VALIDATE).is_file(),
+        "{KUBERNETES_VALIDATE} not found: .ci/run installs it from PyPI \
+         (python3 -m venv /opt/nbdferry-ci; pip install kubernetes-validate)"
+    );
+    let dir = deploy_dir().join("kubernetes");
+    let mut manifests: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    manifests.sort();
+    assert!(manifests.len() >= 6, "{manifests:?}");
+    let out = run_output(
+        Command::new(KUBERNETES_VALIDATE)
+            .args(["--strict", "--quiet"])
+            .args(&manifests),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "kubernetes-validate ({}):\n{text}",
+        out.status
+    );
+    let all: String = manifests
+        .iter()
+        .map(|p| fs::read_to_string(p).unwrap())
+        .collect();
+    for kind in [
+        "DaemonSet",
+        "Service",
+        "NetworkPolicy",
+        "CronJob",
+        "ConfigMap",
+    ] {
+        assert!(all.contains(&format!("kind: {kind}\n")), "no {kind}");
+    }
+    // The backup job runs the command line the backup command takes.
+    let cron = fs::read_to_string(dir.join("backup-cronjob.yaml")).unwrap();
+    let args: Vec<&str> = cron
+        .lines()
+        .skip_while(|l| l.trim() != "args:")
+        .skip(1)
+        .map_while(|l| l.trim().strip_prefix("- "))
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "backup",
+            "run",
+            "--admin",
+            "https://nbdferry.nbdferry.svc:10810",
+            "--disk",
+            "disk1",
+            "--repo",
+            "/repo",
+            "--tls-creds",
+            "/etc/nbdferry/backup-pki"
+        ]
+    );
 }
