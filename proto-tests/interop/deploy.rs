@@ -253,3 +253,22 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         ]
     );
 }
+
+/// Runs deploy/walkthroughs/NAME.sh (root: network namespaces) and
+/// checks it got to its end.
+fn walkthrough(name: &str) {
+    require_peer("ip");
+    let script = deploy_dir().join(format!("walkthroughs/{name}.sh"));
+    let out = run(Command::new("bash")
+        .arg(&script)
+        .env("NBDFERRY", env!("CARGO_BIN_EXE_nbdferry")));
+    assert!(
+        out.contains(&format!("walkthrough passed: {name}")),
+        "{out}"
+    );
+}
+
+#[test]
+fn walkthrough_tls_between_two_hosts() {
+    walkthrough("tls");
+}
