@@ -89,6 +89,28 @@ fn systemd_unit_verifies_and_scores_as_hardened() {
     assert!(score <= 2.0, "exposure {score} (want <= 2.0):\n{out}");
 }
 
+#[test]
+fn systemd_user_matches_the_container_image() {
+    require_peer("systemd-sysusers");
+    let dir = tmpdir();
+    fs::create_dir(dir.path().join("etc")).unwrap();
+    run(peer("systemd-sysusers")
+        .arg(format!("--root={}", dir.path().display()))
+        .arg(deploy_dir().join("systemd/nbdferry.sysusers")));
+    let passwd = fs::read_to_string(dir.path().join("etc/passwd")).unwrap();
+    assert!(
+        passwd
+            .lines()
+            .any(|l| l.starts_with("nbdferry:x:10809:10809:")),
+        "{passwd}"
+    );
+    let image = fs::read_to_string(deploy_dir().join("container/Containerfile")).unwrap();
+    assert!(
+        image.contains("--uid 10809") && image.contains("USER 10809:10809"),
+        "the image's user is not the unit's"
+    );
+}
+
 /// `text` with each `(from, to)` replaced; every `from` must be there, so
 /// that an edit of the example fails here instead of passing unchecked.
 fn relocate(text: &str, moves: &[(&str, String)]) -> String {
@@ -271,4 +293,31 @@ fn walkthrough(name: &str) {
 #[test]
 fn walkthrough_tls_between_two_hosts() {
     walkthrough("tls");
+}
+
+#[test]
+fn container_image_builds_and_runs() {
+    require_peer("buildah");
+    require_peer("mmdebstrap");
+    let tag = format!("localhost/nbdferry:interop-{}", std::process::id());
+    // The first run makes the Debian base image (a few minutes).
+    let out = run_output_deadline(
+        Command::new("bash")
+            .arg(deploy_dir().join("container/build-local.sh"))
+            .arg(env!("CARGO_BIN_EXE_nbdferry"))
+            .arg(&tag),
+        std::time::Duration::from_secs(900),
+    );
+    let _ = run_output(
+        peer("buildah")
+            .args(["rmi", &tag])
+            .env("STORAGE_DRIVER", "vfs"),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(&format!("image built: {tag}")),
+        "build-local.sh ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
