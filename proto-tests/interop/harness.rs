@@ -407,6 +407,30 @@ pub fn status_text(line: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// One raw HTTP/1.1 request to an admin API Unix socket: (status, body).
+pub fn admin_http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut c = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {sock:?}: {e}"));
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in: {answer}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// A running `nbdferry serve`. Killed (SIGTERM, then SIGKILL) on drop.
 pub struct Server {
     child: Option<Child>,

@@ -3,8 +3,7 @@
 //! CLI over the Unix socket and mutual TLS, and JSON logs that parse line
 //! by line.
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Child, Stdio};
 
@@ -20,29 +19,6 @@ impl Drop for Spawned {
     fn drop(&mut self) {
         terminate_child(&mut self.0, READY_DEADLINE);
     }
-}
-
-/// `GET path` on the admin API's Unix socket: (status, body).
-fn unix_get(sock: &Path, path: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {sock:?}: {e}"));
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in: {answer}"));
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// The next notification, within the deadline.
@@ -89,7 +65,7 @@ fn ready_is_notified_once_listeners_accept_and_stopping_on_shutdown() {
     assert_eq!(tcp.size, SIZE);
     let mut unix = RawConn::unix(&nbd_sock);
     unix.handshake("");
-    let (status, body) = unix_get(&state.join("admin.sock"), "/v1/ready");
+    let (status, body) = admin_http(&state.join("admin.sock"), "GET", "/v1/ready", "");
     assert_eq!((status, body.as_str()), (200, r#"{"ready":true}"#));
     tcp.disconnect();
     unix.disconnect();
@@ -222,7 +198,10 @@ fn json_logs_are_one_object_per_line() {
     run(nbdferry()
         .args(["checkpoint", "create", "disk", "c1", "--admin"])
         .arg(&sock));
-    assert_eq!(unix_get(&sock, "/v1/disks/nope/checkpoints").0, 404);
+    assert_eq!(
+        admin_http(&sock, "GET", "/v1/disks/nope/checkpoints", "").0,
+        404
+    );
     let log = s.log.clone();
     s.stop();
     let text = log.lock().unwrap().join("\n");
