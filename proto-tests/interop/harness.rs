@@ -64,7 +64,11 @@ pub fn package_of(bin: &str) -> &'static str {
         "nbd-client" => "nbd-client",
         "fio" => "fio",
         "certtool" => "gnutls-bin",
+        "ip" | "tc" => "iproute2",
         "losetup" => "mount (util-linux)",
+        "s3s-fs" => {
+            "s3s-fs: not Debian's; `cargo install s3s-fs --features binary` as .ci/run does"
+        }
         _ => "the package providing it",
     }
 }
@@ -455,7 +459,24 @@ impl Server {
 
     /// [`start`](Self::start) with extra environment variables.
     pub fn start_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Server {
-        let mut cmd = nbdferry();
+        Server::start_command(nbdferry(), args, env)
+    }
+
+    /// [`start`](Self::start) inside network namespace `ns` (the process
+    /// keeps its pid: `ip netns exec` execs it).
+    pub fn start_in<S: AsRef<std::ffi::OsStr>>(ns: &str, args: &[S]) -> Server {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(env!("CARGO_BIN_EXE_nbdferry"))
+            .stdin(Stdio::null());
+        Server::start_command(cmd, args, &[])
+    }
+
+    fn start_command<S: AsRef<std::ffi::OsStr>>(
+        mut cmd: Command,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> Server {
         cmd.arg("serve").args(args).envs(env.iter().copied());
         let state = if args.iter().any(|a| a.as_ref() == "--state-dir") {
             None
@@ -676,7 +697,7 @@ impl Drop for Server {
     }
 }
 
-fn unique() -> u64 {
+pub fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
@@ -1512,14 +1533,7 @@ impl RawConn {
     }
 
     pub fn send_request(&mut self, flags: u16, ty: u16, cookie: u64, off: u64, len: u32) -> bool {
-        let mut b = [0u8; 28];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4..6].copy_from_slice(&flags.to_be_bytes());
-        b[6..8].copy_from_slice(&ty.to_be_bytes());
-        b[8..16].copy_from_slice(&cookie.to_be_bytes());
-        b[16..24].copy_from_slice(&off.to_be_bytes());
-        b[24..28].copy_from_slice(&len.to_be_bytes());
-        self.send(&b)
+        self.send(&request_header(flags, ty, cookie, off, len))
     }
 
     /// A simple reply header: Some((error, cookie)) or None if closed.
@@ -1573,6 +1587,18 @@ impl RawConn {
         self.s.shutdown_write();
         self.expect_closed("after NBD_CMD_DISC");
     }
+}
+
+/// A compact (28-byte) request header.
+pub fn request_header(flags: u16, ty: u16, cookie: u64, off: u64, len: u32) -> [u8; 28] {
+    let mut b = [0u8; 28];
+    b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&ty.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&off.to_be_bytes());
+    b[24..28].copy_from_slice(&len.to_be_bytes());
+    b
 }
 
 pub fn be16(b: &[u8]) -> u16 {

@@ -4,17 +4,24 @@
 
 mod harness;
 
+mod backup;
 mod blockdev;
 mod cli;
 mod client;
 mod deploy;
+mod flood;
 mod full_disk;
+mod guards;
 mod hostile;
 mod libnbd;
+mod mirror;
 mod mutate;
 mod nbd_server_ref;
 mod nbdkit;
+mod netns;
+mod postcopy;
 mod qemu;
+mod relay;
 mod remote_admin;
 mod service;
 mod snapshots;

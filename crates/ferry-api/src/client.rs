@@ -284,6 +284,57 @@ impl AdminClient {
         self.call(Method::POST, &path, None::<&()>).await
     }
 
+    pub async fn hydration(&self, disk: &str) -> Result<HydrationStatus, ClientError> {
+        validate_name("disk", disk).map_err(ClientError::Usage)?;
+        self.get(&format!("/v1/disks/{}/hydration", path_segment(disk)))
+            .await
+    }
+
+    fn mirror_path(disk: &str, tail: &str) -> Result<String, ClientError> {
+        validate_name("disk", disk).map_err(ClientError::Usage)?;
+        Ok(format!("/v1/disks/{}/mirror{tail}", path_segment(disk)))
+    }
+
+    pub async fn start_mirror(
+        &self,
+        disk: &str,
+        req: &StartMirror,
+    ) -> Result<MirrorStatus, ClientError> {
+        self.call(Method::POST, &Self::mirror_path(disk, "")?, Some(req))
+            .await
+    }
+
+    pub async fn mirror(&self, disk: &str) -> Result<MirrorStatus, ClientError> {
+        self.get(&Self::mirror_path(disk, "")?).await
+    }
+
+    pub async fn set_mirror(
+        &self,
+        disk: &str,
+        req: &SetMirror,
+    ) -> Result<MirrorStatus, ClientError> {
+        self.call(Method::POST, &Self::mirror_path(disk, "/set")?, Some(req))
+            .await
+    }
+
+    pub async fn complete_mirror(
+        &self,
+        disk: &str,
+        req: &CompleteMirror,
+    ) -> Result<MirrorCompleted, ClientError> {
+        self.call(
+            Method::POST,
+            &Self::mirror_path(disk, "/complete")?,
+            Some(req),
+        )
+        .await
+    }
+
+    pub async fn cancel_mirror(&self, disk: &str) -> Result<MirrorCancelled, ClientError> {
+        self.call(Method::DELETE, &Self::mirror_path(disk, "")?, None::<&()>)
+            .await
+    }
+
     pub async fn checkpoints(&self, disk: &str) -> Result<CheckpointList, ClientError> {
         self.get(&collection(disk, "checkpoint")?).await
     }

@@ -156,3 +156,139 @@ pub struct Health {
 pub struct Ready {
     pub ready: bool,
 }
+
+/// `GET /v1/disks/{disk}/hydration`: a post-copy disk still arriving (or
+/// arrived) from its source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HydrationStatus {
+    pub disk: String,
+    pub source_uri: String,
+    /// Bytes of the disk that are here (fetched, written, or known zero).
+    pub present_bytes: u64,
+    pub total_bytes: u64,
+    /// Bytes per second fetched lately.
+    pub rate: u64,
+    /// Seconds left at that rate (None while unknown).
+    pub eta_seconds: Option<u64>,
+    /// Bytes fetched from the source, in all and because clients read them.
+    pub fetched_bytes: u64,
+    pub fetched_on_demand_bytes: u64,
+    /// connected, reconnecting, or detached (complete: source let go).
+    pub source: String,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+    pub complete: bool,
+}
+
+/// How a mirror treats client writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MirrorMode {
+    /// Writes are tracked and sent later by the copier.
+    Background,
+    /// Writes are also written to the destination before they are
+    /// acknowledged: the mirror converges under any write rate.
+    Active,
+}
+
+/// `POST /v1/disks/{disk}/mirror`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StartMirror {
+    /// Any writable NBD export (nbds:// included).
+    pub to: String,
+    #[serde(default = "background")]
+    pub mode: MirrorMode,
+    /// Bytes per second for the copier (None: unpaced).
+    #[serde(default)]
+    pub rate: Option<u64>,
+    /// Ready when what is left can be sent within this at the link rate.
+    #[serde(default = "default_max_downtime")]
+    pub max_downtime_ms: u64,
+    /// Go active by itself when passes stop shrinking.
+    #[serde(default)]
+    pub auto_active: bool,
+}
+
+fn background() -> MirrorMode {
+    MirrorMode::Background
+}
+
+fn default_max_downtime() -> u64 {
+    100
+}
+
+/// `POST /v1/disks/{disk}/mirror/set`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetMirror {
+    #[serde(default)]
+    pub mode: Option<MirrorMode>,
+    #[serde(default)]
+    pub rate: Option<u64>,
+}
+
+/// What the source export does once a mirror completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AfterMirror {
+    /// The export refuses further writes (EPERM: NBD has no EROFS).
+    ReadOnly,
+    /// The export is removed.
+    Stop,
+    /// Nothing changes.
+    Keep,
+}
+
+/// `POST /v1/disks/{disk}/mirror/complete`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteMirror {
+    #[serde(default = "read_only")]
+    pub after: AfterMirror,
+}
+
+fn read_only() -> AfterMirror {
+    AfterMirror::ReadOnly
+}
+
+/// `GET /v1/disks/{disk}/mirror`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MirrorStatus {
+    pub disk: String,
+    pub destination: String,
+    pub mode: MirrorMode,
+    /// bulk, passes, completing, completed, cancelled, failed.
+    pub phase: String,
+    pub pass: u64,
+    pub bytes_sent: u64,
+    /// Bytes not on the destination yet.
+    pub dirty_bytes: u64,
+    /// Bytes per second clients write to the disk, and the copier sends.
+    pub write_rate: u64,
+    pub link_rate: u64,
+    pub eta_seconds: Option<u64>,
+    /// What is left can be sent within the downtime allowed.
+    pub ready: bool,
+    pub destination_connected: bool,
+    pub last_error: Option<String>,
+}
+
+/// The answer to `complete`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MirrorCompleted {
+    pub disk: String,
+    pub destination: String,
+    /// How long client writes were held.
+    pub downtime_ms: u64,
+    pub bytes_sent: u64,
+    pub passes: u64,
+    pub after: AfterMirror,
+}
+
+/// `DELETE /v1/disks/{disk}/mirror`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MirrorCancelled {
+    pub disk: String,
+    pub cancelled: bool,
+}

@@ -27,3 +27,7 @@ pub const STATE_HOLE_ZERO: u32 = 0b11;
 /// Dirty-bitmap contexts are `qemu:dirty-bitmap:NAME` (bit 0 = dirty),
 /// the way qemu publishes pull-mode backups.
 pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// `nbdferry:identity:ID` names the disk (and snapshot) an nbdferry export
+/// serves, so that a client that reconnects can tell it got the same one.
+/// Listed like a meta context; its only extent says nothing (flags 0).
+pub const IDENTITY_PREFIX: &str = "nbdferry:identity:";

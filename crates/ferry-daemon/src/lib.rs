@@ -13,6 +13,7 @@ mod service;
 mod stack;
 
 pub use error::ServiceError;
+pub use ferry_jobs::HydrateOptions;
 pub use phase::Phase;
 pub use service::{Daemon, TIGHTEN_EVERY};
-pub use stack::ExportSpec;
+pub use stack::{ExportSpec, SourceSpec};

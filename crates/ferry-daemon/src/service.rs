@@ -13,16 +13,29 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_api::{
-    CheckpointCreated, CheckpointDeleted, CheckpointList, CreateCheckpoint, CreateSnapshot,
-    ExportEntry, ExportList, Reverted, SnapshotCreated, SnapshotDeleted, SnapshotEntry,
-    SnapshotList,
+    AfterMirror, CompleteMirror, MirrorCancelled, MirrorCompleted, MirrorStatus, SetMirror,
+    StartMirror,
 };
+use ferry_api::{
+    CheckpointCreated, CheckpointDeleted, CheckpointList, CreateCheckpoint, CreateSnapshot,
+    ExportEntry, ExportList, HydrationStatus, Reverted, SnapshotCreated, SnapshotDeleted,
+    SnapshotEntry, SnapshotList,
+};
+use ferry_jobs::{HydrateOptions, Hydration, Mirror};
 use ferry_store::{Disk, validate_name};
 use nbd_server::{Registry, RegistryError};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ServiceError;
 use crate::phase::{Phase, PhaseCell};
 use crate::stack::{self, ExportSpec};
+
+/// A mirror and its copier task (gone once completion took it).
+struct MirrorSlot {
+    mirror: Arc<Mirror>,
+    copier: Option<tokio::task::JoinHandle<()>>,
+}
 
 enum Slot {
     Live {
@@ -41,6 +54,12 @@ pub struct Daemon {
     disks_dir: PathBuf,
     disks: Mutex<BTreeMap<String, Slot>>,
     phase: PhaseCell,
+    /// Disks still arriving from a source, and the pass that brings them.
+    hydrations: Mutex<BTreeMap<String, Arc<Hydration>>>,
+    /// Mirrors of disks (running, or ended: kept for their status).
+    mirrors: Mutex<BTreeMap<String, MirrorSlot>>,
+    /// Stops the daemon's background jobs.
+    stop: CancellationToken,
 }
 
 /// `DISK@SNAP`, the export name of a snapshot.
@@ -106,6 +125,9 @@ impl Daemon {
             disks_dir: state_dir.join("disks"),
             disks: Mutex::new(BTreeMap::new()),
             phase: PhaseCell::default(),
+            hydrations: Mutex::new(BTreeMap::new()),
+            mirrors: Mutex::new(BTreeMap::new()),
+            stop: CancellationToken::new(),
         }
     }
 
@@ -119,6 +141,12 @@ impl Daemon {
         self.phase.set(phase);
     }
 
+    /// Stops the background jobs (hydration passes); their state is
+    /// durable, so they resume where they stood at the next start.
+    pub fn stop_jobs(&self) {
+        self.stop.cancel();
+    }
+
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
     }
@@ -126,8 +154,13 @@ impl Daemon {
     /// Adds an export. A writable export gets the snapshot and checkpoint
     /// layers, with snapshots and checkpoints under its disk name: the
     /// export name, or for the nameless default export the file name.
-    /// Existing snapshots are published again.
-    pub fn add_export(&self, spec: &ExportSpec) -> Result<(), ServiceError> {
+    /// Existing snapshots are published again. A disk with a source starts
+    /// its hydration pass (`hydrate` tunes it).
+    pub async fn add_export(
+        &self,
+        spec: &ExportSpec,
+        hydrate: &HydrateOptions,
+    ) -> Result<(), ServiceError> {
         let name = spec.name.as_str();
         if name.len() > nbd_proto::consts::MAX_STRING || name.contains('\0') {
             return Err(ServiceError::Config(format!(
@@ -145,21 +178,55 @@ impl Daemon {
         } else {
             None
         };
-        let mut disks = lock(&self.disks);
         if let Some(d) = &disk_name
-            && disks.contains_key(d)
+            && lock(&self.disks).contains_key(d)
         {
             return Err(ServiceError::Config(format!(
                 "two exports use the disk name '{d}'"
             )));
         }
-        let built = stack::build(spec, disk_name.as_deref(), &self.disks_dir)?;
+        let built = stack::build(spec, disk_name.as_deref(), &self.disks_dir).await?;
+        // A mirror the disk had when the daemon stopped goes on.
+        let mirror = match (&built.disk, &disk_name) {
+            (Some(disk), Some(d)) => match Mirror::saved(disk) {
+                Some(dir) => Some(
+                    Mirror::resume(disk.clone(), disk.device(), &dir)
+                        .await
+                        .map_err(|e| {
+                            ServiceError::Config(format!(
+                                "disk '{d}': cannot resume its mirror: {e}"
+                            ))
+                        })?,
+                ),
+                None => None,
+            },
+            _ => None,
+        };
+        let mut disks = lock(&self.disks);
         self.publish(name, &spec.description, built.dev)?;
+        if let (Some(h), Some(d)) = (built.hydration, &disk_name) {
+            let opts = HydrateOptions {
+                rate: spec.source.as_ref().and_then(|s| s.rate),
+                ..hydrate.clone()
+            };
+            tokio::spawn(h.clone().run(opts, self.stop.child_token()));
+            lock(&self.hydrations).insert(d.clone(), h);
+        }
         let Some(d) = disk_name else {
             return Ok(());
         };
         let slot = match built.disk {
             Some(disk) => {
+                if let Some(m) = mirror {
+                    let copier = tokio::spawn(m.clone().run());
+                    lock(&self.mirrors).insert(
+                        d.clone(),
+                        MirrorSlot {
+                            mirror: m,
+                            copier: Some(copier),
+                        },
+                    );
+                }
                 for s in disk.snapshots() {
                     let view = disk.snapshot_view(&s.name)?;
                     self.publish(
@@ -198,6 +265,158 @@ impl Daemon {
             Some(Slot::ReadOnly) => Err(ServiceError::ReadOnlyDisk(disk.to_string())),
             None => Err(ServiceError::NoSuchDisk(disk.to_string())),
         }
+    }
+
+    // ---- mirrors --------------------------------------------------------
+
+    /// Starts a mirror of `disk` to `req.to`.
+    pub async fn start_mirror(
+        &self,
+        disk: &str,
+        req: &StartMirror,
+    ) -> Result<MirrorStatus, ServiceError> {
+        let (d, _) = self.live(disk)?;
+        if lock(&self.mirrors)
+            .get(disk)
+            .is_some_and(|s| s.mirror.is_running())
+        {
+            return Err(ServiceError::Exists(format!(
+                "disk '{disk}' is mirrored already"
+            )));
+        }
+        let m = Mirror::start(
+            d.clone(),
+            d.device(),
+            &req.to,
+            req.mode,
+            req.rate,
+            Duration::from_millis(req.max_downtime_ms),
+            req.auto_active,
+        )
+        .await
+        .map_err(|e| {
+            ServiceError::Config(format!("cannot mirror disk '{disk}' to {}: {e}", req.to))
+        })?;
+        let copier = tokio::spawn(m.clone().run());
+        let status = m.status(disk);
+        lock(&self.mirrors).insert(
+            disk.to_string(),
+            MirrorSlot {
+                mirror: m,
+                copier: Some(copier),
+            },
+        );
+        Ok(status)
+    }
+
+    fn mirror(&self, disk: &str) -> Result<Arc<Mirror>, ServiceError> {
+        self.live(disk)?;
+        lock(&self.mirrors)
+            .get(disk)
+            .map(|s| s.mirror.clone())
+            .ok_or_else(|| ServiceError::NotFound(format!("disk '{disk}' has no mirror")))
+    }
+
+    pub fn mirror_status(&self, disk: &str) -> Result<MirrorStatus, ServiceError> {
+        Ok(self.mirror(disk)?.status(disk))
+    }
+
+    pub fn set_mirror(&self, disk: &str, req: &SetMirror) -> Result<MirrorStatus, ServiceError> {
+        let m = self.mirror(disk)?;
+        let failed = |e: ferry_jobs::MirrorError| ServiceError::Config(e.to_string());
+        if let Some(mode) = req.mode {
+            m.set_mode(mode).map_err(failed)?;
+        }
+        if req.rate.is_some() {
+            m.set_rate(req.rate).map_err(failed)?;
+        }
+        Ok(m.status(disk))
+    }
+
+    /// Holds writes, sends what is left, flushes the destination, applies
+    /// `req.after`, and reports the downtime.
+    pub async fn complete_mirror(
+        &self,
+        disk: &str,
+        req: &CompleteMirror,
+    ) -> Result<MirrorCompleted, ServiceError> {
+        let (d, _) = self.live(disk)?;
+        let (m, copier) = {
+            let mut mirrors = lock(&self.mirrors);
+            let slot = mirrors
+                .get_mut(disk)
+                .filter(|s| s.mirror.is_running())
+                .ok_or_else(|| {
+                    ServiceError::NotFound(format!("disk '{disk}' has no running mirror"))
+                })?;
+            let copier = slot.copier.take().ok_or_else(|| {
+                ServiceError::Busy(format!("the mirror of disk '{disk}' is completing already"))
+            })?;
+            (slot.mirror.clone(), copier)
+        };
+        let sealed = d.clone();
+        let after = req.after;
+        let seal = move || {
+            if after != AfterMirror::Keep {
+                sealed.close_writes();
+            }
+        };
+        let done = m.complete(copier, seal).await.map_err(|e| {
+            ServiceError::Config(format!("cannot complete the mirror of '{disk}': {e}"))
+        })?;
+        match req.after {
+            AfterMirror::ReadOnly | AfterMirror::Keep => {}
+            AfterMirror::Stop => {
+                let export = lock(&self.disks).get(disk).and_then(|s| match s {
+                    Slot::Live { export, .. } => Some(export.clone()),
+                    Slot::ReadOnly => None,
+                });
+                if let Some(e) = export {
+                    self.registry.remove(&e);
+                }
+            }
+        }
+        m.release("completed");
+        let status = m.status(disk);
+        Ok(MirrorCompleted {
+            disk: disk.to_string(),
+            destination: status.destination,
+            downtime_ms: done.downtime.as_millis() as u64,
+            bytes_sent: done.bytes_sent,
+            passes: done.passes,
+            after: req.after,
+        })
+    }
+
+    /// Stops the mirror and forgets it; both sides stay as they are.
+    pub fn cancel_mirror(&self, disk: &str) -> Result<MirrorCancelled, ServiceError> {
+        let m = self.mirror(disk)?;
+        if !m.is_running() {
+            return Err(ServiceError::NotFound(format!(
+                "disk '{disk}' has no running mirror"
+            )));
+        }
+        m.release("cancelled");
+        if let Some(slot) = lock(&self.mirrors).get_mut(disk)
+            && let Some(c) = slot.copier.take()
+        {
+            c.abort();
+        }
+        Ok(MirrorCancelled {
+            disk: disk.to_string(),
+            cancelled: true,
+        })
+    }
+
+    /// Where a disk that arrives from a source stands.
+    pub fn hydration(&self, disk: &str) -> Result<HydrationStatus, ServiceError> {
+        if let Some(h) = lock(&self.hydrations).get(disk) {
+            return Ok(h.status(disk));
+        }
+        self.live(disk)?;
+        Err(ServiceError::NotFound(format!(
+            "disk '{disk}' is not arriving from a source"
+        )))
     }
 
     pub fn exports(&self) -> ExportList {

@@ -4,17 +4,47 @@
 //! ```text
 //! read-only export:   file or block device
 //! writable disk:      file or block device → dirty tracking → snapshot origin → write fence
+//! disk still arriving: file → copy-on-read (source) → dirty tracking → snapshot origin → write fence
 //! ```
 //! (`ferry_store::Disk` stacks the layers above the device.) A writable
 //! export whose name cannot be a disk name is served as the plain device.
+//! A disk with a source keeps what it knows of it in `hydrate/` in its
+//! state directory: the present map and `source.json` (the source's
+//! identity, recorded at the first connection). Once every block has
+//! arrived it is a plain disk again and needs no source.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_block::BlockDev;
-use ferry_store::{DEFAULT_GRANULARITY, Disk, FileDev};
+use ferry_jobs::{Hydration, Remote, RemoteIdentity, SourceDev};
+use ferry_store::{CopyOnRead, DEFAULT_GRANULARITY, Disk, FileDev};
+use serde::{Deserialize, Serialize};
 
 use crate::error::ServiceError;
+
+/// Where a disk still arriving comes from.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    /// Any NBD URI the client takes (nbds:// with tls-certificates= too).
+    pub uri: String,
+    /// How long a read of an absent block waits for the source.
+    pub timeout: Duration,
+    /// Bytes per second for the background pass (None: unpaced).
+    pub rate: Option<u64>,
+}
+
+/// `hydrate/source.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SourceRecord {
+    uri: String,
+    identity: RemoteIdentity,
+    granularity: u64,
+}
+
+const HYDRATE: &str = "hydrate";
+const SOURCE_RECORD: &str = "source.json";
 
 /// One export as configured.
 #[derive(Debug, Clone, Default)]
@@ -26,15 +56,19 @@ pub struct ExportSpec {
     /// Dirty-tracking and copy-on-write block size for a disk without
     /// state (a disk with state keeps its own).
     pub granularity: Option<u64>,
+    /// Post-copy: the disk is still arriving from here.
+    pub source: Option<SourceSpec>,
 }
 
-/// What an export serves, and the live disk behind it, if any.
+/// What an export serves, the live disk behind it, if any, and its
+/// hydration while it is still arriving.
 pub(crate) struct Stack {
     pub dev: Arc<dyn BlockDev>,
     pub disk: Option<Arc<Disk>>,
+    pub hydration: Option<Arc<Hydration>>,
 }
 
-pub(crate) fn build(
+pub(crate) async fn build(
     spec: &ExportSpec,
     disk_name: Option<&str>,
     disks_dir: &Path,
@@ -42,7 +76,26 @@ pub(crate) fn build(
     let cannot_open = |e: &dyn std::fmt::Display| {
         ServiceError::Config(format!("cannot open {}: {e}", spec.path.display()))
     };
-    let file = Arc::new(FileDev::open(&spec.path, spec.read_only).map_err(|e| cannot_open(&e))?);
+    let mut asked = spec.granularity.unwrap_or(DEFAULT_GRANULARITY);
+    let (below, hydration): (Arc<dyn BlockDev>, _) = match &spec.source {
+        Some(src) => {
+            let name = disk_name.filter(|_| !spec.read_only).ok_or_else(|| {
+                ServiceError::Config(format!(
+                    "export '{}' has a source: it must be writable and have a disk name",
+                    spec.name
+                ))
+            })?;
+            let (dev, hydration, gran) =
+                arriving(spec, src, &disks_dir.join(name).join(HYDRATE), asked).await?;
+            // The blocks it arrives in are the disk's.
+            asked = gran;
+            (dev, hydration)
+        }
+        None => {
+            let file = FileDev::open(&spec.path, spec.read_only).map_err(|e| cannot_open(&e))?;
+            (Arc::new(file), None)
+        }
+    };
     let Some(name) = disk_name.filter(|_| !spec.read_only) else {
         if !spec.read_only {
             tracing::info!(
@@ -51,12 +104,19 @@ pub(crate) fn build(
             );
         }
         return Ok(Stack {
-            dev: file,
+            dev: below,
             disk: None,
+            hydration: None,
         });
     };
-    let asked = spec.granularity.unwrap_or(DEFAULT_GRANULARITY);
-    let disk = Disk::open(name, file, &spec.path, disks_dir, asked).map_err(|e| cannot_open(&e))?;
+    let disk =
+        Disk::open(name, below, &spec.path, disks_dir, asked).map_err(|e| cannot_open(&e))?;
+    if hydration.is_some() && disk.granularity() != asked {
+        return Err(ServiceError::Config(format!(
+            "disk '{name}' has state with {}-byte blocks, not the {asked} its source is fetched in",
+            disk.granularity()
+        )));
+    }
     if spec.granularity.is_some_and(|g| g != disk.granularity()) {
         tracing::warn!(
             disk = name,
@@ -68,5 +128,95 @@ pub(crate) fn build(
     Ok(Stack {
         dev: disk.device(),
         disk: Some(disk),
+        hydration,
     })
+}
+
+/// The device below a disk with a source: the copy-on-read layer over the
+/// local file while blocks are still absent (one handshake with the
+/// source; nothing proportional to the disk), or the file alone once
+/// they have all arrived.
+type Arriving = (Arc<dyn BlockDev>, Option<Arc<Hydration>>, u64);
+
+/// (device, hydration, the block size it arrives in).
+async fn arriving(
+    spec: &ExportSpec,
+    src: &SourceSpec,
+    dir: &Path,
+    gran: u64,
+) -> Result<Arriving, ServiceError> {
+    let fail = |e: &dyn std::fmt::Display| {
+        ServiceError::Config(format!("disk '{}' with source {}: {e}", spec.name, src.uri))
+    };
+    let record_path = dir.join(SOURCE_RECORD);
+    let record: Option<SourceRecord> = match std::fs::read(&record_path) {
+        Ok(b) => Some(
+            serde_json::from_slice(&b)
+                .map_err(|e| fail(&format!("damaged {}: {e}", record_path.display())))?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(fail(&e)),
+    };
+    if let Some(r) = &record
+        && CopyOnRead::arrived(dir, r.identity.size, r.granularity).map_err(|e| fail(&e))?
+    {
+        tracing::info!(
+            export = spec.name,
+            "every block has arrived: the source is not needed"
+        );
+        let file = FileDev::open(&spec.path, false).map_err(|e| fail(&e))?;
+        return Ok((Arc::new(file), None, r.granularity));
+    }
+    let gran = record.as_ref().map_or(gran, |r| r.granularity);
+    let uri = nbd_client::NbdUri::parse(&src.uri).map_err(|e| fail(&e))?;
+    let opts = nbd_client::ConnectOptions {
+        connections: 2,
+        requests: 16,
+        ..nbd_client::ConnectOptions::default()
+    };
+    let source = Remote::connect(uri, opts, src.timeout, record.map(|r| r.identity))
+        .await
+        .map_err(|e| fail(&e))?;
+    let size = source.identity().size;
+    if !spec.path.exists() {
+        let f = std::fs::File::create(&spec.path).map_err(|e| fail(&e))?;
+        f.set_len(size).map_err(|e| fail(&e))?;
+        f.sync_all().map_err(|e| fail(&e))?;
+    }
+    let file = FileDev::open(&spec.path, false).map_err(|e| fail(&e))?;
+    if file.size() != size {
+        return Err(fail(&format!(
+            "{} has {} bytes, the source {size}",
+            spec.path.display(),
+            file.size()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+    if !record_path.exists() {
+        let rec = SourceRecord {
+            uri: src.uri.clone(),
+            identity: source.identity().clone(),
+            granularity: gran,
+        };
+        let text = serde_json::to_vec_pretty(&rec).map_err(|e| fail(&e))?;
+        ferry_store::write_atomic(dir, SOURCE_RECORD, &text).map_err(|e| fail(&e))?;
+    }
+    let source = Arc::new(source);
+    let dev = Arc::new(SourceDev::new(
+        source.clone(),
+        tokio::runtime::Handle::current(),
+    ));
+    let cor = Arc::new(CopyOnRead::open(Arc::new(file), dev, gran, dir).map_err(|e| fail(&e))?);
+    let progress = cor.progress();
+    tracing::info!(
+        export = spec.name,
+        present = progress.present_bytes,
+        total = progress.total_bytes,
+        "serving a disk that is still arriving"
+    );
+    Ok((
+        cor.clone(),
+        Some(Hydration::new(cor, source, src.uri.clone())),
+        gran,
+    ))
 }

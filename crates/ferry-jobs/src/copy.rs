@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferry_repo::{PointReader, PointWriter};
 use nbd_client::{Client, ConnectOptions, NbdUri};
 use nbd_proto::consts::BASE_ALLOCATION;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -45,10 +46,11 @@ use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 
 use crate::endpoint::{
-    EndpointSpec, LocalFile, connect, nbd_err, nbd_extents, nbd_write_zero_bytes,
+    EndpointSpec, LocalFile, connect, nbd_dirty_runs, nbd_err, nbd_extents, nbd_write_zero_bytes,
 };
 use crate::error::{Error, Result};
-use crate::plan::{Item, push_items};
+use crate::pace::Pacer;
+use crate::plan::{Item, Run, push_items};
 use crate::progress::Progress;
 use crate::zero::{is_zero, zero_runs};
 
@@ -76,6 +78,8 @@ pub struct CopyOptions {
     /// Fail once requests to an NBD endpoint have waited this long without
     /// a byte from its server (None: wait forever).
     pub io_timeout: Option<Duration>,
+    /// Pace reads from the source to this many bytes per second.
+    pub rate: Option<u64>,
 }
 
 impl Default for CopyOptions {
@@ -94,6 +98,7 @@ impl Default for CopyOptions {
             destination_is_zero: false,
             handshake_timeout: Duration::from_secs(30),
             io_timeout: Some(Duration::from_secs(60)),
+            rate: None,
         }
     }
 }
@@ -102,6 +107,9 @@ impl Default for CopyOptions {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CopyStats {
     pub size: u64,
+    /// Read from the source as data (holes, zeroes and kept ranges are
+    /// not read).
+    pub read: u64,
     /// Written as data.
     pub data: u64,
     /// Written as zeroes (WRITE_ZEROES, hole punching).
@@ -112,31 +120,47 @@ pub struct CopyStats {
 
 #[derive(Default)]
 struct Counters {
+    read: AtomicU64,
     data: AtomicU64,
     zeroed: AtomicU64,
     skipped: AtomicU64,
 }
 
-enum Source {
+pub(crate) enum Source {
     Nbd {
         client: Arc<Client>,
         uri: NbdUri,
         extents: bool,
+        /// A dirty-bitmap context: copy only what it marks dirty and keep
+        /// the rest (an incremental backup).
+        dirty: Option<String>,
     },
     File(LocalFile),
+    /// A point of a backup repository (restore, verify).
+    Repo(Arc<PointReader>),
     Stdin,
 }
 
-enum Dest {
-    Nbd { client: Arc<Client>, uri: NbdUri },
+pub(crate) enum Dest {
+    Nbd {
+        client: Arc<Client>,
+        uri: NbdUri,
+    },
     File(LocalFile),
+    /// A point being written into a backup repository.
+    Repo(PointWriter),
+    /// Not written: compared with what this export holds (verify).
+    Compare {
+        client: Arc<Client>,
+        uri: NbdUri,
+    },
     Stdout,
     Null,
 }
 
 /// Ranges of the destination known to read as zeroes before the copy.
 #[derive(Default)]
-struct ZeroMap {
+pub(crate) struct ZeroMap {
     all: bool,
     ranges: Vec<(u64, u64)>,
 }
@@ -170,6 +194,7 @@ struct Ctx {
     planner: Mutex<Planner>,
     counters: Counters,
     progress: Arc<Progress>,
+    pacer: Option<Pacer>,
 }
 
 struct Planner {
@@ -184,47 +209,92 @@ pub async fn copy(
     opts: &CopyOptions,
     progress: Arc<Progress>,
 ) -> Result<CopyStats> {
-    let src_spec = EndpointSpec::parse(src)?;
-    let dst_spec = EndpointSpec::parse(dst)?;
-    let conn_opts = |requests: usize| ConnectOptions {
+    let src = open_source(EndpointSpec::parse(src)?, opts, &[]).await?;
+    let dst = open_dest(EndpointSpec::parse(dst)?, src.size()?, opts).await?;
+    run(src, dst, opts, progress).await
+}
+
+pub(crate) fn connect_options(opts: &CopyOptions, contexts: &[&str]) -> ConnectOptions {
+    let mut meta_contexts = vec![BASE_ALLOCATION.to_string()];
+    meta_contexts.extend(contexts.iter().map(|c| c.to_string()));
+    ConnectOptions {
         connections: opts.connections.max(1),
-        requests: requests.max(1),
-        meta_contexts: vec![BASE_ALLOCATION.to_string()],
+        requests: opts.requests.max(1),
+        meta_contexts,
         handshake_timeout: opts.handshake_timeout,
         io_timeout: opts.io_timeout,
         ..ConnectOptions::default()
-    };
+    }
+}
 
-    let src = match src_spec {
+/// Opens a source named on the command line; `contexts` are meta contexts
+/// to negotiate beside `base:allocation`.
+pub(crate) async fn open_source(
+    spec: EndpointSpec,
+    opts: &CopyOptions,
+    contexts: &[&str],
+) -> Result<Source> {
+    Ok(match spec {
         EndpointSpec::Nbd(uri) => {
-            let client = connect(&uri, &conn_opts(opts.requests)).await?;
+            let client = connect(&uri, &connect_options(opts, contexts)).await?;
             let extents = client.info().has_context(BASE_ALLOCATION);
             Source::Nbd {
                 client,
                 uri,
                 extents,
+                dirty: None,
             }
         }
         EndpointSpec::Path(p) => Source::File(LocalFile::open(&p, false, false)?),
         EndpointSpec::Stream => Source::Stdin,
         EndpointSpec::Null => return Err(Error::Invalid("null: can only be a destination".into())),
-    };
-    let size = match &src {
-        Source::Nbd { client, .. } => Some(client.size()),
-        Source::File(f) => Some(f.size()?),
-        Source::Stdin => None,
-    };
-    if let Some(s) = size {
-        progress.set_total(s);
-    }
+    })
+}
 
+impl Source {
+    /// The source's size; `None` for a stream.
+    pub(crate) fn size(&self) -> Result<Option<u64>> {
+        Ok(match self {
+            Source::Nbd { client, .. } => Some(client.size()),
+            Source::File(f) => Some(f.size()?),
+            Source::Repo(r) => Some(r.size()),
+            Source::Stdin => None,
+        })
+    }
+}
+
+/// A destination ready to be written, with what it already reads as
+/// zeroes and, for a new file, the rename that ends the copy.
+pub(crate) struct OpenDest {
+    pub dst: Dest,
+    pub zero: ZeroMap,
+    rename: Option<(PathBuf, PathBuf)>,
+}
+
+impl OpenDest {
+    pub fn new(dst: Dest, zero: ZeroMap) -> OpenDest {
+        OpenDest {
+            dst,
+            zero,
+            rename: None,
+        }
+    }
+}
+
+/// Opens a destination named on the command line for a source of `size`
+/// bytes (`None`: a stream of unknown length).
+pub(crate) async fn open_dest(
+    spec: EndpointSpec,
+    size: Option<u64>,
+    opts: &CopyOptions,
+) -> Result<OpenDest> {
     // A new local file is written under a temporary name and renamed at the
     // end, so a failed copy never leaves something that looks complete.
     let mut rename: Option<(PathBuf, PathBuf)> = None;
     let mut dst_zero = ZeroMap::default();
-    let dst = match dst_spec {
+    let dst = match spec {
         EndpointSpec::Nbd(uri) => {
-            let client = connect(&uri, &conn_opts(opts.requests)).await?;
+            let client = connect(&uri, &connect_options(opts, &[])).await?;
             if client.info().read_only() {
                 return Err(Error::Invalid(format!("{uri}: the export is read-only")));
             }
@@ -283,10 +353,32 @@ pub async fn copy(
             Dest::Null
         }
     };
-
     if opts.destination_is_zero {
         dst_zero.all = true;
     }
+    Ok(OpenDest {
+        dst,
+        zero: dst_zero,
+        rename,
+    })
+}
+
+/// Runs a copy between opened endpoints.
+pub(crate) async fn run(
+    src: Source,
+    dst: OpenDest,
+    opts: &CopyOptions,
+    progress: Arc<Progress>,
+) -> Result<CopyStats> {
+    let size = src.size()?;
+    if let Some(s) = size {
+        progress.set_total(s);
+    }
+    let OpenDest {
+        dst,
+        zero: dst_zero,
+        rename,
+    } = dst;
     let align = src_align(&src).max(dst_align(&dst)).max(1);
     let max_req = src_max(&src).min(dst_max(&dst));
     let request_size = (opts.request_size.min(max_req) / align * align).max(align);
@@ -305,6 +397,7 @@ pub async fn copy(
         }),
         counters: Counters::default(),
         progress,
+        pacer: opts.rate.map(Pacer::new),
     });
 
     let total = match (&ctx.src, &ctx.dst) {
@@ -322,6 +415,7 @@ pub async fn copy(
     }
     let stats = CopyStats {
         size: total,
+        read: ctx.counters.read.load(Ordering::Relaxed),
         data: ctx.counters.data.load(Ordering::Relaxed),
         zeroed: ctx.counters.zeroed.load(Ordering::Relaxed),
         skipped: ctx.counters.skipped.load(Ordering::Relaxed),
@@ -333,7 +427,7 @@ pub async fn copy(
         {
             let _ = c.disconnect().await;
         }
-        if let Dest::Nbd { client, .. } = ctx.dst
+        if let Dest::Nbd { client, .. } | Dest::Compare { client, .. } = ctx.dst
             && let Ok(c) = Arc::try_unwrap(client)
         {
             let _ = c.disconnect().await;
@@ -366,21 +460,29 @@ fn src_align(s: &Source) -> u64 {
 
 fn dst_align(d: &Dest) -> u64 {
     match d {
-        Dest::Nbd { client, .. } => client.info().min_block().into(),
+        Dest::Nbd { client, .. } | Dest::Compare { client, .. } => client.info().min_block().into(),
         _ => 1,
     }
 }
 
+/// Largest request to the source. A repository point is read a chunk at a
+/// time: requests then fall on chunk boundaries, one chunk each.
 fn src_max(s: &Source) -> u64 {
     match s {
         Source::Nbd { client, .. } => client.info().max_payload().into(),
+        Source::Repo(r) => r.chunk_size(),
         _ => 32 << 20,
     }
 }
 
+/// Largest write to the destination; a repository point takes at most a
+/// chunk at a time, so that a piece never spans two chunks.
 fn dst_max(d: &Dest) -> u64 {
     match d {
-        Dest::Nbd { client, .. } => client.info().max_payload().into(),
+        Dest::Nbd { client, .. } | Dest::Compare { client, .. } => {
+            client.info().max_payload().into()
+        }
+        Dest::Repo(w) => w.chunk_size(),
         _ => 32 << 20,
     }
 }
@@ -397,7 +499,7 @@ fn f_zero_ranges(f: &LocalFile, size: u64) -> Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-async fn nbd_zero_map(client: &Client, uri: &NbdUri, size: u64) -> Result<ZeroMap> {
+pub(crate) async fn nbd_zero_map(client: &Client, uri: &NbdUri, size: u64) -> Result<ZeroMap> {
     let mut map = ZeroMap::default();
     let mut pos = 0;
     while pos < size {
@@ -424,14 +526,29 @@ impl Ctx {
             return Ok(None);
         }
         let len = (self.size - p.pos).min(EXTENT_WINDOW);
+        let zero_if = |v: Vec<(u64, bool)>| -> Vec<(u64, Run)> {
+            v.into_iter().map(|(l, z)| (l, Run::zero_if(z))).collect()
+        };
         let runs = match &self.src {
             Source::Nbd {
                 client,
                 uri,
+                extents,
+                dirty: Some(ctx),
+            } => nbd_dirty_runs(client, uri, *extents, ctx, p.pos, len).await?,
+            Source::Nbd {
+                client,
+                uri,
                 extents: true,
-            } => nbd_extents(client, uri, p.pos, len).await?,
-            Source::File(f) => f.extents(p.pos, len)?,
-            _ => vec![(len, false)],
+                dirty: None,
+            } => zero_if(nbd_extents(client, uri, p.pos, len).await?),
+            Source::File(f) => zero_if(f.extents(p.pos, len)?),
+            Source::Repo(r) => zero_if(r.extents(p.pos, len)?),
+            _ => vec![(len, Run::Data)],
+        };
+        let runs = match &self.dst {
+            Dest::Repo(w) => keep_done_slots(w, p.pos, &runs),
+            _ => runs,
         };
         let start = p.pos;
         let covered: u64 = runs.iter().map(|r| r.0).sum();
@@ -451,11 +568,24 @@ impl Ctx {
     }
 
     async fn read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
-        match &self.src {
-            Source::Nbd { client, uri, .. } => client.read(offset, buf).await.map_err(nbd_err(uri)),
-            Source::File(f) => f.read(offset, buf).await,
-            Source::Stdin => unreachable!("stdin is read sequentially"),
+        let len = buf.len() as u64;
+        if let Some(p) = &self.pacer {
+            p.wait(len).await;
         }
+        let buf = match &self.src {
+            Source::Nbd { client, uri, .. } => {
+                client.read(offset, buf).await.map_err(nbd_err(uri))?
+            }
+            Source::File(f) => f.read(offset, buf).await?,
+            Source::Repo(r) => {
+                let mut buf = buf;
+                r.read_at(&mut buf, offset).await?;
+                buf
+            }
+            Source::Stdin => unreachable!("stdin is read sequentially"),
+        };
+        self.counters.read.fetch_add(len, Ordering::Relaxed);
+        Ok(buf)
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
@@ -466,6 +596,19 @@ impl Ctx {
                 .await
                 .map_err(nbd_err(uri))?,
             Dest::File(f) => f.write(offset, data).await?,
+            Dest::Repo(w) => w.write(offset, &data).await?,
+            Dest::Compare { client, uri } => {
+                let theirs = client
+                    .read(offset, vec![0u8; data.len()])
+                    .await
+                    .map_err(nbd_err(uri))?;
+                if let Some(i) = (0..data.len()).find(|&i| data[i] != theirs[i]) {
+                    return Err(Error::Differs {
+                        endpoint: uri.to_string(),
+                        offset: offset + i as u64,
+                    });
+                }
+            }
             Dest::Null => {}
             Dest::Stdout => unreachable!("stdout is written in order"),
         }
@@ -491,6 +634,25 @@ impl Ctx {
                 }
             }
             Dest::File(f) => f.zero(offset, len).await?,
+            Dest::Repo(w) => w.zero(offset, len).await?,
+            Dest::Compare { client, uri } => {
+                let step = self.request_size;
+                let mut pos = offset;
+                while pos < offset + len {
+                    let n = (offset + len - pos).min(step);
+                    let theirs = client
+                        .read(pos, vec![0u8; n as usize])
+                        .await
+                        .map_err(nbd_err(uri))?;
+                    if let Some(i) = theirs.iter().position(|&b| b != 0) {
+                        return Err(Error::Differs {
+                            endpoint: uri.to_string(),
+                            offset: pos + i as u64,
+                        });
+                    }
+                    pos += n;
+                }
+            }
             Dest::Null => {}
             Dest::Stdout => unreachable!("stdout is written in order"),
         }
@@ -516,10 +678,24 @@ impl Ctx {
         Ok(data.try_into_mut().map(Vec::from).unwrap_or_default())
     }
 
+    /// A range the destination takes from elsewhere (the previous point).
+    async fn keep(&self, offset: u64, len: u64) -> Result<()> {
+        match &self.dst {
+            Dest::Repo(w) => w.keep(offset, len).await.map_err(Error::from),
+            _ => Err(Error::Invalid(
+                "only a backup can keep ranges from a previous point".into(),
+            )),
+        }
+    }
+
     async fn item(&self, item: Item, buf: Vec<u8>) -> Result<Vec<u8>> {
         let buf = match item {
             Item::Zero { offset, len } => {
                 self.zero(offset, len).await?;
+                buf
+            }
+            Item::Keep { offset, len } => {
+                self.keep(offset, len).await?;
                 buf
             }
             Item::Data { offset, len } => {
@@ -582,7 +758,7 @@ async fn copy_to_stdout(ctx: &Arc<Ctx>, workers: usize) -> Result<u64> {
                     Item::Data { offset, len } => {
                         Ok((item, ctx2.read(offset, vec![0u8; len as usize]).await?))
                     }
-                    Item::Zero { .. } => Ok((item, Vec::new())),
+                    Item::Zero { .. } | Item::Keep { .. } => Ok((item, Vec::new())),
                 }
             }));
         }
@@ -592,6 +768,11 @@ async fn copy_to_stdout(ctx: &Arc<Ctx>, workers: usize) -> Result<u64> {
             .map_err(|e| Error::Invalid(format!("read task failed: {e}")))??;
         match item {
             Item::Data { .. } => out.write_all(&data).await.map_err(stdout_err)?,
+            Item::Keep { .. } => {
+                return Err(Error::Invalid(
+                    "a kept range cannot be written to a stream".into(),
+                ));
+            }
             Item::Zero { len, .. } => {
                 let mut left = len;
                 while left > 0 {
@@ -709,7 +890,29 @@ async fn finish(ctx: &Ctx, flush: bool, total: u64) -> Result<()> {
                 client.flush().await.map_err(nbd_err(uri))?;
             }
         }
-        Dest::Stdout | Dest::Null => {}
+        Dest::Repo(_) | Dest::Compare { .. } | Dest::Stdout | Dest::Null => {}
     }
     Ok(())
+}
+
+/// Marks the parts of `runs` (from `start`) that fall in slots the backup
+/// already holds (a resumed run) as kept: they are not read again.
+fn keep_done_slots(w: &PointWriter, start: u64, runs: &[(u64, Run)]) -> Vec<(u64, Run)> {
+    let cs = w.chunk_size();
+    let mut out: Vec<(u64, Run)> = Vec::with_capacity(runs.len());
+    let mut pos = start;
+    for &(len, run) in runs {
+        let end = pos + len;
+        while pos < end {
+            let slot = pos / cs;
+            let upto = ((slot + 1) * cs).min(end);
+            let r = if w.slot_done(slot) { Run::Keep } else { run };
+            match out.last_mut() {
+                Some(last) if last.1 == r => last.0 += upto - pos,
+                _ => out.push((upto - pos, r)),
+            }
+            pos = upto;
+        }
+    }
+    out
 }

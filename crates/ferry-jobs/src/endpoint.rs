@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use nbd_client::{Client, ConnectOptions, NbdUri};
+use nbd_client::{Client, ConnectOptions, ContextExtents, NbdUri};
 use nbd_proto::consts::{BASE_ALLOCATION, state};
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::ReadWriteFlags;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
+use crate::plan::{Run, dirty_runs};
 
 /// What the user named on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,20 +281,56 @@ pub(crate) async fn nbd_extents(
         .block_status(offset, len)
         .await
         .map_err(nbd_err(uri))?;
-    let Some(ctx) = ctxs.into_iter().find(|c| c.name == BASE_ALLOCATION) else {
+    context_runs(&ctxs, uri, BASE_ALLOCATION, state::ZERO, len)
+}
+
+/// Runs of an incremental copy from an NBD export: the dirty ranges of
+/// the `dirty` context (bit 0 set: changed since the bitmap was started),
+/// as data or, where `base:allocation` says so, zeroes; everything else
+/// kept. Both contexts come from one BLOCK_STATUS request.
+pub(crate) async fn nbd_dirty_runs(
+    client: &Client,
+    uri: &NbdUri,
+    allocation: bool,
+    dirty: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<(u64, Run)>> {
+    let ctxs = client
+        .block_status(offset, len)
+        .await
+        .map_err(nbd_err(uri))?;
+    let alloc = if allocation {
+        context_runs(&ctxs, uri, BASE_ALLOCATION, state::ZERO, len)?
+    } else {
+        vec![(len, false)]
+    };
+    let dirty = context_runs(&ctxs, uri, dirty, state::DIRTY, len)?;
+    Ok(dirty_runs(&alloc, &dirty))
+}
+
+/// One context's extents as (length, `bit` set) runs, cut at `len`.
+fn context_runs(
+    ctxs: &[ContextExtents],
+    uri: &NbdUri,
+    name: &str,
+    bit: u32,
+    len: u64,
+) -> Result<Vec<(u64, bool)>> {
+    let Some(ctx) = ctxs.iter().find(|c| c.name == name) else {
         return Err(Error::Nbd {
             endpoint: uri.to_string(),
-            source: nbd_client::Error::Protocol("block status reply lacks base:allocation".into()),
+            source: nbd_client::Error::Protocol(format!("block status reply lacks {name}")),
         });
     };
     let mut out = Vec::with_capacity(ctx.extents.len());
     let mut covered = 0u64;
-    for e in ctx.extents {
+    for e in &ctx.extents {
         if covered >= len {
             break;
         }
         let l = e.length.min(len - covered);
-        out.push((l, e.flags & u64::from(state::ZERO) != 0));
+        out.push((l, e.flags & u64::from(bit) != 0));
         covered += l;
     }
     Ok(out)

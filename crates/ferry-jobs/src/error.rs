@@ -15,6 +15,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Repo(#[from] ferry_repo::Error),
+    /// A point and a live export disagree (verify against an export).
+    #[error("{endpoint} differs from the backup at offset {offset}")]
+    Differs { endpoint: String, offset: u64 },
     #[error("{0}")]
     Invalid(String),
 }

@@ -1,7 +1,9 @@
-//! Turns extent runs (length, reads-as-zero) into the copy's work items:
-//! data pieces no longer than the request size and split on a grid of that
-//! size (so requests stay aligned), and zero ranges shrunk inward to the
-//! alignment both ends require (the trimmed edges are copied as data).
+//! Turns extent runs (length, kind) into the copy's work items: data pieces
+//! no longer than the request size and split on a grid of that size (so
+//! requests stay aligned), zero ranges shrunk inward to the alignment both
+//! ends require (the trimmed edges are copied as data), and kept ranges
+//! (the destination has them already: clean ranges of an incremental
+//! backup) passed through as they are.
 
 use std::collections::VecDeque;
 
@@ -9,16 +11,34 @@ use std::collections::VecDeque;
 /// lengths well inside what compact headers and servers accept.
 pub const MAX_ZERO_ITEM: u64 = 1 << 30;
 
+/// What a run of the source is, for the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    /// Must be read.
+    Data,
+    /// Reads as zeroes: need not be read.
+    Zero,
+    /// Need not be copied at all: the destination takes it from elsewhere.
+    Keep,
+}
+
+impl Run {
+    pub fn zero_if(zero: bool) -> Run {
+        if zero { Run::Zero } else { Run::Data }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Item {
     Data { offset: u64, len: u64 },
     Zero { offset: u64, len: u64 },
+    Keep { offset: u64, len: u64 },
 }
 
 impl Item {
     pub fn len(&self) -> u64 {
         match *self {
-            Item::Data { len, .. } | Item::Zero { len, .. } => len,
+            Item::Data { len, .. } | Item::Zero { len, .. } | Item::Keep { len, .. } => len,
         }
     }
 }
@@ -27,7 +47,7 @@ impl Item {
 /// image size: a zero range may end there even if unaligned.
 pub fn push_items(
     start: u64,
-    runs: &[(u64, bool)],
+    runs: &[(u64, Run)],
     align: u64,
     request_size: u64,
     size: u64,
@@ -36,60 +56,91 @@ pub fn push_items(
     let align = align.max(1);
     // Merge neighbouring runs of the same kind first, so that alignment is
     // applied to whole zero ranges, not to each run of them.
-    let mut merged: Vec<(u64, u64, bool)> = Vec::with_capacity(runs.len());
+    let mut merged: Vec<(u64, u64, Run)> = Vec::with_capacity(runs.len());
     let mut pos = start;
-    for &(len, zero) in runs {
-        merge(&mut merged, pos, pos + len, zero);
+    for &(len, run) in runs {
+        merge(&mut merged, pos, pos + len, run);
         pos += len;
     }
-    let mut ranges: Vec<(u64, u64, bool)> = Vec::with_capacity(merged.len() + 2);
-    for (a, b, zero) in merged {
-        if !zero {
-            merge(&mut ranges, a, b, false);
+    let mut ranges: Vec<(u64, u64, Run)> = Vec::with_capacity(merged.len() + 2);
+    for (a, b, run) in merged {
+        if run != Run::Zero {
+            merge(&mut ranges, a, b, run);
             continue;
         }
         let a2 = a.div_ceil(align) * align;
         let b2 = if b == size { b } else { b / align * align };
         if a2 >= b2 {
-            merge(&mut ranges, a, b, false);
+            merge(&mut ranges, a, b, Run::Data);
         } else {
-            merge(&mut ranges, a, a2, false);
-            merge(&mut ranges, a2, b2, true);
-            merge(&mut ranges, b2, b, false);
+            merge(&mut ranges, a, a2, Run::Data);
+            merge(&mut ranges, a2, b2, Run::Zero);
+            merge(&mut ranges, b2, b, Run::Data);
         }
     }
-    for (a, b, zero) in ranges {
+    for (a, b, run) in ranges {
         let mut p = a;
         while p < b {
-            let end = if zero {
-                (p + MAX_ZERO_ITEM).min(b)
-            } else {
-                ((p / request_size + 1) * request_size).min(b)
+            let end = match run {
+                Run::Data => ((p / request_size + 1) * request_size).min(b),
+                Run::Zero | Run::Keep => (p + MAX_ZERO_ITEM).min(b),
             };
-            out.push_back(if zero {
-                Item::Zero {
-                    offset: p,
-                    len: end - p,
-                }
-            } else {
-                Item::Data {
-                    offset: p,
-                    len: end - p,
-                }
+            let (offset, len) = (p, end - p);
+            out.push_back(match run {
+                Run::Data => Item::Data { offset, len },
+                Run::Zero => Item::Zero { offset, len },
+                Run::Keep => Item::Keep { offset, len },
             });
             p = end;
         }
     }
 }
 
-fn merge(ranges: &mut Vec<(u64, u64, bool)>, a: u64, b: u64, zero: bool) {
+fn merge(ranges: &mut Vec<(u64, u64, Run)>, a: u64, b: u64, run: Run) {
     if a >= b {
         return;
     }
     match ranges.last_mut() {
-        Some(last) if last.1 == a && last.2 == zero => last.1 = b,
-        _ => ranges.push((a, b, zero)),
+        Some(last) if last.1 == a && last.2 == run => last.1 = b,
+        _ => ranges.push((a, b, run)),
     }
+}
+
+/// Runs of an incremental source: what is dirty must be copied (as data,
+/// or as zeroes where `base:allocation` says so), the rest is kept. Both
+/// inputs are (length, flag) runs from the same offset (`zero`, `dirty`);
+/// the result covers as much as both do.
+pub fn dirty_runs(alloc: &[(u64, bool)], dirty: &[(u64, bool)]) -> Vec<(u64, Run)> {
+    let mut out: Vec<(u64, Run)> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    let (mut left_a, mut left_d) = (
+        alloc.first().map_or(0, |r| r.0),
+        dirty.first().map_or(0, |r| r.0),
+    );
+    while i < alloc.len() && j < dirty.len() {
+        let n = left_a.min(left_d);
+        let run = if !dirty[j].1 {
+            Run::Keep
+        } else {
+            Run::zero_if(alloc[i].1)
+        };
+        match out.last_mut() {
+            Some(last) if last.1 == run => last.0 += n,
+            _ if n > 0 => out.push((n, run)),
+            _ => {}
+        }
+        left_a -= n;
+        left_d -= n;
+        if left_a == 0 {
+            i += 1;
+            left_a = alloc.get(i).map_or(0, |r| r.0);
+        }
+        if left_d == 0 {
+            j += 1;
+            left_d = dirty.get(j).map_or(0, |r| r.0);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -97,9 +148,42 @@ mod tests {
     use super::*;
 
     fn items(start: u64, runs: &[(u64, bool)], align: u64, rs: u64, size: u64) -> Vec<Item> {
+        let runs: Vec<(u64, Run)> = runs.iter().map(|&(l, z)| (l, Run::zero_if(z))).collect();
         let mut q = VecDeque::new();
-        push_items(start, runs, align, rs, size, &mut q);
+        push_items(start, &runs, align, rs, size, &mut q);
         q.into_iter().collect()
+    }
+
+    #[test]
+    fn dirty_runs_keep_clean_ranges_and_zero_dirty_holes() {
+        // alloc: data 0..100, zero 100..300, data 300..400
+        // dirty: clean 0..50, dirty 50..350, clean 350..500 (beyond alloc)
+        let v = dirty_runs(
+            &[(100, false), (200, true), (100, false)],
+            &[(50, false), (300, true), (150, false)],
+        );
+        assert_eq!(
+            v,
+            vec![
+                (50, Run::Keep),
+                (50, Run::Data),
+                (200, Run::Zero),
+                (50, Run::Data),
+                (50, Run::Keep),
+            ]
+        );
+        // Kept ranges pass through planning whole, next to split data.
+        let mut q = VecDeque::new();
+        push_items(0, &v, 1, 32, 400, &mut q);
+        assert_eq!(q.front(), Some(&Item::Keep { offset: 0, len: 50 }));
+        assert_eq!(
+            q.back(),
+            Some(&Item::Keep {
+                offset: 350,
+                len: 50
+            })
+        );
+        assert_eq!(q.iter().map(Item::len).sum::<u64>(), 400);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub(crate) struct AtomicBitmap {
+pub struct AtomicBitmap {
     words: Box<[AtomicU64]>,
 }
 
@@ -51,6 +51,11 @@ impl AtomicBitmap {
     #[inline]
     pub fn set(&self, i: u64) {
         self.words[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::SeqCst);
+    }
+
+    /// Clears bit `i`.
+    pub fn clear_bit(&self, i: u64) {
+        self.clear_word_bits((i / 64) as usize, 1 << (i % 64));
     }
 
     /// Clears the bits of `mask` in word `w`.

@@ -2,7 +2,7 @@
 //! export is built from.
 //!
 //! ```text
-//! device below (file, block device) → dirty tracking → snapshot origin → write fence → export
+//! device below (file, block device) → dirty tracking → snapshot origin → write tap → write fence → export
 //! snapshot export DISK@S: a read-only view over the origin's preserved blocks and the device below
 //! ```
 //!
@@ -26,13 +26,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_api::{CheckpointInfo, DeleteInfo, RevertInfo, SnapshotInfo};
-use ferry_block::{BlockDev, Layer};
+use ferry_block::{BlockDev, Extent, IDENTITY_PREFIX, Layer, Result as BlockResult};
 
 use crate::dirty::{DirtyTracker, NewGeneration};
 use crate::error::{Result, StoreError};
 use crate::fence::WriteFence;
 use crate::manifest::{self, CheckpointMeta, Manifest, SnapshotMeta, validate_name};
 use crate::origin::SnapshotOrigin;
+use crate::tap::{Tap, WriteTap};
 use crate::view::SnapshotView;
 
 pub const DEFAULT_GRANULARITY: u64 = 64 * 1024;
@@ -76,6 +77,7 @@ pub struct Disk {
     gran: u64,
     state: Mutex<State>,
     fence: Arc<WriteFence>,
+    tap: Arc<Tap>,
     origin: Arc<SnapshotOrigin>,
     dirty: Arc<DirtyTracker>,
 }
@@ -113,9 +115,14 @@ impl Disk {
         let dir = disks_dir.join(name);
         let mut manifest = Manifest::new(source.clone(), size, granularity);
         let mut on_disk = false;
-        let mut lock = None;
+        // Whoever has state here (a manifest, or the layers below: a disk
+        // still arriving) holds the directory for this daemon alone.
+        let lock = if dir.is_dir() {
+            Some(take_lock(&dir)?)
+        } else {
+            None
+        };
         if let Some(m) = Manifest::load(&dir)? {
-            lock = Some(take_lock(&dir)?);
             on_disk = true;
             if !m.is_empty() {
                 if m.source != source || m.size != size {
@@ -131,6 +138,9 @@ impl Disk {
                 manifest = m;
             } else {
                 manifest.next_id = m.next_id;
+                if m.source == source && m.size == size {
+                    manifest.identity = m.identity;
+                }
             }
         }
         let gran = manifest.granularity;
@@ -146,6 +156,7 @@ impl Disk {
                 .load(&manifest.snapshots)
                 .map_err(|e| StoreError::BadState(format!("{}: {e}", dir.display())))?;
         }
+        let tap = Arc::new(Tap::new(origin.clone()));
         Ok(Arc::new(Disk {
             name: name.to_string(),
             dir,
@@ -155,7 +166,8 @@ impl Disk {
                 on_disk,
                 _lock: lock,
             }),
-            fence: Arc::new(WriteFence::new(origin.clone())),
+            fence: Arc::new(WriteFence::new(tap.clone())),
+            tap,
             origin,
             dirty,
         }))
@@ -257,6 +269,16 @@ impl Disk {
         })
     }
 
+    /// `nbdferry:identity:ID` for the live disk, `...ID@SEQ` for snapshot
+    /// SEQ of it.
+    fn identity_context(&self, snapshot: Option<u64>) -> String {
+        let id = &self.state().manifest.identity;
+        match snapshot {
+            Some(seq) => format!("{IDENTITY_PREFIX}{id}@{seq}"),
+            None => format!("{IDENTITY_PREFIX}{id}"),
+        }
+    }
+
     // ---- snapshots ----------------------------------------------------
 
     /// Freezes the disk's current content as snapshot `name`; with
@@ -348,6 +370,7 @@ impl Disk {
             self.origin.clone(),
             self.dirty.clone(),
             format!("{}@{}", self.name, s.name),
+            self.identity_context(Some(s.seq)),
             s.seq,
             s.gen_end,
         )))
@@ -383,8 +406,9 @@ impl Disk {
         let _fence = self.fence.hold();
         let seq = self.find_snapshot(&self.state(), name)?.seq;
         let blocks = self.origin.preserved(seq);
-        // Below the fence, which this holds.
-        let live: &dyn BlockDev = &*self.origin;
+        // Below the fence, which this holds; through the tap, so that a
+        // mirror sees the blocks change.
+        let live: &dyn BlockDev = &*self.tap;
         let size = live.size();
         let mut buf = vec![0u8; self.gran as usize];
         for &(blk, slot) in &blocks {
@@ -482,6 +506,39 @@ impl Disk {
         })
     }
 
+    /// Plugs a tap in that sees every change from now on (None: takes it
+    /// out). No change is in flight meanwhile.
+    pub fn set_tap(&self, tap: Option<Arc<dyn WriteTap>>) {
+        let _fence = self.fence.hold();
+        self.tap.set(tap);
+    }
+
+    /// Holds writes back (those in flight finish first) until the guard is
+    /// dropped: a job's short freeze.
+    pub fn hold_writes(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.fence.hold()
+    }
+
+    /// Refuses every write from now on, with EPERM (the disk has moved).
+    pub fn close_writes(&self) {
+        self.tap.close();
+    }
+
+    /// The disk's state directory (it may not exist yet).
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A directory for a job's durable state in the disk's state
+    /// directory (created, with the state directory, if missing).
+    pub fn job_dir(&self, job: &str) -> Result<PathBuf> {
+        let mut st = self.state();
+        self.ensure_on_disk(&mut st)?;
+        let dir = self.dir.join(job);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
     /// Periodic upkeep (the daemon calls it every few seconds): keeps what
     /// a crash can make a checkpoint over-report to the last few seconds'
     /// marking windows. Returns the bits dropped.
@@ -497,9 +554,38 @@ impl Disk {
 }
 
 /// The disk is the top of its own stack, so whoever serves it keeps its
-/// state directory locked; everything passes on to the fence.
+/// state directory locked; everything passes on to the fence. It adds the
+/// disk's identity context.
 impl Layer for Disk {
     fn next(&self) -> &dyn BlockDev {
         &*self.fence
     }
+
+    fn contexts(&self) -> Vec<String> {
+        let mut v = self.next().contexts();
+        v.push(self.identity_context(None));
+        v
+    }
+
+    fn extents(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+        max: usize,
+    ) -> BlockResult<Vec<Extent>> {
+        if context == self.identity_context(None) {
+            return identity_extent(self.next().size(), offset, len);
+        }
+        self.next().extents(context, offset, len, max)
+    }
+}
+
+/// The one extent of an identity context: it describes no data.
+pub(crate) fn identity_extent(size: u64, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+    ferry_block::check_range(size, offset, len)?;
+    Ok(vec![Extent {
+        length: len,
+        flags: 0,
+    }])
 }

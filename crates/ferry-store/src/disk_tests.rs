@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ferry_block::{BlockDev, Error, Extent, ZeroMode};
+use ferry_block::{BlockDev, Error, Extent, IDENTITY_PREFIX, ZeroMode};
 
 use crate::disk::Disk;
 use crate::error::StoreError;
@@ -82,7 +82,10 @@ fn no_state_until_first_use() {
         !f.state.exists(),
         "state directory created without a snapshot"
     );
-    assert_eq!(v.contexts(), vec!["base:allocation".to_string()]);
+    let ctx = v.contexts();
+    assert_eq!(ctx[0], "base:allocation");
+    assert_eq!(ctx.len(), 2);
+    assert!(ctx[1].starts_with(IDENTITY_PREFIX), "{ctx:?}");
 }
 
 #[test]
@@ -225,14 +228,23 @@ fn checkpoints_stay_exact_for_any_older_one_and_after_deletes() {
     assert_eq!(v.dirty_blocks("b").unwrap(), vec![2, 3]);
     assert_eq!(v.dirty_blocks("s").unwrap(), vec![2, 3]);
     let s = v.snapshot_view("s").unwrap();
+    let mut ctx = s.contexts();
+    let identity = ctx.pop().unwrap();
     assert_eq!(
-        s.contexts(),
+        ctx,
         vec![
             "base:allocation",
             "qemu:dirty-bitmap:a",
             "qemu:dirty-bitmap:b"
         ]
     );
+    // The snapshot's identity: the disk's, and which snapshot.
+    let live = v.contexts().pop().unwrap();
+    assert!(
+        identity.starts_with(&format!("{live}@")),
+        "{identity} vs {live}"
+    );
+    assert_eq!(s.extents(&identity, 0, GRAN, 1).unwrap()[0].length, GRAN);
     assert_eq!(dirty_of(&*s, "qemu:dirty-bitmap:a"), vec![1, 2]);
     assert!(matches!(
         s.extents("qemu:dirty-bitmap:s", 0, GRAN, 10),

@@ -36,7 +36,7 @@ use crate::sync::GroupSync;
 /// whole `window` around it, and up to `max_ahead` further bits after a
 /// run of set bits (a sequential writer coming through).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Rounding {
+pub struct Rounding {
     pub window: u64,
     pub max_ahead: u64,
 }
@@ -50,7 +50,7 @@ pub(crate) fn read_bits(path: &Path, nbits: u64) -> io::Result<Vec<u64>> {
     Ok(bitmap::from_bytes(&bytes, nwords))
 }
 
-pub(crate) struct DurableBitmap {
+pub struct DurableBitmap {
     file: File,
     nbits: u64,
     rounding: Rounding,
@@ -63,7 +63,8 @@ pub(crate) struct DurableBitmap {
     /// Marks that make bits durable hold it shared; `tighten` holds it
     /// alone, so it never rewrites the file under a group sync.
     rewrite: RwLock<()>,
-    /// Marks that went to the file since the last tighten.
+    /// Marks that went to the file, and bits unmarked, since the last
+    /// tighten: whether the file may hold bits it no longer needs.
     widened: AtomicU64,
 }
 
@@ -208,6 +209,47 @@ impl DurableBitmap {
     pub fn write_exact(&self) -> io::Result<()> {
         pwrite_all(&self.file, &bitmap::to_bytes(&self.exact.snapshot()), 0)?;
         datasync(&self.file)
+    }
+
+    /// Whether bit `i` is set.
+    pub fn get(&self, i: u64) -> bool {
+        self.exact.get(i)
+    }
+
+    /// Clears bit `i` (what it stood for is done). The file keeps it until
+    /// the next [`tighten`](Self::tighten): a crash before that only
+    /// brings it back.
+    pub fn unmark(&self, i: u64) {
+        self.exact.clear_word_bits((i / 64) as usize, 1 << (i % 64));
+        // The file holds a bit too many now: the next tighten drops it.
+        self.widened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many bits are set.
+    pub fn count(&self) -> u64 {
+        (0..self.exact.words_len())
+            .map(|w| u64::from(self.exact.word(w).count_ones()))
+            .sum()
+    }
+
+    /// The first set bit at or after `from`.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        if from >= self.nbits {
+            return None;
+        }
+        let mut w = (from / 64) as usize;
+        let mut word = self.exact.word(w) & (!0u64 << (from % 64));
+        loop {
+            if word != 0 {
+                let i = w as u64 * 64 + u64::from(word.trailing_zeros());
+                return (i < self.nbits).then_some(i);
+            }
+            w += 1;
+            if w >= self.exact.words_len() {
+                return None;
+            }
+            word = self.exact.word(w);
+        }
     }
 
     /// The bits set so far.

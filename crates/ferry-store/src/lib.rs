@@ -2,10 +2,14 @@
 //! state they keep.
 //!
 //! - [`FileDev`]: the bottom, a regular file or block device.
+//! - [`CopyOnRead`] (`copy_on_read.rs`): a disk still arriving from a
+//!   source (post-copy): absent blocks are fetched when read.
 //! - [`DirtyTracker`] (`dirty.rs`): records written blocks in bitmap
 //!   generations, one per checkpoint.
 //! - [`SnapshotOrigin`] (`origin.rs`): preserves blocks before their first
 //!   overwrite, for every snapshot at once (`cow_store.rs`).
+//! - [`Tap`] (`tap.rs`): where a mirror sees every change, and where
+//!   writes are closed off once a disk has moved.
 //! - [`WriteFence`] (`fence.rs`): holds writes back while snapshots and
 //!   checkpoints change.
 //! - [`Disk`] (`disk.rs`): owns a live disk's state directory and stacks
@@ -17,6 +21,7 @@
 
 mod aligned;
 mod bitmap;
+mod copy_on_read;
 mod cow_store;
 mod dirty;
 mod disk;
@@ -28,15 +33,20 @@ mod io;
 mod manifest;
 mod origin;
 mod sync;
+mod tap;
 mod view;
 
 #[cfg(test)]
 mod disk_tests;
 
+pub use bitmap::AtomicBitmap;
+pub use copy_on_read::{Claim, CopyOnRead, HydrationProgress};
 pub use dirty::DirtyTracker;
 pub use disk::{DEFAULT_GRANULARITY, Disk, validate_granularity};
+pub use durable_bitmap::{DurableBitmap, Rounding};
 pub use error::{Result, StoreError};
 pub use fence::WriteFence;
 pub use file::FileDev;
-pub use manifest::validate_name;
+pub use manifest::{validate_name, write_atomic};
 pub use origin::SnapshotOrigin;
+pub use tap::{Change, Tap, Ticket, WriteTap};

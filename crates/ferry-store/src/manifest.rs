@@ -64,6 +64,12 @@ pub(crate) struct Manifest {
     pub source: PathBuf,
     pub size: u64,
     pub granularity: u64,
+    /// This disk's identity, published to NBD clients (a post-copy
+    /// destination checks it did not get another disk after a reconnect).
+    /// Made from the image file (see `file_identity`) and then kept;
+    /// state from before it existed gets a random one when loaded.
+    #[serde(default = "new_identity")]
+    pub identity: String,
     /// Next id for generations and snapshot seqs (one counter, so both
     /// are ordered in time against each other).
     pub next_id: u64,
@@ -76,9 +82,10 @@ impl Manifest {
     pub fn new(source: PathBuf, size: u64, granularity: u64) -> Self {
         Manifest {
             version: FORMAT_VERSION,
-            source,
             size,
             granularity,
+            identity: file_identity(&source).unwrap_or_else(new_identity),
+            source,
             next_id: 1,
             tracking: TrackingMeta::default(),
             snapshots: Vec::new(),
@@ -125,7 +132,7 @@ impl Manifest {
 
 /// temp + fsync + rename + fsync(dir): the file is either old or new. A
 /// failure (a full file system, say) leaves no temporary file behind.
-pub(crate) fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let written = (|| {
         let mut f = File::create(&tmp)?;
@@ -176,6 +183,47 @@ pub(crate) fn create_zeroed(path: &Path, len: u64) -> io::Result<File> {
         return Err(e);
     }
     Ok(f)
+}
+
+/// The identity of an image that has no state yet: its file system, inode
+/// and birth time. A restart of the daemon (even a `kill -9`) serving the
+/// same file publishes the same identity, so a peer that was fetching from
+/// it or mirroring to it carries on; a file replaced at the same path is
+/// another disk. None where the file system keeps no birth time.
+fn file_identity(source: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::metadata(source).ok()?;
+    let born = md
+        .created()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some(format!(
+        "{:x}.{:x}.{:x}.{:x}",
+        md.dev(),
+        md.ino(),
+        born.as_secs(),
+        born.subsec_nanos()
+    ))
+}
+
+/// 128 random bits, in hex.
+fn new_identity() -> String {
+    let mut b = [0u8; 16];
+    if let Err(e) = File::open("/dev/urandom").and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut b)
+    }) {
+        // Unique enough without randomness: the time and the process.
+        tracing::warn!("no /dev/urandom ({e}): identity from the clock");
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b[..8].copy_from_slice(&(t as u64).to_le_bytes());
+        b[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 pub(crate) fn now() -> u64 {

@@ -27,6 +27,8 @@ pub struct SnapshotView {
     dirty: Arc<DirtyTracker>,
     /// `DISK@SNAP`, for errors.
     export: String,
+    /// The snapshot's identity context (`nbdferry:identity:...`).
+    identity: String,
     seq: u64,
     /// First dirty generation after the snapshot (None: no checkpoint
     /// existed then, so it offers no dirty contexts).
@@ -39,6 +41,7 @@ impl SnapshotView {
         origin: Arc<SnapshotOrigin>,
         dirty: Arc<DirtyTracker>,
         export: String,
+        identity: String,
         seq: u64,
         gen_end: Option<u64>,
     ) -> Self {
@@ -47,6 +50,7 @@ impl SnapshotView {
             origin,
             dirty,
             export,
+            identity,
             seq,
             gen_end,
         }
@@ -169,6 +173,7 @@ impl BlockDev for SnapshotView {
                 .into_iter()
                 .map(|n| format!("{DIRTY_BITMAP_PREFIX}{n}")),
         );
+        v.push(self.identity.clone());
         v
     }
 
@@ -185,6 +190,9 @@ impl BlockDev for SnapshotView {
         }
         if context == BASE_ALLOCATION {
             return self.allocation(offset, len, max_extents);
+        }
+        if context == self.identity {
+            return crate::disk::identity_extent(self.size(), offset, len);
         }
         if self.gen_end.is_none() {
             return Err(Error::UnknownContext(context.to_string()));

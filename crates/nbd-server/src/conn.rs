@@ -1,26 +1,28 @@
 //! One client connection: option haggling, then the transmission loop with
 //! one reader (this task), the device calls on the blocking pool, and one
-//! writer task.
+//! writer task. The reader's loop takes each request through framing
+//! (`frame.rs`), admission (`admission.rs`) and dispatch (`dispatch.rs`).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use nbd_proto::consts::{cmd, cmdflag, errno};
+use nbd_proto::consts::{cmd, errno};
 use nbd_proto::reply::ReplyMode;
 use nbd_proto::request::Request;
 use nbd_proto::server_handshake::{HandshakeConfig, Negotiated, ServerHandshake, Step};
 use nbd_tls::Prefixed;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Admission;
+use crate::budget::MemoryBudget;
 use crate::bufpool::POOL;
+use crate::dispatch::Dispatch;
 use crate::execute::Session;
 use crate::frame::FrameReader;
 use crate::limits::Limits;
-use crate::outgoing::{Permits, ReplySink};
+use crate::outgoing::ReplySink;
 use crate::registry::{Export, Registry};
 use crate::split::Split;
 
@@ -33,6 +35,7 @@ pub struct ConnContext {
     pub handshake: HandshakeConfig,
     pub shutdown: CancellationToken,
     pub tls: Option<nbd_tls::TlsAcceptor>,
+    pub budget: Arc<MemoryBudget>,
 }
 
 /// Serves one connection to the end. Errors are the connection's own and
@@ -158,43 +161,54 @@ async fn transmission<S: Split>(
     pending: BytesMut,
     peer: String,
 ) -> std::io::Result<()> {
+    let limits = &ctx.limits;
     let (rd, wr) = stream.split();
-    let (sink, writer) = ReplySink::new(wr);
+    let (sink, writer) = ReplySink::new(wr, limits.stall_timeout);
+    let extended = n.mode == ReplyMode::Extended;
     let session = Arc::new(Session {
         dev: n.export.dev.clone(),
         mode: n.mode,
         flags: n.flags,
         contexts: n.contexts,
-        max_payload: ctx.limits.max_payload,
+        max_payload: limits.max_payload,
     });
-    let mut reader = FrameReader::new(rd, pending);
-    // On shutdown the read loop answers what the client already sent; a
-    // client that stalls (mid-payload, or never reading replies) gets a
-    // grace period and is then cut off.
-    let grace = async {
-        ctx.shutdown.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    let requests = Requests {
+        framing: FrameReader::new(rd, pending, extended, limits.stall_timeout),
+        admission: Admission::new(limits.max_inflight, &ctx.budget),
+        dispatch: Dispatch::new(session, sink),
+        extended,
+        idle_timeout: limits.idle_timeout,
+        discard_limit: limits.discard_limit(),
     };
-    let result = tokio::select! {
-        r = read_loop(&mut reader, &session, &ctx.limits, &sink, &ctx.shutdown) => r,
-        _ = grace => Ok(()),
+    // On shutdown the loop answers what the client already sent; a client
+    // that stalls (mid-payload, or never reading replies) gets a grace
+    // period and is then cut off.
+    let ending = tokio::select! {
+        r = requests.serve(&ctx.shutdown) => r,
+        () = shutdown_grace(&ctx.shutdown) => Ok(Ending::Input),
     };
-    if let Err(e) = &result {
-        tracing::info!(%peer, "connection ends: {e}");
+    match ending {
+        Ok(Ending::Input) => {}
+        Ok(Ending::Idle) => {
+            tracing::info!(%peer, timeout = ?limits.idle_timeout, "idle client: disconnecting");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            tracing::warn!(%peer, "closing: {e}");
+        }
+        Err(e) => tracing::info!(%peer, "connection ends: {e}"),
     }
     // In-flight requests keep their own senders: the writer finishes when
     // the last of them has been answered.
-    drop(sink);
     let mut writer = writer;
     let finished = tokio::select! {
         r = &mut writer => Some(r),
-        _ = async {
-            ctx.shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => None,
+        () = shutdown_grace(&ctx.shutdown) => None,
     };
     match finished {
         Some(Ok(Ok(()))) => {}
+        Some(Ok(Err(e))) if e.kind() == std::io::ErrorKind::TimedOut => {
+            tracing::warn!(%peer, "closing: {e}");
+        }
         Some(Ok(Err(e))) => tracing::debug!(%peer, "writer: {e}"),
         Some(Err(e)) => tracing::warn!(%peer, "writer task failed: {e}"),
         None => {
@@ -205,184 +219,152 @@ async fn transmission<S: Split>(
     Ok(())
 }
 
-/// READs whose replies would go over the writer's backlog, in arrival
-/// order, with the permits they hold.
-type Deferred = VecDeque<(Request, Permits)>;
+/// Returns `SHUTDOWN_GRACE` after the server began to shut down.
+async fn shutdown_grace(shutdown: &CancellationToken) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(SHUTDOWN_GRACE).await;
+}
 
-/// Reads and starts requests until the client disconnects (or, after
-/// shutdown, has nothing more to say). While the writer is behind (its
-/// backlog full), READs wait in `deferred` but everything else still runs:
-/// a client that asks for block status behind a row of reads is answered
-/// at once, and a slow reader pins little memory.
-async fn read_loop<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static>(
-    reader: &mut FrameReader<R>,
-    session: &Arc<Session>,
-    limits: &Limits,
-    sink: &ReplySink<W>,
-    shutdown: &CancellationToken,
-) -> std::io::Result<()> {
-    let mut deferred = Deferred::new();
-    let input: std::io::Result<()> = async {
-        let extended = session.mode == ReplyMode::Extended;
-        let hlen = Request::header_len(extended);
-        let count = Arc::new(Semaphore::new(limits.max_inflight));
-        let bytes = Arc::new(Semaphore::new(limits.max_inflight_bytes));
-        let mut draining = false;
-        loop {
-            dispatch_ready(&mut deferred, session, sink)?;
-            let more = if draining {
-                // Requests the client sent before it could know: answer them
-                // with ESHUTDOWN rather than leave them unread (closing a socket
-                // with unread input resets it, losing replies in flight).
-                match tokio::time::timeout(Duration::ZERO, reader.fill(hlen)).await {
-                    Ok(r) => r?,
-                    Err(_) => return Ok(()),
-                }
-            } else {
-                tokio::select! {
-                    r = reader.fill(hlen) => r?,
-                    () = sink.room(), if !deferred.is_empty() => continue,
-                    _ = shutdown.cancelled() => {
-                        draining = true;
-                        continue;
-                    }
-                }
-            };
-            if !more {
-                return Ok(());
-            }
-            let req = Request::decode(reader.peek(hlen), extended)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-            reader.consume(hlen);
-            tracing::trace!(
-                command = req.command,
-                cookie = req.cookie,
-                offset = req.offset,
-                length = req.length,
-                "request"
+/// Why a connection's input ended without an error.
+enum Ending {
+    /// DISC, end of stream, or shutdown: everything accepted is answered.
+    Input,
+    /// Nothing in flight and no request for the idle timeout.
+    Idle,
+}
+
+/// What the reader waits for next.
+enum Input {
+    Request(Request),
+    End,
+    Idle,
+    Shutdown,
+}
+
+/// The reader's side of a connection: framing, admission and dispatch.
+struct Requests<R, W> {
+    framing: FrameReader<R>,
+    admission: Admission,
+    dispatch: Dispatch<W>,
+    extended: bool,
+    idle_timeout: Option<Duration>,
+    discard_limit: u64,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static> Requests<R, W> {
+    /// Reads and starts requests until the client disconnects (or, after
+    /// shutdown, has nothing more to say). A broken stream or a protocol
+    /// error drops the connection; when the input ends cleanly everything
+    /// accepted is answered.
+    async fn serve(mut self, shutdown: &CancellationToken) -> std::io::Result<Ending> {
+        let ending = loop {
+            let next = next_input(
+                &mut self.framing,
+                &self.admission,
+                self.idle_timeout,
+                shutdown,
             );
-            if req.command == cmd::DISC {
-                return Ok(());
-            }
-            // Bytes of payload that follow this header on the wire.
-            let payload_len = if req.command == cmd::WRITE
-                || (extended && req.flags & cmdflag::PAYLOAD_LEN != 0)
-            {
-                req.length
-            } else {
-                0
-            };
-            // Every request, refused ones too, holds a slot until its reply is
-            // sent: a client that never reads replies cannot make them pile up.
-            let slot = acquire(count.clone().acquire_owned(), &mut deferred, session, sink).await?;
-            let checked = if draining {
-                Err((errno::ESHUTDOWN, "server is shutting down"))
-            } else if req.command != cmd::WRITE && payload_len > 0 {
-                Err((errno::EINVAL, "unexpected payload"))
-            } else {
-                session.validate(&req).map_err(|r| (r.errno, r.message))
-            };
-            if let Err((code, message)) = checked {
-                if payload_len > limits.discard_limit() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "payload too large to discard",
-                    ));
+            match self.dispatch.alongside(next).await?? {
+                Input::Request(req) if req.command == cmd::DISC => break Ending::Input,
+                Input::Request(req) => self.handle(req, false).await?,
+                Input::End => break Ending::Input,
+                Input::Idle => break Ending::Idle,
+                Input::Shutdown => {
+                    self.drain().await?;
+                    break Ending::Input;
                 }
-                reader.discard(payload_len).await?;
-                let mut out = session.error_reply(&req, code, message);
-                out.permits = Some(Permits {
-                    _slot: slot,
-                    _bytes: None,
-                });
-                sink.send(out)?;
-                continue;
             }
-            let weight = match req.command {
-                cmd::READ | cmd::WRITE => req.length as u32,
-                _ => 0,
-            };
-            let held = bytes.clone().acquire_many_owned(weight);
-            let permits = Permits {
-                _slot: slot,
-                _bytes: Some(acquire(held, &mut deferred, session, sink).await?),
-            };
-            if req.command == cmd::READ && (!deferred.is_empty() || !sink.has_room()) {
-                deferred.push_back((req, permits));
-                continue;
+        };
+        self.dispatch.finish()?;
+        Ok(ending)
+    }
+
+    /// Requests the client sent before it could know of the shutdown:
+    /// answered with ESHUTDOWN rather than left unread (closing a socket
+    /// with unread input resets it, losing replies in flight).
+    async fn drain(&mut self) -> std::io::Result<()> {
+        while let Some(req) = self.framing.request_if_ready()? {
+            if req.command == cmd::DISC {
+                break;
             }
-            let mut payload = Vec::new();
-            if req.command == cmd::WRITE {
-                payload = POOL.get(req.length as usize);
-                reader
-                    .read_payload(&mut payload[..req.length as usize])
-                    .await?;
+            self.handle(req, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Admits and starts one request, or refuses it (after reading any
+    /// payload it carries).
+    async fn handle(&mut self, req: Request, draining: bool) -> std::io::Result<()> {
+        tracing::trace!(
+            command = req.command,
+            cookie = req.cookie,
+            offset = req.offset,
+            length = req.length,
+            "request"
+        );
+        let payload = req.payload_len(self.extended);
+        let checked = if draining {
+            Err((errno::ESHUTDOWN, "server is shutting down"))
+        } else {
+            let session = self.dispatch.session();
+            session.validate(&req).map_err(|r| (r.errno, r.message))
+        };
+        if let Err((code, message)) = checked {
+            if payload > self.discard_limit {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "payload too large to discard",
+                ));
             }
-            dispatch(req, payload, permits, session, sink)?;
+            let permits = self
+                .dispatch
+                .alongside(self.admission.slot_only())
+                .await??;
+            self.framing.discard(payload).await?;
+            return self.dispatch.refuse(&req, code, message, permits);
+        }
+        let permits = self
+            .dispatch
+            .alongside(self.admission.admit(&req))
+            .await??;
+        match req.command {
+            cmd::READ => self.dispatch.read(req, permits),
+            cmd::WRITE => {
+                let len = req.length as usize;
+                let mut data = POOL.get(len);
+                self.framing.read_payload(&mut data[..len]).await?;
+                self.dispatch.start(req, data, permits)
+            }
+            _ => self.dispatch.start(req, Vec::new(), permits),
         }
     }
-    .await;
-    // A broken stream or a protocol error drops the connection; when the
-    // input ends cleanly (DISC, EOF, shutdown) everything accepted is
-    // answered.
-    input?;
-    for (req, permits) in deferred {
-        dispatch(req, Vec::new(), permits, session, sink)?;
-    }
-    Ok(())
 }
 
-/// Starts the deferred READs, in order, while the writer has room.
-fn dispatch_ready<W: AsyncWrite + Unpin + Send + 'static>(
-    deferred: &mut Deferred,
-    session: &Arc<Session>,
-    sink: &ReplySink<W>,
-) -> std::io::Result<()> {
-    while sink.has_room()
-        && let Some((req, permits)) = deferred.pop_front()
-    {
-        dispatch(req, Vec::new(), permits, session, sink)?;
-    }
-    Ok(())
-}
-
-/// Waits for an in-flight permit. Deferred READs may hold the very permits
-/// it waits for, so they are started meanwhile whenever the writer has
-/// room; otherwise a mix of request sizes could stall the connection.
-async fn acquire<T, W: AsyncWrite + Unpin + Send + 'static>(
-    permit: impl Future<Output = Result<T, tokio::sync::AcquireError>>,
-    deferred: &mut Deferred,
-    session: &Arc<Session>,
-    sink: &ReplySink<W>,
-) -> std::io::Result<T> {
-    tokio::pin!(permit);
+/// Waits for the next request, the end of the input, shutdown, or the
+/// idle timeout. The idle timer restarts while requests are in flight (a
+/// client waiting for its replies is not idle).
+async fn next_input<R: AsyncRead + Unpin>(
+    framing: &mut FrameReader<R>,
+    admission: &Admission,
+    idle_timeout: Option<Duration>,
+    shutdown: &CancellationToken,
+) -> std::io::Result<Input> {
     loop {
+        let idle = async {
+            match idle_timeout {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            p = &mut permit => return p.map_err(std::io::Error::other),
-            () = sink.room(), if !deferred.is_empty() => dispatch_ready(deferred, session, sink)?,
+            r = framing.next_request() => {
+                return Ok(r?.map_or(Input::End, Input::Request));
+            }
+            _ = shutdown.cancelled() => return Ok(Input::Shutdown),
+            () = idle => {}
+        }
+        if admission.idle() && !framing.mid_request() {
+            return Ok(Input::Idle);
         }
     }
-}
-
-/// Runs a request and sends its reply: on this task when the answer is at
-/// hand (cached data, block status), else on the blocking pool.
-fn dispatch<W: AsyncWrite + Unpin + Send + 'static>(
-    req: Request,
-    payload: Vec<u8>,
-    permits: Permits,
-    session: &Arc<Session>,
-    sink: &ReplySink<W>,
-) -> std::io::Result<()> {
-    if let Some(mut out) = session.try_inline(&req) {
-        out.permits = Some(permits);
-        return sink.send(out);
-    }
-    let session = session.clone();
-    let sink = sink.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut out = session.execute(&req, payload);
-        out.permits = Some(permits);
-        sink.queue(out);
-    });
-    Ok(())
 }

@@ -2,13 +2,18 @@
 //! transmission loop. It knows nothing of what an export is made of: every
 //! export is a [`ferry_block::BlockDev`].
 
+mod admission;
+mod budget;
 mod bufpool;
 mod conn;
+mod deadline;
+mod dispatch;
 mod execute;
 mod frame;
 mod limits;
 mod listen;
 mod outgoing;
+mod refuse;
 mod registry;
 mod split;
 

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nbd_proto::server_handshake::{HandshakeConfig, TlsMode};
 use tokio::net::{TcpListener, UnixListener};
@@ -9,9 +10,20 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::MemoryBudget;
+use crate::bufpool::{POOL, release_free_memory};
 use crate::conn::{ConnContext, serve};
 use crate::limits::Limits;
+use crate::refuse::refuse;
 use crate::registry::Registry;
+
+/// Clients over the connection limit that are told so at the same time;
+/// beyond that they get a bare close.
+const MAX_REFUSING: usize = 16;
+/// How long a refused client may take to hear why.
+const REFUSAL_TIME: Duration = Duration::from_secs(5);
+/// How often idle buffers the last interval did not need are freed.
+const POOL_TRIM_INTERVAL: Duration = Duration::from_secs(5);
 
 pub enum Listener {
     Tcp(TcpListener),
@@ -89,30 +101,33 @@ impl Server {
     /// Accepts clients until `shutdown` fires, then lets every connection
     /// finish its in-flight requests and returns.
     pub async fn run(self, listeners: Vec<Listener>, shutdown: CancellationToken) {
+        POOL.limit_idle(self.limits.max_memory / 8);
         let ctx = Arc::new(ConnContext {
             registry: self.registry,
             limits: self.limits.clone(),
             handshake: self.handshake,
             shutdown: shutdown.clone(),
             tls: self.tls,
+            budget: Arc::new(MemoryBudget::new(&self.limits)),
         });
         let tracker = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let gate = Arc::new(Gate {
+            slots: Semaphore::new(self.limits.max_connections),
+            refusing: Semaphore::new(MAX_REFUSING),
+            limit: self.limits.max_connections,
+        });
         let mut sockets = Vec::new();
         for l in listeners {
-            let (ctx, tracker, slots, shutdown) = (
-                ctx.clone(),
-                tracker.clone(),
-                slots.clone(),
-                shutdown.clone(),
-            );
+            let (ctx, tracker, gate, shutdown) =
+                (ctx.clone(), tracker.clone(), gate.clone(), shutdown.clone());
             if let Listener::Unix(_, p) = &l {
                 sockets.push(p.clone());
             }
             tracker
                 .clone()
-                .spawn(accept_loop(l, ctx, tracker, slots, shutdown));
+                .spawn(accept_loop(l, ctx, tracker, gate, shutdown));
         }
+        tracker.spawn(trim_pool(shutdown.clone()));
         shutdown.cancelled().await;
         tracker.close();
         tracker.wait().await;
@@ -122,11 +137,36 @@ impl Server {
     }
 }
 
+/// Frees pooled buffers that went unused, until shutdown; once some were,
+/// a burst is over and the allocator's free memory goes back too.
+async fn trim_pool(shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(POOL_TRIM_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if POOL.trim() > 0 {
+                    tokio::task::spawn_blocking(release_free_memory);
+                }
+            }
+        }
+    }
+}
+
+/// The connection limit: slots for served clients, and a few more for
+/// clients being told that there is no room.
+struct Gate {
+    slots: Semaphore,
+    refusing: Semaphore,
+    limit: usize,
+}
+
 async fn accept_loop(
     listener: Listener,
     ctx: Arc<ConnContext>,
     tracker: TaskTracker,
-    slots: Arc<Semaphore>,
+    gate: Arc<Gate>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -143,13 +183,16 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached, refusing client");
-            continue;
-        };
+        let gate = gate.clone();
         let ctx = ctx.clone();
         tracker.spawn(async move {
-            let _slot = slot;
+            let Ok(_slot) = gate.slots.try_acquire() else {
+                tokio::select! {
+                    () = turn_away(stream, &gate, peer) => {}
+                    _ = ctx.shutdown.cancelled() => {}
+                }
+                return;
+            };
             let result = match stream {
                 Accepted::Tcp(s) => serve(s, ctx, peer.clone()).await,
                 Accepted::Unix(s) => serve(s, ctx, peer.clone()).await,
@@ -158,6 +201,27 @@ async fn accept_loop(
                 tracing::info!(%peer, "connection error: {e}");
             }
         });
+    }
+}
+
+/// Tells a client over the connection limit why it is refused, within a
+/// bounded time; when many are refused at once, the rest are just closed.
+async fn turn_away(stream: Accepted, gate: &Gate, peer: String) {
+    let limit = gate.limit;
+    let Ok(_refusing) = gate.refusing.try_acquire() else {
+        tracing::warn!(%peer, limit, "connection limit reached: closing client");
+        return;
+    };
+    tracing::warn!(%peer, limit, "connection limit reached: refusing client");
+    let message = format!("server busy: connection limit ({limit}) reached, try again later");
+    let refusal = async {
+        match stream {
+            Accepted::Tcp(s) => refuse(s, &message).await,
+            Accepted::Unix(s) => refuse(s, &message).await,
+        }
+    };
+    if let Ok(Err(e)) = tokio::time::timeout(REFUSAL_TIME, refusal).await {
+        tracing::debug!(%peer, "refused client: {e}");
     }
 }
 

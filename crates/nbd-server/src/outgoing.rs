@@ -18,10 +18,15 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use tokio::sync::{Mutex, Notify, OwnedSemaphorePermit, mpsc};
+use tokio::sync::{Mutex, Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::Permits;
+use crate::deadline::{Stall, progress};
 
 /// A piece of a reply: encoded header bytes, or a range of the data buffer.
 pub enum Part {
@@ -37,13 +42,6 @@ pub struct Outgoing {
     pub parts: Vec<Part>,
     pub data: Vec<u8>,
     pub permits: Option<Permits>,
-}
-
-/// The in-flight budget a request holds until its reply is sent: a slot,
-/// and for READ/WRITE the bytes of its buffer.
-pub struct Permits {
-    pub _slot: OwnedSemaphorePermit,
-    pub _bytes: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Outgoing {
@@ -94,6 +92,8 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 struct Wire<W> {
     w: W,
     carry: Option<(Outgoing, usize)>,
+    /// The writer gives up when the client takes no byte for this long.
+    stall: Duration,
 }
 
 impl<W: AsyncWrite + Unpin> Wire<W> {
@@ -107,7 +107,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
         out.slices(&mut slices);
         let mut rest = &mut slices[..];
         IoSlice::advance_slices(&mut rest, done);
-        write_all_vectored(&mut self.w, rest).await?;
+        write_all_vectored(&mut self.w, rest, self.stall).await?;
         Ok(out.payload_len())
     }
 }
@@ -123,7 +123,7 @@ struct Backlog {
     bytes: AtomicUsize,
     drained: Notify,
     /// The writer is gone: nothing will drain, so nobody should wait.
-    closed: AtomicBool,
+    closed: CancellationToken,
 }
 
 /// Marks the backlog closed when the writer task ends, however it ends.
@@ -131,7 +131,7 @@ struct CloseOnDrop(Arc<Backlog>);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        self.0.closed.store(true, Ordering::Release);
+        self.0.closed.cancel();
         self.0.drained.notify_one();
     }
 }
@@ -173,11 +173,16 @@ impl<W> Clone for ReplySink<W> {
 
 impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
     /// A sink over `w` and its writer task, which ends (after shutting the
-    /// stream down) once every sink is dropped.
-    pub fn new(w: W) -> (Self, tokio::task::JoinHandle<std::io::Result<()>>) {
+    /// stream down) once every sink is dropped, or fails when the client
+    /// takes no byte of its replies for `stall`.
+    pub fn new(w: W, stall: Duration) -> (Self, tokio::task::JoinHandle<std::io::Result<()>>) {
         let (urgent, urgent_rx) = mpsc::unbounded_channel();
         let (bulk, bulk_rx) = mpsc::unbounded_channel();
-        let wr = Arc::new(Mutex::new(Wire { w, carry: None }));
+        let wr = Arc::new(Mutex::new(Wire {
+            w,
+            carry: None,
+            stall,
+        }));
         let backlog = Arc::new(Backlog::default());
         let writer = tokio::spawn(write_loop(wr.clone(), backlog.clone(), urgent_rx, bulk_rx));
         let sink = ReplySink {
@@ -193,7 +198,14 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
     /// `BACKLOG_MAX` bytes of data (or the writer is gone).
     pub fn has_room(&self) -> bool {
         self.backlog.bytes.load(Ordering::Acquire) <= BACKLOG_MAX
-            || self.backlog.closed.load(Ordering::Acquire)
+            || self.backlog.closed.is_cancelled()
+    }
+
+    /// Returns once the writer task has ended. While a sink exists it only
+    /// ends by failing (a stalled client, a broken stream): replies can no
+    /// longer be sent, so the connection is over.
+    pub async fn gone(&self) {
+        self.backlog.closed.cancelled().await
     }
 
     /// Returns once [`has_room`](Self::has_room).
@@ -324,24 +336,29 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         for m in &batch {
             m.slices(&mut slices);
         }
-        write_all_vectored(&mut wire.w, &mut slices).await?;
+        let stall = wire.stall;
+        write_all_vectored(&mut wire.w, &mut slices, stall).await?;
         drop(wire);
         backlog.sent(bytes);
         batch.clear();
     }
     let mut wire = wr.lock().await;
     wire.finish_carry().await?;
-    wire.w.flush().await?;
-    wire.w.shutdown().await
+    let stall = wire.stall;
+    progress(stall, Stall::Replies, wire.w.flush()).await?;
+    progress(stall, Stall::Replies, wire.w.shutdown()).await
 }
 
+/// Writes all of `slices`; fails when no byte goes out for `stall`.
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     w: &mut W,
     mut slices: &mut [IoSlice<'_>],
+    stall: Duration,
 ) -> std::io::Result<()> {
     while !slices.is_empty() {
         // writev takes at most IOV_MAX (1024) slices.
-        let n = w.write_vectored(&slices[..slices.len().min(512)]).await?;
+        let write = w.write_vectored(&slices[..slices.len().min(512)]);
+        let n = progress(stall, Stall::Replies, write).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -351,5 +368,5 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     // send yet (socket full); nothing else would push them out before the
     // next reply, so a client waiting for this one would hang. A no-op on
     // plain sockets.
-    w.flush().await
+    progress(stall, Stall::Replies, w.flush()).await
 }

@@ -191,6 +191,14 @@ impl Registry {
         Ok(())
     }
 
+    /// Takes an export out of the table: new clients cannot find it;
+    /// connections that have it keep their handle until they close.
+    pub fn remove(&self, name: &str) -> Option<Arc<Published>> {
+        let mut exports = self.write();
+        let i = exports.iter().position(|e| e.name == name)?;
+        Some(exports.remove(i))
+    }
+
     /// Takes an export out of the table unless a connection has it open.
     /// Atomic with respect to lookups: a client either got the export
     /// before (and the removal is refused) or cannot find it after.

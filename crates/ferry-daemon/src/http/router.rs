@@ -10,6 +10,12 @@
 //! GET    /v1/disks/{disk}/checkpoints
 //! POST   /v1/disks/{disk}/checkpoints              {"name": N}
 //! DELETE /v1/disks/{disk}/checkpoints/{name}
+//! GET    /v1/disks/{disk}/hydration
+//! POST   /v1/disks/{disk}/mirror                   {"to": URI, "mode", "rate", "max_downtime_ms", "auto_active"}
+//! GET    /v1/disks/{disk}/mirror
+//! POST   /v1/disks/{disk}/mirror/set               {"mode", "rate"}
+//! POST   /v1/disks/{disk}/mirror/complete          {"after": "read-only"|"stop"|"keep"}
+//! DELETE /v1/disks/{disk}/mirror
 //! ```
 //! Answers are the `ferry_api` types as JSON; errors are
 //! `{"error": "one line"}` with a 4xx/5xx status chosen here, from the
@@ -25,15 +31,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, middleware};
 use ferry_api::{
-    CheckpointCreated, CheckpointDeleted, CheckpointList, CreateCheckpoint, CreateSnapshot,
-    ErrorBody, ExportList, HEALTH, Health, READY, Ready, Reverted, SnapshotCreated,
-    SnapshotDeleted, SnapshotList,
+    CheckpointCreated, CheckpointDeleted, CheckpointList, CompleteMirror, CreateCheckpoint,
+    CreateSnapshot, ErrorBody, ExportList, HEALTH, Health, HydrationStatus, MirrorCancelled,
+    MirrorCompleted, MirrorStatus, READY, Ready, Reverted, SetMirror, SnapshotCreated,
+    SnapshotDeleted, SnapshotList, StartMirror,
 };
 use serde::de::DeserializeOwned;
 
 use super::auth::{Caller, Grants, authorize};
 use crate::error::ServiceError;
 use crate::service::Daemon;
+
+static EMPTY: Bytes = Bytes::from_static(b"{}");
 
 /// A failed request, as the API answers it.
 struct ApiError(StatusCode, String);
@@ -178,6 +187,58 @@ async fn delete_checkpoint(
     ))
 }
 
+async fn hydration(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+) -> Answer<HydrationStatus> {
+    Ok(Json(app.daemon.hydration(&disk)?))
+}
+
+async fn start_mirror(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+    req: Bytes,
+) -> Created<MirrorStatus> {
+    let req: StartMirror = body(&req)?;
+    let status = app.daemon.start_mirror(&disk, &req).await?;
+    Ok((StatusCode::CREATED, Json(status)))
+}
+
+async fn mirror_status(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+) -> Answer<MirrorStatus> {
+    Ok(Json(app.daemon.mirror_status(&disk)?))
+}
+
+async fn set_mirror(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+    req: Bytes,
+) -> Answer<MirrorStatus> {
+    let req: SetMirror = body(&req)?;
+    Ok(Json(
+        blocking(&app, move |d| d.set_mirror(&disk, &req)).await?,
+    ))
+}
+
+async fn complete_mirror(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+    req: Bytes,
+) -> Answer<MirrorCompleted> {
+    // An empty body takes every default.
+    let req: CompleteMirror = body(if req.is_empty() { &EMPTY } else { &req })?;
+    Ok(Json(app.daemon.complete_mirror(&disk, &req).await?))
+}
+
+async fn cancel_mirror(
+    State(app): State<App>,
+    UrlPath(disk): UrlPath<String>,
+) -> Answer<MirrorCancelled> {
+    Ok(Json(blocking(&app, move |d| d.cancel_mirror(&disk)).await?))
+}
+
 async fn fallback() -> ApiError {
     ApiError(StatusCode::NOT_FOUND, "no such API route".into())
 }
@@ -206,6 +267,13 @@ pub fn router(daemon: Arc<Daemon>, grants: Arc<Grants>) -> Router {
             "/v1/disks/{disk}/checkpoints/{name}",
             delete(delete_checkpoint),
         )
+        .route("/v1/disks/{disk}/hydration", get(hydration))
+        .route(
+            "/v1/disks/{disk}/mirror",
+            get(mirror_status).post(start_mirror).delete(cancel_mirror),
+        )
+        .route("/v1/disks/{disk}/mirror/set", post(set_mirror))
+        .route("/v1/disks/{disk}/mirror/complete", post(complete_mirror))
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(grants, authorize))
         .with_state(app)

@@ -10,7 +10,7 @@ use anyhow::Context;
 use ferry_jobs::{CopyOptions, Progress};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProgressMode {
+pub(super) enum ProgressMode {
     /// A bar when standard error is a terminal, else nothing.
     Auto,
     Bar,
@@ -61,16 +61,10 @@ pub async fn run(args: CopyArgs) -> anyhow::Result<()> {
         io_timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
         ..CopyOptions::default()
     };
-    let progress = Arc::new(Progress::new());
-    let mode = match args.progress {
-        ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
-        ProgressMode::Auto => ProgressMode::None,
-        m => m,
-    };
-    let display = tokio::spawn(show_progress(progress.clone(), mode));
-    let result = ferry_jobs::copy(&args.src, &args.dst, &opts, progress.clone()).await;
-    display.abort();
-    let _ = display.await;
+    let (result, mode, progress) = with_progress(args.progress, |p| {
+        ferry_jobs::copy(&args.src, &args.dst, &opts, p)
+    })
+    .await;
     let stats = result.with_context(|| format!("copy {} -> {} failed", args.src, args.dst))?;
     match mode {
         ProgressMode::Json => eprintln!("{}", progress_json(&progress, true)),
@@ -84,7 +78,26 @@ pub async fn run(args: CopyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress_json(p: &Progress, done: bool) -> String {
+/// Runs `job` with a progress display in `mode` (`Auto` resolved against
+/// standard error); returns its result, the mode shown and the counters.
+pub(super) async fn with_progress<T, F: Future<Output = T>>(
+    mode: ProgressMode,
+    job: impl FnOnce(Arc<Progress>) -> F,
+) -> (T, ProgressMode, Arc<Progress>) {
+    let progress = Arc::new(Progress::new());
+    let mode = match mode {
+        ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
+        ProgressMode::Auto => ProgressMode::None,
+        m => m,
+    };
+    let display = tokio::spawn(show_progress(progress.clone(), mode));
+    let result = job(progress.clone()).await;
+    display.abort();
+    let _ = display.await;
+    (result, mode, progress)
+}
+
+pub(super) fn progress_json(p: &Progress, done: bool) -> String {
     let (d, t) = (p.done(), p.total());
     let pct = if t == 0 {
         0.0

@@ -1,14 +1,18 @@
 //! One module per subcommand, each with its clap arguments and `run`.
 
+mod backup;
 mod certs;
 mod checkpoint;
 mod completions;
 mod copy;
 mod demo;
 mod health;
+mod hydrate;
 mod info;
 mod manpage;
 mod map;
+mod mirror;
+mod restore;
 mod serve;
 mod size;
 mod snapshot;
@@ -32,6 +36,17 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Create, list or delete dirty-tracking checkpoints of a served disk.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Follow a disk that is still arriving from its source (post-copy).
+    Hydrate(hydrate::HydrateArgs),
+    /// Mirror a served disk to another export while it is written
+    /// (pre-copy): start, status, set, complete, cancel.
+    Mirror(mirror::MirrorArgs),
+    /// Move a served disk: mirror, wait until ready, complete.
+    Migrate(mirror::MigrateArgs),
+    /// Back up disks into a repository; list, verify, prune and delete points.
+    Backup(backup::BackupArgs),
+    /// Restore a backed-up point to a file, a block device or an NBD URI.
+    Restore(restore::RestoreArgs),
     /// Ask a daemon whether it is alive, or ready (--ready): exit 0 if so.
     Health(health::HealthArgs),
     /// Print the shell completion script for bash, zsh, fish, elvish or
@@ -52,6 +67,11 @@ impl Command {
             Command::Certs(a) => certs::run(a).await,
             Command::Snapshot(a) => snapshot::run(a).await,
             Command::Checkpoint(a) => checkpoint::run(a).await,
+            Command::Hydrate(a) => hydrate::run(a).await,
+            Command::Mirror(a) => mirror::run(a).await,
+            Command::Migrate(a) => mirror::migrate(a).await,
+            Command::Backup(a) => backup::run(a).await,
+            Command::Restore(a) => restore::run(a).await,
             Command::Health(a) => health::run(a).await,
             Command::Completions(a) => completions::run(a),
             Command::Manpage(a) => manpage::run(a),

@@ -3,10 +3,11 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ferry_daemon::http::{Grant, Grants, LocalListener, TlsListener};
-use ferry_daemon::{Daemon, ExportSpec, Phase};
+use ferry_daemon::{Daemon, ExportSpec, HydrateOptions, Phase, SourceSpec};
 use nbd_proto::server_handshake::{HandshakeConfig, TlsMode};
 use nbd_server::{Access, Limits, Listener, Registry, Server};
 use serde::Deserialize;
@@ -42,16 +43,9 @@ pub struct ServeArgs {
     /// Serve the exports described in a TOML file instead of FILE.
     #[arg(long, value_name = "FILE.toml", conflicts_with_all = ["file", "name", "read_only", "description"])]
     config: Option<PathBuf>,
-    /// Requests in flight per connection.
-    #[arg(long, default_value_t = Limits::default().max_inflight)]
-    max_inflight: usize,
-    /// Bytes of request buffers one connection may pin (at least 32 MiB,
-    /// the largest request).
-    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_inflight_bytes)]
-    max_inflight_bytes: usize,
-    /// Simultaneous client connections.
-    #[arg(long, default_value_t = Limits::default().max_connections)]
-    max_connections: usize,
+    /// Boxed: the flags make the command enum large otherwise.
+    #[command(flatten)]
+    limits: Box<LimitArgs>,
     /// Where snapshots, checkpoint bitmaps and the admin socket live
     /// [default: /var/lib/nbdferry for root, else
     /// $XDG_STATE_HOME/nbdferry or ~/.local/state/nbdferry].
@@ -86,6 +80,20 @@ pub struct ServeArgs {
     /// size it was created with) [default: 64K].
     #[arg(long, value_name = "BYTES", value_parser = super::size::parse_granularity)]
     granularity: Option<u64>,
+    /// Post-copy: serve a disk that is still arriving from this NBD URI
+    /// (nbds:// with tls-certificates= too). FILE is created sparse at the
+    /// source's size if missing; absent blocks are fetched when read, and a
+    /// background pass brings the rest.
+    #[arg(long, value_name = "URI", conflicts_with = "read_only")]
+    source: Option<String>,
+    /// How long a read of an absent block waits for an unreachable source
+    /// before that read fails with EIO.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    source_timeout: u64,
+    /// Bytes per second for the background hydration pass (reads clients
+    /// need are never paced), e.g. 100M.
+    #[arg(long, value_name = "BYTES/s", value_parser = super::size::parse_bytes)]
+    rate: Option<u64>,
     /// Client certificate name (CN or SAN) allowed to use the export
     /// (repeatable); without it any certificate signed by the CA is.
     #[arg(long = "allow-client", value_name = "NAME")]
@@ -109,6 +117,12 @@ struct ConfigFile {
     admin_listen: Option<String>,
     #[serde(default)]
     admin: AdminConfig,
+    /// As `--max-memory`: bytes, or a string like "4G".
+    max_memory: Option<Bytes>,
+    /// As `--stall-timeout`, in seconds.
+    stall_timeout: Option<u64>,
+    /// As `--idle-timeout`, in seconds.
+    idle_timeout: Option<u64>,
     #[serde(default, rename = "export")]
     exports: Vec<ExportConfig>,
 }
@@ -173,6 +187,12 @@ struct ExportConfig {
     allow_clients: Vec<String>,
     /// As `--granularity`, for this export: bytes, or a string like "1M".
     granularity: Option<Bytes>,
+    /// Post-copy: the disk arrives from this NBD URI (as `--source`).
+    source: Option<String>,
+    /// As `--source-timeout`, in seconds, for this export.
+    source_timeout: Option<u64>,
+    /// As `--rate`, for this export: bytes per second, or "100M".
+    rate: Option<Bytes>,
 }
 
 /// A byte count in the config file: `65536` or `"64K"`.
@@ -184,6 +204,13 @@ enum Bytes {
 }
 
 impl Bytes {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Bytes::Number(n) => Ok(*n),
+            Bytes::Text(s) => super::size::parse_bytes(s),
+        }
+    }
+
     fn granularity(&self) -> Result<u64, String> {
         match self {
             Bytes::Number(n) => super::size::check_granularity(*n),
@@ -196,16 +223,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Before anything can print readiness: a signal that arrives right
     // after it must drain and exit 0, not kill the process.
     let signals = Signals::new()?;
-    if args.max_inflight_bytes < Limits::default().max_payload as usize {
+    let LimitArgs {
+        max_inflight,
+        max_inflight_bytes,
+        max_connections,
+        mut guards,
+    } = *args.limits;
+    if max_inflight_bytes < Limits::default().max_payload as usize {
         bail!(
             "--max-inflight-bytes must be at least {} (the largest request)",
             Limits::default().max_payload
         );
     }
-    let limits = Limits {
-        max_inflight_bytes: args.max_inflight_bytes,
-        max_inflight: args.max_inflight.max(1),
-        max_connections: args.max_connections.max(1),
+    let mut limits = Limits {
+        max_inflight_bytes,
+        max_inflight: max_inflight.max(1),
+        max_connections: max_connections.max(1),
         ..Limits::default()
     };
     let registry = Arc::new(Registry::new(limits.max_payload));
@@ -223,6 +256,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut access = Vec::new();
     if let Some(path) = &args.config {
         let cfg = load_config(path)?;
+        guards = guards.or(Guards::from_config(&cfg, path)?);
         if listen.is_empty() {
             listen = cfg.listen;
         }
@@ -247,13 +281,31 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 })?),
                 None => args.granularity,
             };
-            daemon.add_export(&ExportSpec {
-                name: e.name.clone(),
-                description: e.description.clone(),
-                path: e.path.clone(),
-                read_only: e.read_only,
-                granularity,
-            })?;
+            let bad = |m: String| anyhow::anyhow!("{}: export '{}': {m}", path.display(), e.name);
+            let source = match &e.source {
+                Some(uri) => Some(SourceSpec {
+                    uri: uri.clone(),
+                    timeout: Duration::from_secs(e.source_timeout.unwrap_or(args.source_timeout)),
+                    rate: match &e.rate {
+                        Some(r) => Some(r.bytes().map_err(bad)?),
+                        None => args.rate,
+                    },
+                }),
+                None => None,
+            };
+            daemon
+                .add_export(
+                    &ExportSpec {
+                        name: e.name.clone(),
+                        description: e.description.clone(),
+                        path: e.path.clone(),
+                        read_only: e.read_only,
+                        granularity,
+                        source,
+                    },
+                    &HydrateOptions::default(),
+                )
+                .await?;
             access.push((
                 e.name.clone(),
                 e.tls == Some(TlsArg::Require),
@@ -268,13 +320,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             bail!("--granularity {NO_STATE}");
         }
         let name = args.name.unwrap_or_default();
-        daemon.add_export(&ExportSpec {
-            name: name.clone(),
-            description: args.description.unwrap_or_default(),
-            path: file.clone(),
-            read_only: args.read_only,
-            granularity: args.granularity,
-        })?;
+        let source = args.source.map(|uri| SourceSpec {
+            uri,
+            timeout: Duration::from_secs(args.source_timeout),
+            rate: args.rate,
+        });
+        daemon
+            .add_export(
+                &ExportSpec {
+                    name: name.clone(),
+                    description: args.description.unwrap_or_default(),
+                    path: file.clone(),
+                    read_only: args.read_only,
+                    granularity: args.granularity,
+                    source,
+                },
+                &HydrateOptions::default(),
+            )
+            .await?;
         registry.set_default(&name);
         access.push((name, false, args.allow_clients));
     }
@@ -306,6 +369,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let grants = Arc::new(Grants(grants));
 
+    guards.apply(&mut limits)?;
     let shutdown = CancellationToken::new();
     let handshake = HandshakeConfig {
         tls: mode,
@@ -332,6 +396,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     signals.wait().await;
     enter(&daemon, Phase::Stopping);
     tracing::info!("shutting down: draining in-flight requests");
+    daemon.stop_jobs();
     shutdown.cancel();
     serving.await.context("server task failed")?;
     for t in admin_tasks {
@@ -345,6 +410,91 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 fn enter(daemon: &Daemon, phase: Phase) {
     daemon.set_phase(phase);
     systemd::notify(phase);
+}
+
+/// The resource limits of the server.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = Limits::default().max_inflight)]
+    max_inflight: usize,
+    /// Bytes of request buffers one connection may pin (at least 32 MiB,
+    /// the largest request).
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_inflight_bytes)]
+    max_inflight_bytes: usize,
+    /// Simultaneous client connections; clients beyond are refused with
+    /// an error that says why.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    #[command(flatten)]
+    guards: Guards,
+}
+
+/// The limits that guard the server against clients that hog it, from
+/// the command line or the config file (the command line wins).
+#[derive(clap::Args)]
+struct Guards {
+    /// Request and reply buffers of all connections together; when they
+    /// are in use, requests wait their turn [default: a quarter of the
+    /// RAM (or of the cgroup's limit)].
+    #[arg(long, value_name = "BYTES", value_parser = super::size::parse_bytes)]
+    max_memory: Option<u64>,
+    /// Close a connection that takes no byte of its replies, or sends no
+    /// byte of a request it started, for this many seconds [default: 30].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout: Option<u64>,
+    /// Close a connection that has nothing in flight and sends no request
+    /// for this many seconds [default: never].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: Option<u64>,
+}
+
+impl Guards {
+    fn from_config(cfg: &ConfigFile, path: &Path) -> anyhow::Result<Self> {
+        let max_memory = match &cfg.max_memory {
+            Some(b) => Some(
+                b.bytes()
+                    .map_err(|m| anyhow::anyhow!("{}: max-memory: {m}", path.display()))?,
+            ),
+            None => None,
+        };
+        for (key, v) in [
+            ("stall-timeout", cfg.stall_timeout),
+            ("idle-timeout", cfg.idle_timeout),
+        ] {
+            if v == Some(0) {
+                bail!("{}: {key} must be at least 1 second", path.display());
+            }
+        }
+        Ok(Guards {
+            max_memory,
+            stall_timeout: cfg.stall_timeout,
+            idle_timeout: cfg.idle_timeout,
+        })
+    }
+
+    fn or(self, other: Guards) -> Guards {
+        Guards {
+            max_memory: self.max_memory.or(other.max_memory),
+            stall_timeout: self.stall_timeout.or(other.stall_timeout),
+            idle_timeout: self.idle_timeout.or(other.idle_timeout),
+        }
+    }
+
+    fn apply(self, limits: &mut Limits) -> anyhow::Result<()> {
+        if let Some(bytes) = self.max_memory {
+            let min = limits.min_memory();
+            if bytes < min as u64 {
+                bail!("max-memory must be at least {min} bytes (two of the largest requests)");
+            }
+            limits.max_memory = usize::try_from(bytes).unwrap_or(usize::MAX);
+        }
+        if let Some(s) = self.stall_timeout {
+            limits.stall_timeout = Duration::from_secs(s);
+        }
+        limits.idle_timeout = self.idle_timeout.map(Duration::from_secs);
+        Ok(())
+    }
 }
 
 fn load_config(path: &Path) -> anyhow::Result<ConfigFile> {

@@ -1,0 +1,354 @@
+//! Background hydration of a disk that is still arriving: a pass over
+//! the absent blocks, several fetches in flight, ranges clients asked to
+//! cache first, the source's holes and zeroes recorded without moving a
+//! byte, an optional rate that paces this pass only (clients' on-demand
+//! fetches never wait for it). When every block is durably present the
+//! source is let go.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_api::HydrationStatus;
+use ferry_block::Extent;
+use ferry_store::{Claim, CopyOnRead};
+use nbd_proto::consts::state;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::remote::{Lane, Remote, RemoteError};
+
+/// How the pass runs.
+#[derive(Debug, Clone)]
+pub struct HydrateOptions {
+    /// Fetches in flight at once.
+    pub requests: usize,
+    /// Bytes per fetch (whole blocks of the disk's granularity).
+    pub request_size: u64,
+    /// Bytes per second for this pass; None: as fast as the link goes.
+    pub rate: Option<u64>,
+}
+
+impl Default for HydrateOptions {
+    /// 8 x 1 MiB in flight, as `copy` uses: enough to fill a 1 Gbit/s link
+    /// with a few ms of latency, and a crash loses (fetches again) at most
+    /// what is in flight.
+    fn default() -> Self {
+        HydrateOptions {
+            requests: 8,
+            request_size: 1 << 20,
+            rate: None,
+        }
+    }
+}
+
+/// A failed fetch: wait this long before the next ones.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// How often an idle pass looks again (blocks a client is fetching).
+const IDLE_LOOK: Duration = Duration::from_millis(100);
+/// The rate shown is over this window.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// A disk's hydration: the layer, its source, and the pass's state.
+pub struct Hydration {
+    cor: Arc<CopyOnRead>,
+    source: Arc<Remote>,
+    uri: String,
+    /// Bytes the background pass read from the source.
+    fetched: Arc<AtomicU64>,
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+    last_error: Mutex<Option<String>>,
+    detached: AtomicBool,
+}
+
+/// Paces the background pass: each fetch waits until the bytes before it
+/// have had their time at `rate`.
+struct Pacer {
+    rate: Option<u64>,
+    next: Instant,
+}
+
+impl Pacer {
+    async fn wait(&mut self, bytes: u64) {
+        let Some(rate) = self.rate.filter(|r| *r > 0) else {
+            return;
+        };
+        let now = Instant::now();
+        if self.next > now {
+            tokio::time::sleep_until(self.next.into()).await;
+        }
+        self.next = self.next.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+    }
+}
+
+impl Hydration {
+    pub fn new(cor: Arc<CopyOnRead>, source: Arc<Remote>, uri: String) -> Arc<Self> {
+        Arc::new(Hydration {
+            cor,
+            source,
+            uri,
+            fetched: Arc::default(),
+            samples: Mutex::new(VecDeque::new()),
+            last_error: Mutex::new(None),
+            detached: AtomicBool::new(false),
+        })
+    }
+
+    fn note_error(&self, e: &dyn std::fmt::Display) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+    }
+
+    /// Runs the pass until the disk is complete (then lets the source go),
+    /// the source turns out to be another disk, or `shutdown`.
+    pub async fn run(self: Arc<Self>, opts: HydrateOptions, shutdown: CancellationToken) {
+        let gran = self.cor.granularity();
+        let max_blocks = (opts.request_size / gran).max(1);
+        let mut pacer = Pacer {
+            rate: opts.rate,
+            next: Instant::now(),
+        };
+        let mut cursor = 0u64;
+        let mut wanted: VecDeque<(u64, u64)> = VecDeque::new();
+        let mut tasks: JoinSet<Result<(), FetchError>> = JoinSet::new();
+        tracing::info!(source = %self.uri, "hydration started");
+        loop {
+            while let Some(w) = self.cor.take_wanted() {
+                wanted.push_back(w);
+            }
+            while tasks.len() < opts.requests.max(1) && !shutdown.is_cancelled() {
+                let next = match wanted.pop_front() {
+                    Some((a, b)) => {
+                        if b - a > max_blocks {
+                            wanted.push_front((a + max_blocks, b));
+                        }
+                        Some((a, b.min(a + max_blocks)))
+                    }
+                    None => self
+                        .cor
+                        .next_absent(cursor, max_blocks)
+                        .inspect(|r| cursor = r.1),
+                };
+                let Some((a, b)) = next else { break };
+                let claim = self.cor.claim_owned(a, b);
+                if claim.is_empty() {
+                    continue;
+                }
+                let bytes: u64 = claim.runs().iter().map(|(a, b)| (b - a) * gran).sum();
+                pacer.wait(bytes).await;
+                tasks.spawn(fetch(
+                    self.source.clone(),
+                    claim,
+                    gran,
+                    self.fetched.clone(),
+                ));
+            }
+            if tasks.is_empty() {
+                if self.cor.next_absent(0, 1).is_none() && self.finish().await {
+                    return;
+                }
+                // Blocks clients are fetching, or a rescan after failures.
+                cursor = 0;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(IDLE_LOOK) => continue,
+                }
+            }
+            let done = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                d = tasks.join_next() => d,
+            };
+            self.sample();
+            match done {
+                Some(Ok(Ok(()))) | None => {}
+                Some(Ok(Err(e @ FetchError::Source(RemoteError::Changed { .. })))) => {
+                    tracing::error!(source = %self.uri, "hydration stopped: {e}");
+                    self.note_error(&e);
+                    return;
+                }
+                Some(Ok(Err(e))) => {
+                    tracing::warn!(source = %self.uri, "fetch failed, will retry: {e}");
+                    self.note_error(&e);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY_PAUSE) => {}
+                    }
+                }
+                Some(Err(e)) => self.note_error(&e),
+            }
+        }
+    }
+
+    /// Every block is here: make it durable, then let the source go.
+    async fn finish(&self) -> bool {
+        let cor = self.cor.clone();
+        match tokio::task::spawn_blocking(move || cor.settle()).await {
+            Ok(Ok(true)) => {
+                self.source.close();
+                self.detached.store(true, Ordering::Release);
+                tracing::info!(
+                    source = %self.uri,
+                    fetched = self.fetched_bytes(),
+                    on_demand = self.cor.progress().fetched_on_demand,
+                    "hydration complete: the disk no longer needs its source"
+                );
+                true
+            }
+            Ok(Ok(false)) => false,
+            Ok(Err(e)) => {
+                self.note_error(&e);
+                false
+            }
+            Err(e) => {
+                self.note_error(&e);
+                false
+            }
+        }
+    }
+
+    /// Bytes read from the source since this daemon started, by clients
+    /// and by the pass.
+    fn fetched_bytes(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed) + self.cor.progress().fetched_on_demand
+    }
+
+    fn sample(&self) {
+        let now = Instant::now();
+        let total = self.fetched_bytes();
+        let mut s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        s.push_back((now, total));
+        while s.len() > 2 && now.duration_since(s[0].0) > RATE_WINDOW {
+            s.pop_front();
+        }
+    }
+
+    /// Where the disk stands, for the status route.
+    pub fn status(&self, disk: &str) -> HydrationStatus {
+        let p = self.cor.progress();
+        let rate = {
+            let s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+            match (s.front(), s.back()) {
+                (Some(a), Some(b)) if b.0 > a.0 && !p.complete => {
+                    (b.1 - a.1) as f64 / b.0.duration_since(a.0).as_secs_f64()
+                }
+                _ => 0.0,
+            }
+        };
+        let left = p.total_bytes - p.present_bytes;
+        let src = self.source.status();
+        let source = if self.detached.load(Ordering::Acquire) || p.complete {
+            "detached"
+        } else if src.connected {
+            "connected"
+        } else {
+            "reconnecting"
+        };
+        HydrationStatus {
+            disk: disk.to_string(),
+            source_uri: self.uri.clone(),
+            present_bytes: p.present_bytes,
+            total_bytes: p.total_bytes,
+            rate: rate as u64,
+            eta_seconds: (rate > 0.0).then(|| (left as f64 / rate).ceil() as u64),
+            fetched_bytes: self.fetched_bytes(),
+            fetched_on_demand_bytes: p.fetched_on_demand,
+            source: source.to_string(),
+            reconnects: src.reconnects,
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .or(src.last_error),
+            complete: p.complete,
+        }
+    }
+}
+
+/// Why a fetch of the background pass failed.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error(transparent)]
+    Source(#[from] RemoteError),
+    #[error("cannot store fetched blocks: {0}")]
+    Local(String),
+}
+
+/// Fetches the claimed runs: the source's holes and zeroes are installed
+/// as holes; data is read in whole blocks and installed (all-zero data as
+/// a hole too, so the local file stays sparse).
+async fn fetch(
+    source: Arc<Remote>,
+    mut claim: Claim<Arc<CopyOnRead>>,
+    gran: u64,
+    fetched: Arc<AtomicU64>,
+) -> Result<(), FetchError> {
+    let size = source.identity().size;
+    for (a, b) in claim.runs() {
+        let (off, end) = (a * gran, (b * gran).min(size));
+        let extents = source.allocation(Lane::Bulk, off, end - off).await?;
+        let zero = zero_blocks(&extents, off, a, b, gran);
+        let mut i = a;
+        while i < b {
+            let is_zero = zero[(i - a) as usize];
+            let mut j = i + 1;
+            while j < b && zero[(j - a) as usize] == is_zero {
+                j += 1;
+            }
+            let (s, e) = (i * gran, (j * gran).min(size));
+            let data = if is_zero {
+                None
+            } else {
+                let d = source.read(Lane::Bulk, s, e - s).await?;
+                fetched.fetch_add(e - s, Ordering::Relaxed);
+                Some(d)
+            };
+            claim = tokio::task::spawn_blocking(move || {
+                let bytes = data.as_deref().filter(|d| d.iter().any(|&x| x != 0));
+                claim.install(i, e - s, bytes).map(|()| claim)
+            })
+            .await
+            .map_err(|e| FetchError::Local(e.to_string()))?
+            .map_err(|e| FetchError::Local(e.to_string()))?;
+            i = j;
+        }
+    }
+    Ok(())
+}
+
+/// For blocks `[a, b)` (starting at byte `off`): whether each reads as
+/// zeroes at the source, by its `base:allocation` extents. A block only
+/// partly covered by zero extents, or not covered by the answer, is data.
+fn zero_blocks(extents: &[Extent], off: u64, a: u64, b: u64, gran: u64) -> Vec<bool> {
+    let mut zero = vec![true; (b - a) as usize];
+    let mut pos = off;
+    let mut mark_data = |from: u64, to: u64| {
+        for blk in from / gran..to.div_ceil(gran) {
+            if let Some(z) = zero.get_mut((blk - a) as usize) {
+                *z = false;
+            }
+        }
+    };
+    for e in extents {
+        if e.flags & state::ZERO == 0 {
+            mark_data(pos, pos + e.length);
+        }
+        pos += e.length;
+    }
+    mark_data(pos, b * gran);
+    zero
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_zero_only_when_zero_extents_cover_them_whole() {
+        let ext = |length, flags| Extent { length, flags };
+        // Blocks of 100 bytes from 1000: 1000-1150 zero, 1150-1200 data,
+        // 1200-1400 zero, then the answer stops at 1400.
+        let z = zero_blocks(&[ext(150, 3), ext(50, 0), ext(200, 2)], 1000, 10, 16, 100);
+        assert_eq!(z, vec![true, false, true, true, false, false]);
+    }
+}

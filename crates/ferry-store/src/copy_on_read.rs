@@ -1,0 +1,878 @@
+//! Copy-on-read: the layer of a disk that is still arriving (post-copy).
+//!
+//! The local device (a sparse file of the source's size) holds the blocks
+//! that have arrived; the others are fetched from the source (a read-only
+//! device, a remote NBD export in practice) when a reader needs them, or
+//! by a background pass ([`CopyOnRead::claim`], [`CopyOnRead::install`]).
+//!
+//! Two maps, at the disk's granularity:
+//! - `present` (durable, `hydrate/present.bits`): the local block holds
+//!   its data durably. Set only after that data is synced;
+//! - `current` (memory): the local block holds its data now, maybe not
+//!   yet durably (a client wrote it and has not flushed). Reads, writes
+//!   and fetches consult this one.
+//!
+//! The rules, whatever crashes:
+//! - a block is marked present only after its data is durable: a fetched
+//!   block is written, the local file synced, then the bit made durable; a
+//!   block a client wrote becomes present at its FLUSH (or FUA write);
+//! - data a client wrote is never overwritten by a fetch: a fetch writes a
+//!   block only under its stripe lock and only if it is not current, and a
+//!   client write makes it current under the same lock. After a crash a
+//!   block a client wrote but never flushed may be fetched again: the
+//!   write was never promised to survive.
+//!
+//! Two readers of one absent block wait for one fetch (`fetching`).
+//!
+//! A write that covers whole blocks needs no fetch; a partial write into
+//! an absent block fetches the rest first. TRIM and WRITE_ZEROES of whole
+//! absent blocks need no fetch (a partial TRIM of an absent block is
+//! skipped: trimming is advisory). Once every block is present the layer
+//! is complete: everything passes straight through and the source is
+//! never asked again.
+
+use std::collections::{HashSet, VecDeque};
+use std::ops::Deref;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ferry_block::{BASE_ALLOCATION, BlockDev, Error, Extent, Layer, Result, ZeroMode, check_range};
+
+use crate::bitmap::{self, AtomicBitmap};
+use crate::durable_bitmap::{DurableBitmap, Rounding};
+use crate::sync::GroupSync;
+
+/// A present bit claims exactly one block: no rounding.
+const EXACT: Rounding = Rounding {
+    window: 1,
+    max_ahead: 0,
+};
+const STRIPES: u64 = 1024;
+/// A reader waits this long for another fetch of its blocks before it
+/// looks again (and fetches itself if that fetch failed).
+const WAIT_SLICE: Duration = Duration::from_millis(200);
+const PRESENT: &str = "present.bits";
+/// Fetched data is written page by page, so zero pages stay holes.
+const PAGE: usize = 4096;
+const UNMAP: ZeroMode = ZeroMode {
+    may_trim: true,
+    fast: false,
+    fua: false,
+};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct CopyOnRead {
+    local: Arc<dyn BlockDev>,
+    source: Arc<dyn BlockDev>,
+    size: u64,
+    gran: u64,
+    nblocks: u64,
+    present: DurableBitmap,
+    current: AtomicBitmap,
+    /// Blocks of `current` count.
+    current_count: AtomicU64,
+    /// Blocks a client made current that are not yet durably present.
+    unsynced: Mutex<Vec<u64>>,
+    /// Blocks being fetched (on demand or by the background pass).
+    fetching: Mutex<HashSet<u64>>,
+    fetched: Condvar,
+    stripes: Box<[Mutex<()>]>,
+    /// Group commit of the local device's data before bits are set.
+    data_sync: GroupSync,
+    complete: AtomicBool,
+    /// Ranges clients asked to be cached (NBD_CMD_CACHE): fetched first.
+    wanted: Mutex<VecDeque<(u64, u64)>>,
+    /// Bytes read from the source because a client needed them.
+    fetched_demand: AtomicU64,
+}
+
+/// Blocks claimed for one fetch: nobody else fetches them meanwhile.
+/// Dropping the claim releases what was not installed (a failed fetch),
+/// and wakes whoever waits for those blocks. `C` is how it holds the
+/// layer: a reference, or an `Arc` for a claim that crosses await points.
+pub struct Claim<C: Deref<Target = CopyOnRead>> {
+    cor: C,
+    blocks: Vec<u64>,
+}
+
+impl<C: Deref<Target = CopyOnRead>> Claim<C> {
+    /// The claimed blocks as runs `[a, b)`, in order.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        runs_of(&self.blocks)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Installs fetched data for the claimed run starting at block `a`:
+    /// `data` holds the run's `len` bytes, or None when the source reads
+    /// zeroes there (the local range is then deallocated, not written).
+    /// Blocks a client made current meanwhile are left as they are.
+    /// Returns once the installed blocks are durably present.
+    pub fn install(&mut self, a: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        let cor: &CopyOnRead = &self.cor;
+        cor.install(&mut self.blocks, a, len, data)
+    }
+}
+
+impl<C: Deref<Target = CopyOnRead>> Drop for Claim<C> {
+    fn drop(&mut self) {
+        if self.blocks.is_empty() {
+            return;
+        }
+        let mut f = lock(&self.cor.fetching);
+        for b in &self.blocks {
+            f.remove(b);
+        }
+        drop(f);
+        self.cor.fetched.notify_all();
+    }
+}
+
+fn runs_of(blocks: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some(r) if r.1 == b => r.1 += 1,
+            _ => out.push((b, b + 1)),
+        }
+    }
+    out
+}
+
+/// What the background pass and the status report see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HydrationProgress {
+    pub present_bytes: u64,
+    pub total_bytes: u64,
+    /// Bytes read from the source because a client needed them.
+    pub fetched_on_demand: u64,
+    pub complete: bool,
+}
+
+impl CopyOnRead {
+    /// The layer over `local` (sized like the source), with its present
+    /// map in `dir` (created empty the first time).
+    pub fn open(
+        local: Arc<dyn BlockDev>,
+        source: Arc<dyn BlockDev>,
+        gran: u64,
+        dir: &Path,
+    ) -> std::io::Result<Self> {
+        let size = local.size();
+        if source.size() != size {
+            return Err(std::io::Error::other(format!(
+                "the source has {} bytes, the local image {size}",
+                source.size()
+            )));
+        }
+        let nblocks = size.div_ceil(gran);
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(PRESENT);
+        let present = if path.exists() {
+            DurableBitmap::open(&path, nblocks, EXACT)?
+        } else {
+            DurableBitmap::create(&path, nblocks, EXACT)?
+        };
+        let words = present.words();
+        let count: u64 = (0..nblocks)
+            .filter(|&b| bitmap::test_bit(&words, b))
+            .count() as u64;
+        Ok(CopyOnRead {
+            local,
+            source,
+            size,
+            gran,
+            nblocks,
+            present,
+            current: AtomicBitmap::from_words(&words),
+            current_count: AtomicU64::new(count),
+            unsynced: Mutex::new(Vec::new()),
+            fetching: Mutex::new(HashSet::new()),
+            fetched: Condvar::new(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            data_sync: GroupSync::default(),
+            complete: AtomicBool::new(count == nblocks),
+            wanted: Mutex::new(VecDeque::new()),
+            fetched_demand: AtomicU64::new(0),
+        })
+    }
+
+    pub fn granularity(&self) -> u64 {
+        self.gran
+    }
+
+    /// Whether a disk of `size` bytes whose present map is in `dir` has
+    /// arrived whole: it then needs neither its source nor this layer.
+    pub fn arrived(dir: &Path, size: u64, gran: u64) -> std::io::Result<bool> {
+        let path = dir.join(PRESENT);
+        if !path.exists() {
+            return Ok(false);
+        }
+        let nblocks = size.div_ceil(gran);
+        let words = crate::durable_bitmap::read_bits(&path, nblocks)?;
+        Ok((0..nblocks).all(|b| bitmap::test_bit(&words, b)))
+    }
+
+    /// Every block is present: the source is not needed any more.
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
+    /// Makes every block a client wrote durably present; true when every
+    /// block is then durably present (the disk no longer needs its
+    /// source, after a restart too).
+    pub fn settle(&self) -> Result<bool> {
+        Layer::flush(self)?;
+        let words = self.present.words();
+        Ok((0..self.nblocks).all(|b| bitmap::test_bit(&words, b)))
+    }
+
+    pub fn progress(&self) -> HydrationProgress {
+        let count = self.current_count.load(Ordering::Acquire);
+        let last = self.nblocks - 1;
+        let short = if self.current.get(last) {
+            self.gran - self.block_len(last)
+        } else {
+            0
+        };
+        HydrationProgress {
+            present_bytes: count * self.gran - short,
+            total_bytes: self.size,
+            fetched_on_demand: self.fetched_demand.load(Ordering::Relaxed),
+            complete: self.is_complete(),
+        }
+    }
+
+    fn blocks(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset / self.gran, (offset + len).div_ceil(self.gran))
+    }
+
+    /// Bytes of block `b` (the last one may be short).
+    fn block_len(&self, b: u64) -> u64 {
+        self.gran.min(self.size - b * self.gran)
+    }
+
+    fn set_current(&self, b: u64) {
+        if !self.current.get(b) {
+            self.current.set(b);
+            if self.current_count.fetch_add(1, Ordering::AcqRel) + 1 == self.nblocks {
+                self.complete.store(true, Ordering::Release);
+                tracing::info!("every block has arrived: hydration complete");
+            }
+        }
+    }
+
+    // ---- fetching ------------------------------------------------------
+
+    /// Claims the blocks of `[a, b)` that are absent and that nobody is
+    /// fetching.
+    pub fn claim(&self, a: u64, b: u64) -> Claim<&Self> {
+        let blocks = self.claim_blocks(a, b);
+        Claim { cor: self, blocks }
+    }
+
+    /// [`claim`](Self::claim), holding the layer by `Arc`.
+    pub fn claim_owned(self: &Arc<Self>, a: u64, b: u64) -> Claim<Arc<Self>> {
+        let blocks = self.claim_blocks(a, b);
+        Claim {
+            cor: self.clone(),
+            blocks,
+        }
+    }
+
+    fn claim_blocks(&self, a: u64, b: u64) -> Vec<u64> {
+        let mut f = lock(&self.fetching);
+        (a..b.min(self.nblocks))
+            .filter(|&blk| !self.current.get(blk) && f.insert(blk))
+            .collect()
+    }
+
+    /// The first run of absent blocks at or after block `from`, at most
+    /// `max` long (None: nothing absent from there on).
+    pub fn next_absent(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let mut a = from;
+        while a < self.nblocks && self.current.get(a) {
+            a += 1;
+        }
+        if a >= self.nblocks {
+            return None;
+        }
+        let mut b = a + 1;
+        while b < self.nblocks && b - a < max && !self.current.get(b) {
+            b += 1;
+        }
+        Some((a, b))
+    }
+
+    /// A range a client asked to have cached, to fetch first.
+    pub fn take_wanted(&self) -> Option<(u64, u64)> {
+        lock(&self.wanted).pop_front()
+    }
+
+    /// [`Claim::install`]: writes what `claimed` still holds of the run
+    /// at block `a`, makes it durably present, and takes it off `claimed`.
+    fn install(&self, claimed: &mut Vec<u64>, a: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        let b = (a * self.gran + len).div_ceil(self.gran).min(self.nblocks);
+        let mut done = Vec::new();
+        for blk in a..b {
+            if !claimed.contains(&blk) {
+                continue;
+            }
+            let _s = lock(&self.stripes[(blk % STRIPES) as usize]);
+            if self.current.get(blk) {
+                continue;
+            }
+            let off = blk * self.gran;
+            let n = self.block_len(blk);
+            match data {
+                Some(d) => {
+                    let i = ((blk - a) * self.gran) as usize;
+                    self.write_sparse(&d[i..i + n as usize], off)?;
+                }
+                None => self.local.write_zeroes(off, n, UNMAP)?,
+            }
+            done.push(blk);
+        }
+        self.make_present(&done)?;
+        for &blk in &done {
+            self.set_current(blk);
+        }
+        let mut f = lock(&self.fetching);
+        claimed.retain(|&x| {
+            let here = x >= a && x < b;
+            if here {
+                f.remove(&x);
+            }
+            !here
+        });
+        drop(f);
+        self.fetched.notify_all();
+        Ok(())
+    }
+
+    /// Writes `data` at `off`, its all-zero pages as holes: the local file
+    /// stays as sparse as the source, and a page some earlier, unflushed
+    /// write left there is zeroed all the same.
+    fn write_sparse(&self, data: &[u8], off: u64) -> Result<()> {
+        let mut i = 0;
+        while i < data.len() {
+            let zero = |p: usize| data[p..(p + PAGE).min(data.len())].iter().all(|&x| x == 0);
+            let kind = zero(i);
+            let mut j = (i + PAGE).min(data.len());
+            while j < data.len() && zero(j) == kind {
+                j = (j + PAGE).min(data.len());
+            }
+            let at = off + i as u64;
+            if kind {
+                self.local.write_zeroes(at, (j - i) as u64, UNMAP)?;
+            } else {
+                self.local.write_at(&data[i..j], at, false)?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Syncs the local data, then makes `blocks`' present bits durable.
+    fn make_present(&self, blocks: &[u64]) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        self.data_sync.sync(|| {
+            self.local
+                .flush()
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })?;
+        for (a, b) in runs_of(blocks) {
+            self.present.mark(a, b)?;
+        }
+        Ok(())
+    }
+
+    /// Makes blocks `[a, b)` current: fetches those nobody is fetching,
+    /// waits for the others.
+    fn ensure(&self, a: u64, b: u64) -> Result<()> {
+        loop {
+            if (a..b).all(|blk| self.current.get(blk)) {
+                return Ok(());
+            }
+            let mut claim = self.claim(a, b);
+            for (ra, rb) in claim.runs() {
+                let off = ra * self.gran;
+                let len = (rb * self.gran).min(self.size) - off;
+                let mut buf = vec![0u8; len as usize];
+                self.source.read_at(&mut buf, off)?;
+                self.fetched_demand.fetch_add(len, Ordering::Relaxed);
+                let zero = buf.iter().all(|&x| x == 0);
+                claim.install(ra, len, (!zero).then_some(&buf[..]))?;
+            }
+            drop(claim);
+            // Others are fetching the rest: wait for them, then look again
+            // (their fetch may have failed, and this one then tries).
+            let f = lock(&self.fetching);
+            if (a..b).any(|blk| f.contains(&blk)) {
+                drop(self.fetched.wait_timeout(f, WAIT_SLICE));
+            }
+        }
+    }
+
+    /// For a write of `[offset, offset+len)`: fetches the blocks it covers
+    /// only in part, and returns the blocks it covers whole that are not
+    /// current (the write makes them current).
+    fn prepare_change(&self, offset: u64, len: u64) -> Result<Vec<u64>> {
+        let (a, b) = self.blocks(offset, len);
+        let end = offset + len;
+        let whole =
+            |blk: u64| blk * self.gran >= offset && (blk * self.gran + self.block_len(blk)) <= end;
+        for blk in [a, b - 1] {
+            if !whole(blk) && !self.current.get(blk) {
+                self.ensure(blk, blk + 1)?;
+            }
+        }
+        Ok((a..b).filter(|&blk| !self.current.get(blk)).collect())
+    }
+
+    /// Records that a client changed `blocks` (whole, formerly absent):
+    /// current now, durably present at the next flush (at once with FUA).
+    fn changed(&self, blocks: &[u64], fua: bool) -> Result<()> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        for &blk in blocks {
+            self.set_current(blk);
+        }
+        if fua {
+            return self.make_present(blocks);
+        }
+        lock(&self.unsynced).extend_from_slice(blocks);
+        Ok(())
+    }
+
+    /// Runs a change of whole absent blocks under their stripe locks, so a
+    /// fetch cannot write them in between.
+    fn change_whole<T>(&self, blocks: &[u64], op: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut stripes: Vec<usize> = blocks.iter().map(|&b| (b % STRIPES) as usize).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let _guards: Vec<_> = stripes.iter().map(|&i| lock(&self.stripes[i])).collect();
+        op()
+    }
+}
+
+impl Layer for CopyOnRead {
+    fn next(&self) -> &dyn BlockDev {
+        &*self.local
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if !self.is_complete() && !buf.is_empty() {
+            check_range(self.size, offset, buf.len() as u64)?;
+            let (a, b) = self.blocks(offset, buf.len() as u64);
+            self.ensure(a, b)?;
+        }
+        self.local.read_at(buf, offset)
+    }
+
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        if !self.is_complete() && !buf.is_empty() {
+            check_range(self.size, offset, buf.len() as u64)?;
+            let (a, b) = self.blocks(offset, buf.len() as u64);
+            if !self.current.all_set(a, b) {
+                return Ok(false);
+            }
+        }
+        self.local.read_at_nowait(buf, offset)
+    }
+
+    fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if !self.is_complete() && len > 0 {
+            check_range(self.size, offset, len)?;
+            let (a, b) = self.blocks(offset, len);
+            self.ensure(a, b)?;
+        }
+        self.local.read_vectored_at(bufs, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        if self.is_complete() || buf.is_empty() {
+            return self.local.write_at(buf, offset, fua);
+        }
+        check_range(self.size, offset, buf.len() as u64)?;
+        let fresh = self.prepare_change(offset, buf.len() as u64)?;
+        self.change_whole(&fresh, || {
+            self.local.write_at(buf, offset, fua)?;
+            self.changed(&fresh, fua)
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        if self.is_complete() || len == 0 {
+            return self.local.write_zeroes(offset, len, mode);
+        }
+        check_range(self.size, offset, len)?;
+        let fresh = self.prepare_change(offset, len)?;
+        self.change_whole(&fresh, || {
+            self.local.write_zeroes(offset, len, mode)?;
+            self.changed(&fresh, mode.fua)
+        })
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        if self.is_complete() || len == 0 {
+            return self.local.trim(offset, len, fua);
+        }
+        check_range(self.size, offset, len)?;
+        // Only whole blocks: a partial trim of an absent block is skipped
+        // (trim is advisory), so it never needs a fetch.
+        let (a, b) = (
+            offset.div_ceil(self.gran),
+            ((offset + len) / self.gran).min(self.nblocks),
+        );
+        let b = if offset + len == self.size {
+            self.nblocks
+        } else {
+            b
+        };
+        if a >= b {
+            return Ok(());
+        }
+        let (start, end) = (a * self.gran, (b * self.gran).min(self.size));
+        let fresh: Vec<u64> = (a..b).filter(|&blk| !self.current.get(blk)).collect();
+        self.change_whole(&fresh, || {
+            self.local.trim(start, end - start, fua)?;
+            self.changed(&fresh, fua)
+        })
+    }
+
+    /// Makes what clients wrote durable, then their blocks present.
+    fn flush(&self) -> Result<()> {
+        let pending = std::mem::take(&mut *lock(&self.unsynced));
+        self.local.flush()?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut pending = pending;
+        pending.sort_unstable();
+        pending.dedup();
+        for (a, b) in runs_of(&pending) {
+            self.present.mark(a, b)?;
+        }
+        Ok(())
+    }
+
+    /// A client's prefetch hint: these blocks are fetched first.
+    fn cache(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.size, offset, len)?;
+        if !self.is_complete() && len > 0 {
+            let (a, b) = self.blocks(offset, len);
+            lock(&self.wanted).push_back((a, b));
+        }
+        Ok(())
+    }
+
+    /// Present blocks as the local device says; absent ones as the source
+    /// says (or as data, the safe answer, if it cannot).
+    fn extents(&self, context: &str, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>> {
+        if context != BASE_ALLOCATION || self.is_complete() {
+            return self.local.extents(context, offset, len, max);
+        }
+        check_range(self.size, offset, len)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end && out.len() < max.max(1) {
+            let blk = pos / self.gran;
+            let here = self.current.get(blk);
+            let mut stop = ((blk + 1) * self.gran).min(end);
+            while stop < end && self.current.get(stop / self.gran) == here {
+                stop = ((stop / self.gran + 1) * self.gran).min(end);
+            }
+            let dev: &dyn BlockDev = if here { &*self.local } else { &*self.source };
+            let part = dev
+                .extents(BASE_ALLOCATION, pos, stop - pos, max)
+                .unwrap_or_else(|_| {
+                    vec![Extent {
+                        length: stop - pos,
+                        flags: 0,
+                    }]
+                });
+            let mut covered = pos;
+            for e in part {
+                let length = e.length.min(stop - covered);
+                if length == 0 {
+                    break;
+                }
+                match out.last_mut() {
+                    Some(last) if last.flags == e.flags => last.length += length,
+                    _ => out.push(Extent {
+                        length,
+                        flags: e.flags,
+                    }),
+                }
+                covered += length;
+            }
+            if covered < stop {
+                // The answer stopped short: the rest of this run is unknown
+                // here, so this is as far as the reply goes.
+                break;
+            }
+            pos = stop;
+        }
+        if out.is_empty() {
+            return Err(Error::Io(std::io::Error::other("no extents")));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_block::MemDev;
+
+    const GRAN: u64 = 4096;
+    const SIZE: u64 = 64 * GRAN + 1000;
+
+    /// A source that counts the bytes read from it and can be slowed down.
+    struct Counted {
+        next: Arc<MemDev>,
+        read: AtomicU64,
+        delay: Duration,
+    }
+
+    impl Layer for Counted {
+        fn next(&self) -> &dyn BlockDev {
+            &*self.next
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            std::thread::sleep(self.delay);
+            self.read.fetch_add(buf.len() as u64, Ordering::SeqCst);
+            self.next.read_at(buf, offset)
+        }
+    }
+
+    fn source_data() -> Vec<u8> {
+        (0..SIZE as usize)
+            .map(|i| (i / 4096) as u8 ^ 0x5a)
+            .collect()
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        local: Arc<MemDev>,
+        source: Arc<Counted>,
+    }
+
+    fn fixture(delay: Duration) -> Fixture {
+        let mut data = source_data();
+        // Blocks 40..48 are zeroes at the source, and a hole.
+        data[(40 * GRAN) as usize..(48 * GRAN) as usize].fill(0);
+        let src = MemDev::with_data(data);
+        src.trim(40 * GRAN, 8 * GRAN, false).unwrap();
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+            local: Arc::new(MemDev::new(SIZE)),
+            source: Arc::new(Counted {
+                next: Arc::new(src),
+                read: AtomicU64::new(0),
+                delay,
+            }),
+        }
+    }
+
+    impl Fixture {
+        fn open(&self) -> CopyOnRead {
+            CopyOnRead::open(
+                self.local.clone(),
+                self.source.clone(),
+                GRAN,
+                self.dir.path(),
+            )
+            .unwrap()
+        }
+        fn read_from_source(&self) -> u64 {
+            self.source.read.load(Ordering::SeqCst)
+        }
+    }
+
+    fn read(dev: &dyn BlockDev, off: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        dev.read_at(&mut b, off).unwrap();
+        b
+    }
+
+    #[test]
+    fn reads_fetch_whole_blocks_once_and_store_them() {
+        let f = fixture(Duration::ZERO);
+        let cor = f.open();
+        let want = source_data();
+        assert_eq!(read(&cor, 100, 5000), want[100..5100]);
+        assert_eq!(f.read_from_source(), 2 * GRAN, "blocks 0 and 1, whole");
+        assert_eq!(read(&cor, 0, 8192), want[..8192]);
+        assert_eq!(f.read_from_source(), 2 * GRAN, "present blocks are local");
+        assert_eq!(f.local.contents()[..8192], want[..8192]);
+        // The short last block.
+        assert_eq!(read(&cor, SIZE - 10, 10), want[(SIZE - 10) as usize..]);
+        assert_eq!(cor.progress().present_bytes, 2 * GRAN + 1000);
+        let mut b = vec![0u8; 10];
+        assert!(
+            !BlockDev::read_at_nowait(&cor, &mut b, 20 * GRAN).unwrap(),
+            "absent: not inline"
+        );
+        assert!(BlockDev::read_at_nowait(&cor, &mut b, 0).unwrap());
+    }
+
+    #[test]
+    fn two_readers_of_one_block_wait_for_one_fetch() {
+        let f = fixture(Duration::from_millis(100));
+        let cor = Arc::new(f.open());
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let cor = cor.clone();
+                std::thread::spawn(move || read(&*cor, 10 * GRAN, 100))
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(
+                r.join().unwrap(),
+                source_data()[(10 * GRAN) as usize..][..100]
+            );
+        }
+        assert_eq!(f.read_from_source(), GRAN);
+    }
+
+    #[test]
+    fn writes_fetch_only_what_they_do_not_cover() {
+        let f = fixture(Duration::ZERO);
+        let cor = f.open();
+        // Whole blocks: no fetch.
+        BlockDev::write_at(&cor, &vec![1u8; 2 * GRAN as usize], 4 * GRAN, false).unwrap();
+        assert_eq!(f.read_from_source(), 0);
+        // Partial: the rest of the block comes from the source first.
+        BlockDev::write_at(&cor, &[2u8; 10], 8 * GRAN + 5, false).unwrap();
+        assert_eq!(f.read_from_source(), GRAN);
+        let want = source_data();
+        let got = read(&cor, 8 * GRAN, GRAN as usize);
+        assert_eq!(got[..5], want[(8 * GRAN) as usize..][..5]);
+        assert_eq!(got[5..15], [2u8; 10]);
+        assert_eq!(
+            got[15..],
+            want[(8 * GRAN + 15) as usize..][..(GRAN - 15) as usize]
+        );
+        // Zeroes and trims of whole absent blocks: no fetch either.
+        let z = ZeroMode {
+            may_trim: true,
+            fast: false,
+            fua: false,
+        };
+        BlockDev::write_zeroes(&cor, 20 * GRAN, GRAN, z).unwrap();
+        BlockDev::trim(&cor, 30 * GRAN + 1, GRAN * 2, false).unwrap();
+        assert_eq!(f.read_from_source(), GRAN);
+        assert_eq!(read(&cor, 20 * GRAN, 10), vec![0; 10]);
+    }
+
+    #[test]
+    fn a_fetch_never_overwrites_a_client_write() {
+        let f = fixture(Duration::ZERO);
+        let cor = f.open();
+        // The background pass claims block 5 and reads it from the source…
+        let mut claim = cor.claim(5, 6);
+        let mut fetched = vec![0u8; GRAN as usize];
+        BlockDev::read_at(&*f.source, &mut fetched, 5 * GRAN).unwrap();
+        // …a client overwrites the whole block meanwhile…
+        BlockDev::write_at(&cor, &vec![9u8; GRAN as usize], 5 * GRAN, false).unwrap();
+        // …and the fetched data must not land on it.
+        claim.install(5, GRAN, Some(&fetched)).unwrap();
+        assert_eq!(
+            read(&cor, 5 * GRAN, GRAN as usize),
+            vec![9u8; GRAN as usize]
+        );
+    }
+
+    #[test]
+    fn present_bits_follow_durable_data_across_crashes() {
+        let f = fixture(Duration::ZERO);
+        let cor = f.open();
+        let want = source_data();
+        read(&cor, 0, 1);
+        BlockDev::write_at(&cor, &vec![7u8; GRAN as usize], 2 * GRAN, false).unwrap();
+        BlockDev::write_at(&cor, &vec![8u8; GRAN as usize], 3 * GRAN, true).unwrap();
+        drop(cor); // a crash: block 2 was never flushed
+        let cor = f.open();
+        assert_eq!(f.read_from_source(), GRAN);
+        assert_eq!(
+            read(&cor, 3 * GRAN, 4),
+            vec![8u8; 4],
+            "FUA write is present"
+        );
+        assert_eq!(read(&cor, 0, 4), want[..4]);
+        assert_eq!(f.read_from_source(), GRAN, "fetched blocks survive");
+        // The unflushed write may be lost: block 2 is fetched again.
+        assert_eq!(read(&cor, 2 * GRAN, 4), want[(2 * GRAN) as usize..][..4]);
+        BlockDev::write_at(&cor, &vec![6u8; GRAN as usize], 4 * GRAN, false).unwrap();
+        BlockDev::flush(&cor).unwrap();
+        drop(cor);
+        let cor = f.open();
+        let before = f.read_from_source();
+        assert_eq!(
+            read(&cor, 4 * GRAN, 4),
+            vec![6u8; 4],
+            "a flushed write is present"
+        );
+        assert_eq!(f.read_from_source(), before);
+    }
+
+    #[test]
+    fn zeroes_at_the_source_stay_holes_and_extents_answer_while_absent() {
+        let f = fixture(Duration::ZERO);
+        let cor = f.open();
+        // The source says 40..48 is a hole; a background install of it
+        // writes nothing.
+        let mut claim = cor.claim(40, 48);
+        claim.install(40, 8 * GRAN, None).unwrap();
+        assert_eq!(f.read_from_source(), 0);
+        let e = BlockDev::extents(&cor, BASE_ALLOCATION, 36 * GRAN, 16 * GRAN, 10).unwrap();
+        let runs: Vec<(u64, u32)> = e.iter().map(|e| (e.length, e.flags)).collect();
+        // 36..40 absent (source: data), 40..48 present and a local hole,
+        // 48..52 absent (data).
+        assert_eq!(runs, vec![(4 * GRAN, 0), (8 * GRAN, 3), (4 * GRAN, 0)]);
+        assert_eq!(read(&cor, 40 * GRAN, 8), vec![0; 8]);
+    }
+
+    #[test]
+    fn complete_when_every_block_arrived_and_then_the_source_is_not_asked() {
+        let f = fixture(Duration::ZERO);
+        let cor = f.open();
+        let mut from = 0;
+        while let Some((a, b)) = cor.next_absent(from, 16) {
+            let mut claim = cor.claim(a, b);
+            let off = a * GRAN;
+            let len = (b * GRAN).min(SIZE) - off;
+            let mut buf = vec![0u8; len as usize];
+            BlockDev::read_at(&*f.source, &mut buf, off).unwrap();
+            claim.install(a, len, Some(&buf)).unwrap();
+            from = b;
+        }
+        assert!(cor.is_complete());
+        assert!(cor.settle().unwrap());
+        let before = f.read_from_source();
+        assert_eq!(read(&cor, 0, SIZE as usize), source_data_with_hole());
+        assert_eq!(f.read_from_source(), before);
+        drop(cor);
+        assert!(f.open().is_complete(), "complete after a restart too");
+    }
+
+    fn source_data_with_hole() -> Vec<u8> {
+        let mut d = source_data();
+        d[(40 * GRAN) as usize..(48 * GRAN) as usize].fill(0);
+        d
+    }
+}

@@ -1,0 +1,121 @@
+//! Dispatch: admitted requests started on the device, their replies handed
+//! to the writer. While the writer is behind (its backlog full), READs wait
+//! here in arrival order but everything else still runs: a client that
+//! asks for block status behind a row of reads is answered at once, and a
+//! slow reader pins little memory.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use nbd_proto::consts::cmd;
+use nbd_proto::request::Request;
+use tokio::io::AsyncWrite;
+
+use crate::admission::Permits;
+use crate::execute::Session;
+use crate::outgoing::ReplySink;
+
+pub struct Dispatch<W> {
+    session: Arc<Session>,
+    sink: ReplySink<W>,
+    /// READs whose replies would go over the writer's backlog, in arrival
+    /// order, with the permits they hold.
+    deferred: VecDeque<(Request, Permits)>,
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Dispatch<W> {
+    pub fn new(session: Arc<Session>, sink: ReplySink<W>) -> Self {
+        Dispatch {
+            session,
+            sink,
+            deferred: VecDeque::new(),
+        }
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Starts a READ, or defers it while the writer is behind.
+    pub fn read(&mut self, req: Request, permits: Permits) -> std::io::Result<()> {
+        if !self.deferred.is_empty() || !self.sink.has_room() {
+            self.deferred.push_back((req, permits));
+            return Ok(());
+        }
+        self.start(req, Vec::new(), permits)
+    }
+
+    /// Answers a refused request without running it.
+    pub fn refuse(
+        &self,
+        req: &Request,
+        code: u32,
+        message: &str,
+        permits: Permits,
+    ) -> std::io::Result<()> {
+        let mut out = self.session.error_reply(req, code, message);
+        out.permits = Some(permits);
+        self.sink.send(out)
+    }
+
+    /// Runs a request and sends its reply: on this task when the answer is
+    /// at hand (cached data, block status), else on the blocking pool.
+    pub fn start(&self, req: Request, payload: Vec<u8>, permits: Permits) -> std::io::Result<()> {
+        debug_assert!(req.command == cmd::WRITE || payload.is_empty());
+        if let Some(mut out) = self.session.try_inline(&req) {
+            out.permits = Some(permits);
+            return self.sink.send(out);
+        }
+        let session = self.session.clone();
+        let sink = self.sink.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = session.execute(&req, payload);
+            out.permits = Some(permits);
+            sink.queue(out);
+        });
+        Ok(())
+    }
+
+    /// Starts the deferred READs, in order, while the writer has room.
+    fn start_ready(&mut self) -> std::io::Result<()> {
+        while self.sink.has_room()
+            && let Some((req, permits)) = self.deferred.pop_front()
+        {
+            self.start(req, Vec::new(), permits)?;
+        }
+        Ok(())
+    }
+
+    /// Awaits `f` while starting deferred READs whenever the writer has
+    /// room: they may hold the very permits `f` waits for, so otherwise a
+    /// mix of request sizes could stall the connection. Fails when the
+    /// writer is gone, since no reply can be sent any more.
+    pub async fn alongside<T>(&mut self, f: impl Future<Output = T>) -> std::io::Result<T> {
+        let mut f = std::pin::pin!(f);
+        loop {
+            self.start_ready()?;
+            // `f` first: when it is ready at once (the usual case for a
+            // permit) nothing else is polled or registered.
+            tokio::select! {
+                biased;
+                v = &mut f => return Ok(v),
+                () = self.sink.room(), if !self.deferred.is_empty() => {}
+                () = self.sink.gone() => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::BrokenPipe,
+                        "replies can no longer be sent",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The input has ended cleanly: starts every deferred READ (the writer
+    /// sends them as the client takes them).
+    pub fn finish(mut self) -> std::io::Result<()> {
+        for (req, permits) in std::mem::take(&mut self.deferred) {
+            self.start(req, Vec::new(), permits)?;
+        }
+        Ok(())
+    }
+}

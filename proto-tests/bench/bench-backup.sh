@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Backup benchmark: `nbdferry backup pull` / `restore` (release build)
+# against nbdcopy, restic and borg, on the 4 GiB sparse image of
+# mk-image.py (1 GiB of data in 1 MiB runs), in one run, alternating.
+#
+# Cases (each timed RUNS times, medians):
+#   full      nbdferry backup pull from qemu-nbd (-r) into a new local
+#             repository | nbdcopy of the export to a new sparse file |
+#             restic backup and borg create of the image file, each into a
+#             new repository (restic: no encryption is not offered, so its
+#             default AES; borg: -e none; nbdferry: zstd, no key).
+#             nbdferry, restic and borg make their data durable before they
+#             finish; nbdcopy leaves it in the page cache.
+#   incr      1% of the disk (41 MiB, 164 writes of 256 KiB at random
+#             places) changed: nbdferry backup pull --bitmap from qemu-nbd
+#             -B on the qcow2 | restic's second backup of the changed raw
+#             image; reported against the full backup of the same tool
+#   restore   nbdferry restore of the full point to qemu-nbd
+#             (--discard=unmap, fresh sparse target) | nbdcopy upload of
+#             the image to the same kind of target
+# Also prints the repository size after the incremental against the data
+# that changed.
+#
+# Usage: proto-tests/bench/bench-backup.sh [--runs N] [--no-build] [--keep]
+#   --runs N      timed runs per case and tool (default 3)
+# Needs: cargo, qemu-utils, libnbd-bin, restic, borgbackup, python3, ss.
+set -euo pipefail
+
+# shellcheck source=proto-tests/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+RUNS=3
+bench_parse_args 26 -- "$@"
+bench_need_tools qemu-nbd qemu-img qemu-io nbdcopy restic borg python3 ss
+bench_build
+bench_tmpdir WORK /var/tmp/bench-backup.XXXXXX
+bench_make_image
+LOG="$WORK/servers.log"
+export RESTIC_PASSWORD=bench BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
+
+QCOW="$WORK/img.qcow2"
+qemu-img convert -f raw -O qcow2 "$IMG" "$QCOW"
+
+# start_qemu [ARGS...]: qemu-nbd on the qcow2 with ARGS, sets URI.
+start_qcow() {
+    PORT=$(free_port)
+    qemu-nbd -t -e 8 -f qcow2 -r -x disk -b 127.0.0.1 -p "$PORT" "$@" "$QCOW" 2>>"$LOG" &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    wait_listen "$PORT" "$SERVER_PID"
+    URI="nbd://127.0.0.1:$PORT/disk"
+}
+
+timed() { local t0 t1; t0=$(now); "$@" >/dev/null 2>>"$LOG"; t1=$(now); elapsed "$t0" "$t1"; }
+sync_drop() { sync; }
+
+declare -A T=()
+add() { T[$1]="${T[$1]:-} $2"; }
+
+start_qcow
+for r in $(seq 0 "$RUNS"); do
+    rm -rf "$WORK/repo" "$WORK/out.raw" "$WORK/restic" "$WORK/borg"
+    a=$(timed "$BIN" backup pull "$URI" --repo "$WORK/repo" --disk d)
+    b=$(timed nbdcopy "$URI" "$WORK/out.raw")
+    restic init --repo "$WORK/restic" >/dev/null 2>&1
+    c=$(timed restic backup --repo "$WORK/restic" --no-cache "$IMG")
+    borg init -e none "$WORK/borg" >/dev/null 2>&1
+    d=$(timed borg create "$WORK/borg::a" "$IMG")
+    if [ "$r" -gt 0 ]; then # run 0 warms up
+        add full,nbdferry "$a"; add full,nbdcopy "$b"; add full,restic "$c"; add full,borg "$d"
+        echo "   full run $r: nbdferry ${a}s nbdcopy ${b}s restic ${c}s borg ${d}s" >&2
+    fi
+done
+cmp -s "$WORK/out.raw" "$IMG" || { echo "nbdcopy copy differs" >&2; exit 1; }
+rm -f "$WORK/out.raw"
+
+# Restore of the last full point vs upload of the image, to qemu-nbd.
+for r in $(seq 0 "$RUNS"); do
+    for tool in nbdferry nbdcopy; do
+        rm -f "$WORK/target.raw"
+        truncate -s "$VSIZE" "$WORK/target.raw"
+        P=$(free_port)
+        qemu-nbd -t -e 8 -f raw --discard=unmap -x t -b 127.0.0.1 -p "$P" "$WORK/target.raw" 2>>"$LOG" &
+        TP=$!
+        PIDS+=("$TP")
+        wait_listen "$P" "$TP"
+        if [ $tool = nbdferry ]; then
+            t=$(timed "$BIN" restore --repo "$WORK/repo" d "nbd://127.0.0.1:$P/t")
+        else
+            t=$(timed nbdcopy "$IMG" "nbd://127.0.0.1:$P/t")
+        fi
+        bench_stop "$TP"
+        cmp -s "$WORK/target.raw" "$IMG" || { echo "$tool restore differs" >&2; exit 1; }
+        if [ "$r" -gt 0 ]; then add restore,$tool "$t"; echo "   restore run $r $tool: ${t}s" >&2; fi
+    done
+done
+bench_stop "$SERVER_PID"
+
+# Incremental: a full point with the bitmap started, 1% changed, then the
+# incremental; restic's second backup of the same change to the raw image.
+for r in $(seq 1 "$RUNS"); do
+    rm -rf "$WORK/repo" "$WORK/restic"
+    qemu-img convert -f raw -O qcow2 "$IMG" "$QCOW"
+    qemu-img bitmap -f qcow2 --add "$QCOW" b0
+    start_qcow -B b0
+    full=$(timed "$BIN" backup pull "$URI" --repo "$WORK/repo" --disk d --bitmap b0)
+    bench_stop "$SERVER_PID"
+    cp --sparse=always "$IMG" "$WORK/changed.raw"
+    restic init --repo "$WORK/restic" >/dev/null 2>&1
+    rfull=$(timed restic backup --repo "$WORK/restic" --no-cache "$WORK/changed.raw")
+    before=$(du -sb "$WORK/repo" | cut -f1)
+    cmds=()
+    for i in $(seq 164); do
+        off=$(( (RANDOM * 32768 + RANDOM) % (VSIZE / 262144) * 262144 ))
+        cmds+=(-c "write -P $((i % 250 + 1)) $off 256K")
+        printf '%*s' 262144 '' | tr ' ' "$(printf "\\$(printf %o $((i % 26 + 65)))")" |
+            dd of="$WORK/changed.raw" bs=256K seek=$((off / 262144)) conv=notrunc status=none
+    done
+    qemu-io -f qcow2 "${cmds[@]}" "$QCOW" >/dev/null
+    start_qcow -B b0
+    incr=$(timed "$BIN" backup pull "$URI" --repo "$WORK/repo" --disk d --bitmap b0)
+    bench_stop "$SERVER_PID"
+    rincr=$(timed restic backup --repo "$WORK/restic" --no-cache "$WORK/changed.raw")
+    after=$(du -sb "$WORK/repo" | cut -f1)
+    add incr,nbdferry "$incr"; add incrfull,nbdferry "$full"
+    add incr,restic "$rincr"; add incrfull,restic "$rfull"
+    echo "   incr run $r: nbdferry full ${full}s incr ${incr}s; restic full ${rfull}s second ${rincr}s; repo grew $((after - before)) bytes for 41943040 changed" >&2
+    rm -f "$WORK/changed.raw"
+done
+
+m() { # shellcheck disable=SC2086
+    python3 -c 'import sys; print(f"{float(sys.argv[1]):.2f}")' "$(median ${T[$1]})"; }
+echo
+echo "median seconds over $RUNS runs (4 GiB image, 1 GiB data)"
+printf '%-10s %10s %10s %10s %10s\n' case nbdferry nbdcopy restic borg
+printf '%-10s %10s %10s %10s %10s\n' full "$(m full,nbdferry)" "$(m full,nbdcopy)" "$(m full,restic)" "$(m full,borg)"
+printf '%-10s %10s %10s\n' restore "$(m restore,nbdferry)" "$(m restore,nbdcopy)"
+printf '%-10s %10s %10s %10s\n' "incr" "$(m incr,nbdferry)" "-" "$(m incr,restic)"
+python3 - "$(m full,nbdferry)" "$(m full,nbdcopy)" "$(m full,restic)" "$(m full,borg)" \
+    "$(m restore,nbdferry)" "$(m restore,nbdcopy)" "$(m incr,nbdferry)" "$(m incrfull,nbdferry)" \
+    "$(m incr,restic)" "$(m incrfull,restic)" <<'EOF'
+import sys
+f, nc, rs, bg, rf, ru, i, ifull, ri, rifull = map(float, sys.argv[1:])
+print(f"full:    nbdferry speed / nbdcopy {nc / f:.2f}x, / restic {rs / f:.2f}x, / borg {bg / f:.2f}x")
+print(f"restore: nbdferry speed / nbdcopy upload {ru / rf:.2f}x")
+print(f"incr:    nbdferry incremental / its full {100 * i / ifull:.1f}% "
+      f"(restic second / its first {100 * ri / rifull:.1f}%; nbdferry vs restic second {ri / i:.2f}x)")
+EOF
