@@ -75,7 +75,7 @@ pub struct Server {
     registry: Arc<Registry>,
     limits: Limits,
     handshake: HandshakeConfig,
-    tls: Option<nbd_tls::TlsAcceptor>,
+    tls: Option<Arc<nbd_tls::ReloadableServerConfig>>,
 }
 
 impl Server {
@@ -94,8 +94,14 @@ impl Server {
             registry,
             limits,
             handshake,
-            tls: tls.map(nbd_tls::TlsAcceptor::from),
+            tls: tls.map(|c| Arc::new(nbd_tls::ReloadableServerConfig::new(c))),
         })
+    }
+
+    /// The credentials STARTTLS uses, to replace (on reload) while the
+    /// server runs; None when the server has no TLS.
+    pub fn tls(&self) -> Option<Arc<nbd_tls::ReloadableServerConfig>> {
+        self.tls.clone()
     }
 
     /// Accepts clients until `shutdown` fires, then lets every connection
