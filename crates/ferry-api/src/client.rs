@@ -252,6 +252,12 @@ impl AdminClient {
         self.get(crate::READY).await
     }
 
+    /// Asks the daemon to re-read its configuration and certificates;
+    /// [`ClientError::Api`] (422) with the reason when it refused them.
+    pub async fn reload(&self) -> Result<Reloaded, ClientError> {
+        self.call(Method::POST, crate::RELOAD, None::<&()>).await
+    }
+
     pub async fn exports(&self) -> Result<ExportList, ClientError> {
         self.get("/v1/exports").await
     }

@@ -20,6 +20,8 @@ pub const HEALTH: &str = "/v1/health";
 /// Readiness: 200 once the listeners are up and the state is loaded, 503
 /// before and while shutting down.
 pub const READY: &str = "/v1/ready";
+/// Re-reads the configuration file and certificates (as SIGHUP does).
+pub const RELOAD: &str = "/v1/reload";
 
 impl Role {
     /// The role a request needs: reading is for viewers, reverting a disk

@@ -60,6 +60,21 @@ impl Grants {
             .max()
     }
 
+    /// The highest role `caller` has on every disk: what a route that acts
+    /// on the whole daemon (reload, metrics) needs, since a grant limited
+    /// to some disks must not reach the others through it.
+    pub fn role_everywhere(&self, caller: &Caller) -> Option<Role> {
+        let identities = match caller {
+            Caller::Local => return Some(Role::Admin),
+            Caller::Remote { identities, .. } => identities,
+        };
+        self.0
+            .iter()
+            .filter(|g| identities.contains(&g.client) && g.disks.is_none())
+            .map(|g| g.role)
+            .max()
+    }
+
     /// Whether `caller` may see disk `disk` at all (for listings).
     pub fn sees(&self, caller: &Caller, disk: Option<&str>) -> bool {
         match (caller, disk) {
@@ -118,7 +133,13 @@ pub(crate) async fn authorize(
         return next.run(req).await;
     };
     let disk = disk_of(&path);
-    if grants.role(&caller, disk.as_deref()) >= Some(needed) {
+    let role = match &disk {
+        Some(d) => grants.role(&caller, Some(d)),
+        // The export list is filtered per disk by its handler.
+        None if path == "/v1/exports" => grants.role(&caller, None),
+        None => grants.role_everywhere(&caller),
+    };
+    if role >= Some(needed) {
         return next.run(req).await;
     }
     let (who, addr) = match &caller {

@@ -33,8 +33,8 @@ use axum::{Json, middleware};
 use ferry_api::{
     CheckpointCreated, CheckpointDeleted, CheckpointList, CompleteMirror, CreateCheckpoint,
     CreateSnapshot, ErrorBody, ExportList, HEALTH, Health, HydrationStatus, MirrorCancelled,
-    MirrorCompleted, MirrorStatus, READY, Ready, Reverted, SetMirror, SnapshotCreated,
-    SnapshotDeleted, SnapshotList, StartMirror,
+    MirrorCompleted, MirrorStatus, READY, RELOAD, Ready, Reloaded, Reverted, SetMirror,
+    SnapshotCreated, SnapshotDeleted, SnapshotList, StartMirror,
 };
 use serde::de::DeserializeOwned;
 
@@ -55,6 +55,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::ReadOnlyDisk(_) | ServiceError::Exists(_) | ServiceError::Busy(_) => {
                 StatusCode::CONFLICT
             }
+            ServiceError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ServiceError::Config(_) | ServiceError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -113,6 +114,11 @@ async fn ready(State(app): State<App>) -> Answer<Ready> {
             format!("not ready: {why}"),
         )),
     }
+}
+
+/// Re-reads the configuration file and certificates, as SIGHUP does.
+async fn reload(State(app): State<App>) -> Answer<Reloaded> {
+    Ok(Json(app.daemon.reload().await?))
 }
 
 /// The exports the caller may see.
@@ -252,6 +258,7 @@ pub fn router(daemon: Arc<Daemon>, grants: Arc<Grants>) -> Router {
     Router::new()
         .route(HEALTH, get(health))
         .route(READY, get(ready))
+        .route(RELOAD, post(reload))
         .route("/v1/exports", get(exports))
         .route(
             "/v1/disks/{disk}/snapshots",

@@ -12,6 +12,7 @@ mod info;
 mod manpage;
 mod map;
 mod mirror;
+mod reload;
 mod restore;
 mod serve;
 mod size;
@@ -49,6 +50,9 @@ pub enum Command {
     Restore(restore::RestoreArgs),
     /// Ask a daemon whether it is alive, or ready (--ready): exit 0 if so.
     Health(health::HealthArgs),
+    /// Make a daemon re-read its config file and certificates (as SIGHUP
+    /// does) without dropping clients.
+    Reload(reload::ReloadArgs),
     /// Print the shell completion script for bash, zsh, fish, elvish or
     /// powershell.
     Completions(completions::CompletionsArgs),
@@ -73,6 +77,7 @@ impl Command {
             Command::Backup(a) => backup::run(a).await,
             Command::Restore(a) => restore::run(a).await,
             Command::Health(a) => health::run(a).await,
+            Command::Reload(a) => reload::run(a).await,
             Command::Completions(a) => completions::run(a),
             Command::Manpage(a) => manpage::run(a),
         }
