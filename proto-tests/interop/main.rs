@@ -22,6 +22,7 @@ mod netns;
 mod postcopy;
 mod qemu;
 mod relay;
+mod reload;
 mod remote_admin;
 mod service;
 mod snapshots;
