@@ -22,6 +22,7 @@ use crate::dispatch::Dispatch;
 use crate::execute::Session;
 use crate::frame::FrameReader;
 use crate::limits::Limits;
+use crate::metrics::{self, ExportMetrics};
 use crate::outgoing::ReplySink;
 use crate::registry::{Export, Registry};
 use crate::split::Split;
@@ -61,8 +62,12 @@ pub async fn serve<S: Split>(
             };
             let accept = acceptor.accept(Prefixed::new(leftover.to_vec(), stream));
             let mut tls = match bounded(&ctx, deadline, accept).await {
-                Some(Ok(t)) => t,
+                Some(Ok(t)) => {
+                    metrics::tls_handshake(true);
+                    t
+                }
                 Some(Err(e)) => {
+                    metrics::tls_handshake(false);
                     tracing::warn!(%peer, "{}", nbd_tls::describe_handshake_error(&e, nbd_tls::Side::Server));
                     return Ok(());
                 }
@@ -171,6 +176,7 @@ async fn transmission<S: Split>(
         flags: n.flags,
         contexts: n.contexts,
         max_payload: limits.max_payload,
+        metrics: ExportMetrics::connect(&n.export.name),
     });
     let stop = Stop {
         server: ctx.shutdown.clone(),

@@ -214,6 +214,7 @@ async fn accept_loop(
 /// bounded time; when many are refused at once, the rest are just closed.
 async fn turn_away(stream: Accepted, gate: &Gate, peer: String) {
     let limit = gate.limit;
+    crate::metrics::refused("connection_limit");
     let Ok(_refusing) = gate.refusing.try_acquire() else {
         tracing::warn!(%peer, limit, "connection limit reached: closing client");
         return;

@@ -99,11 +99,13 @@ impl Access {
     /// Whether `peer` may use `export`, and if not, the answer to give.
     fn admits(&self, export: &str, peer: &Peer) -> Result<(), Lookup<Arc<Export>>> {
         if !self.tls_ok(peer) {
+            crate::metrics::refused("tls_required");
             return Err(Lookup::TlsRequired);
         }
         if self.identity_ok(peer) {
             return Ok(());
         }
+        crate::metrics::refused("not_allowed");
         tracing::warn!(
             export,
             client = %peer.identities.join(","),
