@@ -22,6 +22,9 @@ pub const HEALTH: &str = "/v1/health";
 pub const READY: &str = "/v1/ready";
 /// Re-reads the configuration file and certificates (as SIGHUP does).
 pub const RELOAD: &str = "/v1/reload";
+/// Prometheus metrics, in the text exposition format (viewer on all
+/// disks).
+pub const METRICS: &str = "/metrics";
 
 impl Role {
     /// The role a request needs: reading is for viewers, reverting a disk

@@ -28,6 +28,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ServiceError;
+use crate::metrics::Renderer;
 use crate::phase::{Phase, PhaseCell};
 use crate::reload::{ReloadChannel, ReloadRequest};
 use crate::stack::{self, ExportSpec};
@@ -71,12 +72,20 @@ pub struct Daemon {
     disks: Mutex<BTreeMap<String, Slot>>,
     phase: PhaseCell,
     reloads: ReloadChannel,
+    renderer: Renderer,
     /// Disks still arriving from a source, and the pass that brings them.
     hydrations: Mutex<BTreeMap<String, HydrationSlot>>,
     /// Mirrors of disks (running, or ended: kept for their status).
     mirrors: Mutex<BTreeMap<String, MirrorSlot>>,
     /// Stops the daemon's background jobs.
     stop: CancellationToken,
+}
+
+/// The disks and jobs as a scrape of `/metrics` finds them.
+pub(crate) struct Sample {
+    pub(crate) disks: Vec<(String, Arc<Disk>)>,
+    pub(crate) hydrations: Vec<HydrationStatus>,
+    pub(crate) mirrors: Vec<MirrorStatus>,
 }
 
 /// `DISK@SNAP`, the export name of a snapshot.
@@ -143,6 +152,7 @@ impl Daemon {
             disks: Mutex::new(BTreeMap::new()),
             phase: PhaseCell::default(),
             reloads: ReloadChannel::default(),
+            renderer: Renderer::default(),
             hydrations: Mutex::new(BTreeMap::new()),
             mirrors: Mutex::new(BTreeMap::new()),
             stop: CancellationToken::new(),
@@ -169,6 +179,34 @@ impl Daemon {
     /// the outcome.
     pub async fn reload(&self) -> Result<Reloaded, ServiceError> {
         self.reloads.request().await
+    }
+
+    pub(crate) fn renderer(&self) -> &Renderer {
+        &self.renderer
+    }
+
+    pub(crate) fn sample(&self) -> Sample {
+        let disks = lock(&self.disks)
+            .iter()
+            .filter_map(|(name, s)| match s {
+                Slot::Live { disk, .. } => Some((name.clone(), disk.clone())),
+                Slot::ReadOnly { .. } => None,
+            })
+            .collect();
+        let hydrations = lock(&self.hydrations)
+            .iter()
+            .map(|(d, h)| h.hydration.status(d))
+            .collect();
+        let mirrors = lock(&self.mirrors)
+            .iter()
+            .filter(|(_, m)| m.mirror.is_running())
+            .map(|(d, m)| m.mirror.status(d))
+            .collect();
+        Sample {
+            disks,
+            hydrations,
+            mirrors,
+        }
     }
 
     /// Stops the background jobs (hydration passes); their state is

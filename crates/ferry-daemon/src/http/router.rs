@@ -32,9 +32,9 @@ use axum::routing::{delete, get, post};
 use axum::{Json, middleware};
 use ferry_api::{
     CheckpointCreated, CheckpointDeleted, CheckpointList, CompleteMirror, CreateCheckpoint,
-    CreateSnapshot, ErrorBody, ExportList, HEALTH, Health, HydrationStatus, MirrorCancelled,
-    MirrorCompleted, MirrorStatus, READY, RELOAD, Ready, Reloaded, Reverted, SetMirror,
-    SnapshotCreated, SnapshotDeleted, SnapshotList, StartMirror,
+    CreateSnapshot, ErrorBody, ExportList, HEALTH, Health, HydrationStatus, METRICS,
+    MirrorCancelled, MirrorCompleted, MirrorStatus, READY, RELOAD, Ready, Reloaded, Reverted,
+    SetMirror, SnapshotCreated, SnapshotDeleted, SnapshotList, StartMirror,
 };
 use serde::de::DeserializeOwned;
 
@@ -119,6 +119,16 @@ async fn ready(State(app): State<App>) -> Answer<Ready> {
 /// Re-reads the configuration file and certificates, as SIGHUP does.
 async fn reload(State(app): State<App>) -> Answer<Reloaded> {
     Ok(Json(app.daemon.reload().await?))
+}
+
+/// Prometheus text exposition format, version 0.0.4.
+async fn metrics(State(app): State<App>) -> Result<Response, ApiError> {
+    let text = blocking(&app, |d| d.metrics()).await?;
+    let kind = [(
+        axum::http::header::CONTENT_TYPE,
+        "text/plain; version=0.0.4; charset=utf-8",
+    )];
+    Ok((kind, text).into_response())
 }
 
 /// The exports the caller may see.
@@ -259,6 +269,7 @@ pub fn router(daemon: Arc<Daemon>, grants: Arc<Grants>) -> Router {
         .route(HEALTH, get(health))
         .route(READY, get(ready))
         .route(RELOAD, post(reload))
+        .route(METRICS, get(metrics))
         .route("/v1/exports", get(exports))
         .route(
             "/v1/disks/{disk}/snapshots",

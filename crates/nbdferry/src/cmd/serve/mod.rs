@@ -1,7 +1,7 @@
 //! `nbdferry serve`: export files and block devices over NBD; the config
 //! file (`config.rs`), bringing the exports to what it wants
 //! (`exports.rs`), and reloading both it and the certificates while
-//! serving (`reload.rs`).
+//! serving (`reload.rs`), and the metrics recorder (`prometheus.rs`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,7 @@ use crate::{admin, logging, systemd};
 
 mod config;
 mod exports;
+mod prometheus;
 mod reload;
 
 use config::{ConfigFile, ExportDefaults, TlsArg, load_config, parse_grant, wanted_exports};
@@ -232,6 +233,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let serving = tokio::spawn(server.run(listeners, shutdown.clone()));
     let upkeep = tokio::spawn(daemon.clone().maintain(shutdown.clone()));
+    let metrics = prometheus::install(&daemon, shutdown.clone())?;
     let mut admin_tasks = Vec::new();
     if let Some(l) = admin_sock {
         let api = ferry_daemon::http::serve(l, daemon.clone(), grants.clone(), shutdown.clone());
@@ -270,6 +272,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         t.await.context("admin task failed")?;
     }
     upkeep.await.context("upkeep task failed")?;
+    metrics.await.context("metrics task failed")?;
     Ok(())
 }
 
