@@ -63,6 +63,7 @@ pub fn package_of(bin: &str) -> &'static str {
         "nbd-server" => "nbd-server",
         "nbd-client" => "nbd-client",
         "fio" => "fio",
+        "prometheus" => "prometheus",
         "certtool" => "gnutls-bin",
         "ip" | "tc" => "iproute2",
         "losetup" => "mount (util-linux)",

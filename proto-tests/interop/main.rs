@@ -20,6 +20,7 @@ mod nbd_server_ref;
 mod nbdkit;
 mod netns;
 mod postcopy;
+mod prometheus;
 mod qemu;
 mod relay;
 mod reload;
