@@ -364,4 +364,38 @@ mod tests {
         let (status, _) = call(&app, stranger(), "POST", "/v1/ready").await;
         assert_eq!(status, StatusCode::FORBIDDEN);
     }
+
+    /// Reload and metrics act on the whole daemon: a grant limited to
+    /// some disks does not reach them.
+    #[tokio::test]
+    async fn daemon_wide_routes_need_a_grant_on_every_disk() {
+        let state = tempfile::tempdir().unwrap();
+        let registry = Arc::new(nbd_server::Registry::new(1 << 25));
+        let daemon = Arc::new(Daemon::new(registry, state.path()));
+        let grant = |client: &str, role, disks: Option<Vec<String>>| super::super::auth::Grant {
+            client: client.into(),
+            role,
+            disks,
+        };
+        let grants = Grants(vec![
+            grant("ops", ferry_api::Role::Operator, None),
+            grant("ops-d", ferry_api::Role::Operator, Some(vec!["d".into()])),
+        ]);
+        let app = router(daemon.clone(), Arc::new(grants));
+        let who = |id: &str| Caller::Remote {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            identities: vec![id.into()],
+        };
+        for path in ["/v1/reload", "/metrics"] {
+            let method = if path == "/metrics" { "GET" } else { "POST" };
+            let (status, body) = call(&app, who("ops-d"), method, path).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+            // Allowed through; nothing here reloads or records.
+            let (status, body) = call(&app, who("ops"), method, path).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        }
+        daemon.set_metrics(Box::new(|| "# EOF\n".into()));
+        let (status, body) = call(&app, Caller::Local, "GET", "/metrics").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "# EOF\n"));
+    }
 }
