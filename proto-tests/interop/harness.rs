@@ -63,6 +63,7 @@ pub fn package_of(bin: &str) -> &'static str {
         "nbd-server" => "nbd-server",
         "nbd-client" => "nbd-client",
         "fio" => "fio",
+        "prometheus" => "prometheus",
         "certtool" => "gnutls-bin",
         "ip" | "tc" => "iproute2",
         "losetup" => "mount (util-linux)",
@@ -395,6 +396,46 @@ pub fn free_port() -> u16 {
 // nbdferry server
 // ---------------------------------------------------------------------------
 
+/// The text of a daemon's status line (`listening on ...`): the line
+/// itself, or with `NBDFERRY_LOG_FORMAT=json` the message of a status
+/// object.
+pub fn status_text(line: &str) -> std::borrow::Cow<'_, str> {
+    let json = line
+        .starts_with('{')
+        .then(|| serde_json::from_str::<serde_json::Value>(line).ok())
+        .flatten();
+    match json {
+        Some(v) if v["target"] == "nbdferry::status" => {
+            v["message"].as_str().unwrap_or_default().to_string().into()
+        }
+        _ => line.into(),
+    }
+}
+
+/// One raw HTTP/1.1 request to an admin API Unix socket: (status, body).
+pub fn admin_http(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut c = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {sock:?}: {e}"));
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in: {answer}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// A running `nbdferry serve`. Killed (SIGTERM, then SIGKILL) on drop.
 pub struct Server {
     child: Option<Child>,
@@ -463,9 +504,10 @@ impl Server {
                     log.lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push(line.clone());
-                    if !sent && line.starts_with("listening on ") {
+                    let status = status_text(&line);
+                    if !sent && status.starts_with("listening on ") {
                         sent = true;
-                        let _ = tx.send(Some(line));
+                        let _ = tx.send(Some(status.to_string()));
                     }
                 }
                 let _ = tx.send(None);

@@ -4,9 +4,8 @@
 //! hash or a block list compared with a log of what was written.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
@@ -656,26 +655,6 @@ fn revert_restores_and_delete_frees_space() {
     s.stop();
 }
 
-/// One raw HTTP request to the admin socket: (status, body).
-fn http(state: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut c = UnixStream::connect(sock(state)).expect("connect admin socket");
-    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    write!(
-        c,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    (status, out)
-}
-
 #[test]
 fn bad_input_gives_one_line_errors_and_leaves_nothing() {
     let dir = tmpdir();
@@ -703,16 +682,21 @@ fn bad_input_gives_one_line_errors_and_leaves_nothing() {
         assert!(e.contains("invalid checkpoint name"), "{e}");
     }
     // The daemon validates too (the CLI is not the only client).
-    let (code, body) = http(
-        &state,
+    let (code, body) = admin_http(
+        &sock(&state),
         "POST",
         "/v1/disks/disk/snapshots",
         r#"{"name":"../evil"}"#,
     );
     assert_eq!(code, 400, "{body}");
-    let (code, body) = http(&state, "DELETE", "/v1/disks/disk/snapshots/%2E%2E%2Fx", "");
+    let (code, body) = admin_http(
+        &sock(&state),
+        "DELETE",
+        "/v1/disks/disk/snapshots/%2E%2E%2Fx",
+        "",
+    );
     assert_eq!(code, 400, "{body}");
-    let (code, _) = http(&state, "GET", "/v1/disks/..%2Fetc/snapshots", "");
+    let (code, _) = admin_http(&sock(&state), "GET", "/v1/disks/..%2Fetc/snapshots", "");
     assert_eq!(code, 404);
 
     assert!(cli_fail(&state, &["snapshot", "create", "nodisk", "s1"]).contains("no disk 'nodisk'"));
@@ -736,7 +720,7 @@ fn bad_input_gives_one_line_errors_and_leaves_nothing() {
     cli(&state, &["snapshot", "create", "disk", "s1"]);
     // The export list shows the live disk, its snapshot and the read-only
     // export.
-    let (code, body) = http(&state, "GET", "/v1/exports", "");
+    let (code, body) = admin_http(&sock(&state), "GET", "/v1/exports", "");
     assert_eq!(code, 200, "{body}");
     let object = |name: &str| {
         body.split('}')

@@ -241,6 +241,23 @@ impl AdminClient {
         self.call(Method::GET, path, None::<&()>).await
     }
 
+    /// Liveness; an error when the daemon does not answer.
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get(crate::HEALTH).await
+    }
+
+    /// Readiness; [`ClientError::Api`] (503) with the reason when the
+    /// daemon is starting or shutting down.
+    pub async fn ready(&self) -> Result<Ready, ClientError> {
+        self.get(crate::READY).await
+    }
+
+    /// Asks the daemon to re-read its configuration and certificates;
+    /// [`ClientError::Api`] (422) with the reason when it refused them.
+    pub async fn reload(&self) -> Result<Reloaded, ClientError> {
+        self.call(Method::POST, crate::RELOAD, None::<&()>).await
+    }
+
     pub async fn exports(&self) -> Result<ExportList, ClientError> {
         self.get("/v1/exports").await
     }

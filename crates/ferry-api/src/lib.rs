@@ -11,5 +11,5 @@ mod routes;
 mod types;
 
 pub use client::{AdminClient, ClientError, Endpoint};
-pub use routes::{Role, path_segment, validate_name};
+pub use routes::{HEALTH, METRICS, READY, RELOAD, Role, path_segment, validate_name};
 pub use types::*;

@@ -15,15 +15,30 @@ pub enum Role {
     Admin,
 }
 
+/// Liveness: answers whenever the daemon's admin API does.
+pub const HEALTH: &str = "/v1/health";
+/// Readiness: 200 once the listeners are up and the state is loaded, 503
+/// before and while shutting down.
+pub const READY: &str = "/v1/ready";
+/// Re-reads the configuration file and certificates (as SIGHUP does).
+pub const RELOAD: &str = "/v1/reload";
+/// Prometheus metrics, in the text exposition format (viewer on all
+/// disks).
+pub const METRICS: &str = "/metrics";
+
 impl Role {
     /// The role a request needs: reading is for viewers, reverting a disk
-    /// for admins, every other change for operators.
-    pub fn needed(method: &str, path: &str) -> Role {
+    /// for admins, every other change for operators. `None`: the health
+    /// probes, which any caller that reached the API may read (over TCP,
+    /// mutual TLS has already proved a certificate of the daemon's CA), so
+    /// that monitors and load balancers need no grant on any disk.
+    pub fn needed(method: &str, path: &str) -> Option<Role> {
         match method {
-            "GET" | "HEAD" => Role::Viewer,
+            "GET" | "HEAD" if path == HEALTH || path == READY => None,
+            "GET" | "HEAD" => Some(Role::Viewer),
             // Both replace what a disk holds.
-            _ if path.ends_with("/revert") || path.ends_with("/arrive") => Role::Admin,
-            _ => Role::Operator,
+            _ if path.ends_with("/revert") || path.ends_with("/arrive") => Some(Role::Admin),
+            _ => Some(Role::Operator),
         }
     }
 
@@ -99,15 +114,19 @@ mod tests {
 
     #[test]
     fn roles() {
-        assert_eq!(Role::needed("GET", "/v1/exports"), Role::Viewer);
+        assert_eq!(Role::needed("GET", "/v1/exports"), Some(Role::Viewer));
         assert_eq!(
             Role::needed("POST", "/v1/disks/d/snapshots"),
-            Role::Operator
+            Some(Role::Operator)
         );
         assert_eq!(
             Role::needed("POST", "/v1/disks/d/snapshots/s/revert"),
-            Role::Admin
+            Some(Role::Admin)
         );
+        assert_eq!(Role::needed("GET", HEALTH), None);
+        assert_eq!(Role::needed("GET", READY), None);
+        // Only reading them is free.
+        assert_eq!(Role::needed("POST", READY), Some(Role::Operator));
         assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
     }
 }

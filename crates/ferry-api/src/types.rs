@@ -143,6 +143,39 @@ pub struct ExportList {
     pub exports: Vec<ExportEntry>,
 }
 
+/// `GET /v1/health`: the daemon answers, so it is alive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Health {
+    pub alive: bool,
+}
+
+/// `GET /v1/ready` (200): every listener is up and every disk's state is
+/// loaded. A daemon that is starting or shutting down answers 503 with an
+/// [`ErrorBody`] that says which.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ready {
+    pub ready: bool,
+}
+
+/// `POST /v1/reload`: what a reload of the configuration changed. A
+/// refused reload answers an [`ErrorBody`] (422) and changed nothing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The configuration file read, if the daemon has one.
+    pub config: Option<String>,
+    /// Exports published by this reload.
+    pub added: Vec<String>,
+    /// Exports retired: their clients finished what was in flight.
+    pub removed: Vec<String>,
+    /// Exports whose access (tls, allow-clients) or default-ness changed.
+    pub changed: Vec<String>,
+    /// Whether the TLS certificates were read again.
+    pub certificates: bool,
+    /// Settings that differ from the running ones but only take effect
+    /// at the next start (listeners, limits, TLS mode, admin grants).
+    pub restart_needed: Vec<String>,
+}
+
 /// `GET /v1/disks/{disk}/hydration`: a post-copy disk still arriving (or
 /// arrived) from its source.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -23,6 +23,9 @@ pub enum ServiceError {
     /// An export cannot be set up as configured.
     #[error("{0}")]
     Config(String),
+    /// A reload refused the new configuration; the old one keeps running.
+    #[error("{0}")]
+    Refused(String),
     /// I/O or damaged state.
     #[error(transparent)]
     Storage(StoreError),

@@ -18,7 +18,7 @@ use ferry_api::{
 };
 use ferry_api::{
     CheckpointCreated, CheckpointDeleted, CheckpointList, CreateCheckpoint, CreateSnapshot,
-    ExportEntry, ExportList, HydrationStatus, Reverted, SnapshotCreated, SnapshotDeleted,
+    ExportEntry, ExportList, HydrationStatus, Reloaded, Reverted, SnapshotCreated, SnapshotDeleted,
     SnapshotEntry, SnapshotList,
 };
 use ferry_jobs::{HydrateOptions, Hydration, Mirror};
@@ -28,6 +28,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ServiceError;
+use crate::metrics::Renderer;
+use crate::phase::{Phase, PhaseCell};
+use crate::reload::{ReloadChannel, ReloadRequest};
 use crate::stack::{self, ExportSpec};
 
 /// A mirror and its copier task (gone once completion took it).
@@ -45,20 +48,45 @@ enum Slot {
         /// Held across each change of the disk and its exports.
         ops: Arc<Mutex<()>>,
     },
-    /// Exported read-only: served, but not snapshotted or tracked.
-    ReadOnly,
+    /// Exported read-only (as `export`): served, but not snapshotted or
+    /// tracked.
+    ReadOnly { export: String },
+}
+
+impl Slot {
+    fn export(&self) -> &str {
+        match self {
+            Slot::Live { export, .. } | Slot::ReadOnly { export } => export,
+        }
+    }
+}
+
+/// A disk arriving from its source, and what stops its background pass.
+struct HydrationSlot {
+    hydration: Arc<Hydration>,
+    stop: CancellationToken,
 }
 
 pub struct Daemon {
     registry: Arc<Registry>,
     disks_dir: PathBuf,
     disks: Mutex<BTreeMap<String, Slot>>,
+    phase: PhaseCell,
+    reloads: ReloadChannel,
+    renderer: Renderer,
     /// Disks still arriving from a source, and the pass that brings them.
-    hydrations: Mutex<BTreeMap<String, Arc<Hydration>>>,
+    hydrations: Mutex<BTreeMap<String, HydrationSlot>>,
     /// Mirrors of disks (running, or ended: kept for their status).
     mirrors: Mutex<BTreeMap<String, MirrorSlot>>,
     /// Stops the daemon's background jobs.
     stop: CancellationToken,
+}
+
+/// The disks and jobs as a scrape of `/metrics` finds them.
+pub(crate) struct Sample {
+    pub(crate) disks: Vec<(String, Arc<Disk>)>,
+    pub(crate) hydrations: Vec<HydrationStatus>,
+    pub(crate) mirrors: Vec<MirrorStatus>,
 }
 
 /// `DISK@SNAP`, the export name of a snapshot.
@@ -96,7 +124,7 @@ impl Daemon {
                 .values()
                 .filter_map(|s| match s {
                     Slot::Live { disk, .. } => Some(disk.clone()),
-                    Slot::ReadOnly => None,
+                    Slot::ReadOnly { .. } => None,
                 })
                 .collect();
             let done = tokio::task::spawn_blocking(move || {
@@ -123,9 +151,62 @@ impl Daemon {
             registry,
             disks_dir: state_dir.join("disks"),
             disks: Mutex::new(BTreeMap::new()),
+            phase: PhaseCell::default(),
+            reloads: ReloadChannel::default(),
+            renderer: Renderer::default(),
             hydrations: Mutex::new(BTreeMap::new()),
             mirrors: Mutex::new(BTreeMap::new()),
             stop: CancellationToken::new(),
+        }
+    }
+
+    /// Where the daemon is: [`Phase::Starting`] until the owner of its
+    /// listeners says otherwise with [`set_phase`](Self::set_phase).
+    pub fn phase(&self) -> Phase {
+        self.phase.get()
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.set(phase);
+    }
+
+    /// Reload requests of the admin API, for whoever owns the
+    /// configuration; None after the first call.
+    pub fn reload_requests(&self) -> Option<tokio::sync::mpsc::Receiver<ReloadRequest>> {
+        self.reloads.listen()
+    }
+
+    /// Asks the owner of the configuration to reload it, and waits for
+    /// the outcome.
+    pub async fn reload(&self) -> Result<Reloaded, ServiceError> {
+        self.reloads.request().await
+    }
+
+    pub(crate) fn renderer(&self) -> &Renderer {
+        &self.renderer
+    }
+
+    pub(crate) fn sample(&self) -> Sample {
+        let disks = lock(&self.disks)
+            .iter()
+            .filter_map(|(name, s)| match s {
+                Slot::Live { disk, .. } => Some((name.clone(), disk.clone())),
+                Slot::ReadOnly { .. } => None,
+            })
+            .collect();
+        let hydrations = lock(&self.hydrations)
+            .iter()
+            .map(|(d, h)| h.hydration.status(d))
+            .collect();
+        let mirrors = lock(&self.mirrors)
+            .iter()
+            .filter(|(_, m)| m.mirror.is_running())
+            .map(|(d, m)| m.mirror.status(d))
+            .collect();
+        Sample {
+            disks,
+            hydrations,
+            mirrors,
         }
     }
 
@@ -197,8 +278,9 @@ impl Daemon {
                 rate: spec.source.as_ref().and_then(|s| s.rate),
                 ..hydrate.clone()
             };
-            tokio::spawn(h.clone().run(opts, self.stop.child_token()));
-            lock(&self.hydrations).insert(d.clone(), h);
+            let stop = self.stop.child_token();
+            tokio::spawn(h.clone().run(opts, stop.clone()));
+            lock(&self.hydrations).insert(d.clone(), HydrationSlot { hydration: h, stop });
         }
         let Some(d) = disk_name else {
             return Ok(());
@@ -230,7 +312,9 @@ impl Daemon {
                     ops: Arc::default(),
                 }
             }
-            None => Slot::ReadOnly,
+            None => Slot::ReadOnly {
+                export: name.to_string(),
+            },
         };
         disks.insert(d, slot);
         Ok(())
@@ -247,11 +331,62 @@ impl Daemon {
             .map_err(|e| ServiceError::Exists(e.to_string()))
     }
 
+    /// Whether [`remove_export`](Self::remove_export) would take `name`
+    /// away: a disk being mirrored keeps its export until the mirror is
+    /// completed or cancelled.
+    pub fn check_removal(&self, name: &str) -> Result<(), ServiceError> {
+        let disks = lock(&self.disks);
+        let Some((disk, _)) = disks.iter().find(|(_, s)| s.export() == name) else {
+            return Ok(());
+        };
+        if lock(&self.mirrors)
+            .get(disk)
+            .is_some_and(|m| m.mirror.is_running())
+        {
+            return Err(ServiceError::Busy(format!(
+                "export '{name}': disk '{disk}' is being mirrored; complete or cancel the mirror first"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes export `name` away with its snapshot exports: new clients
+    /// cannot find them, and their connections answer what they have in
+    /// flight and close. The disk's background hydration stops (its state
+    /// is durable); the disk itself closes when its last connection has.
+    pub fn remove_export(&self, name: &str) -> Result<(), ServiceError> {
+        self.check_removal(name)?;
+        let mut disks = lock(&self.disks);
+        let disk = disks
+            .iter()
+            .find(|(_, s)| s.export() == name)
+            .map(|(d, _)| d.clone());
+        if self.registry.retire(name).is_none() {
+            return Err(ServiceError::NotFound(format!("no export '{name}'")));
+        }
+        let Some(disk) = disk else {
+            return Ok(());
+        };
+        let prefix = snapshot_export(&disk, "");
+        for p in self.registry.list() {
+            if p.name.starts_with(&prefix) {
+                self.registry.retire(&p.name);
+            }
+        }
+        if let Some(h) = lock(&self.hydrations).remove(&disk) {
+            h.stop.cancel();
+        }
+        lock(&self.mirrors).remove(&disk);
+        disks.remove(&disk);
+        tracing::info!(export = name, disk, "export removed");
+        Ok(())
+    }
+
     /// The live disk `disk` and its operation lock.
     fn live(&self, disk: &str) -> Result<(Arc<Disk>, Arc<Mutex<()>>), ServiceError> {
         match lock(&self.disks).get(disk) {
             Some(Slot::Live { disk, ops, .. }) => Ok((disk.clone(), ops.clone())),
-            Some(Slot::ReadOnly) => Err(ServiceError::ReadOnlyDisk(disk.to_string())),
+            Some(Slot::ReadOnly { .. }) => Err(ServiceError::ReadOnlyDisk(disk.to_string())),
             None => Err(ServiceError::NoSuchDisk(disk.to_string())),
         }
     }
@@ -364,7 +499,7 @@ impl Daemon {
             AfterMirror::Stop => {
                 let export = lock(&self.disks).get(disk).and_then(|s| match s {
                     Slot::Live { export, .. } => Some(export.clone()),
-                    Slot::ReadOnly => None,
+                    Slot::ReadOnly { .. } => None,
                 });
                 if let Some(e) = export {
                     self.registry.remove(&e);
@@ -509,7 +644,7 @@ impl Daemon {
     /// Where a disk that arrives from a source stands.
     pub fn hydration(&self, disk: &str) -> Result<HydrationStatus, ServiceError> {
         if let Some(h) = lock(&self.hydrations).get(disk) {
-            return Ok(h.status(disk));
+            return Ok(h.hydration.status(disk));
         }
         self.live(disk)?;
         Err(ServiceError::NotFound(format!(

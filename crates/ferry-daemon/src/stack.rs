@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ServiceError;
 
 /// Where a disk still arriving comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceSpec {
     /// Any NBD URI the client takes (nbds:// with tls-certificates= too).
     pub uri: String,
@@ -49,7 +49,7 @@ pub const DEFAULT_SOURCE_TIMEOUT: Duration = Duration::from_secs(60);
 const SOURCE_RECORD: &str = "source.json";
 
 /// One export as configured.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExportSpec {
     pub name: String,
     pub description: String,

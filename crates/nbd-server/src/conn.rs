@@ -22,6 +22,7 @@ use crate::dispatch::Dispatch;
 use crate::execute::Session;
 use crate::frame::FrameReader;
 use crate::limits::Limits;
+use crate::metrics::{self, ExportMetrics};
 use crate::outgoing::ReplySink;
 use crate::registry::{Export, Registry};
 use crate::split::Split;
@@ -34,7 +35,7 @@ pub struct ConnContext {
     pub limits: Limits,
     pub handshake: HandshakeConfig,
     pub shutdown: CancellationToken,
-    pub tls: Option<nbd_tls::TlsAcceptor>,
+    pub tls: Option<Arc<nbd_tls::ReloadableServerConfig>>,
     pub budget: Arc<MemoryBudget>,
 }
 
@@ -55,14 +56,18 @@ pub async fn serve<S: Split>(
         Phase::Done(n, pending) => transmission(stream, ctx, *n, pending, peer).await,
         Phase::Ended => Ok(()),
         Phase::StartTls(leftover) => {
-            let Some(acceptor) = ctx.tls.clone() else {
+            let Some(acceptor) = ctx.tls.as_ref().map(|t| t.acceptor()) else {
                 tracing::warn!(%peer, "STARTTLS acknowledged without TLS credentials");
                 return Ok(());
             };
             let accept = acceptor.accept(Prefixed::new(leftover.to_vec(), stream));
             let mut tls = match bounded(&ctx, deadline, accept).await {
-                Some(Ok(t)) => t,
+                Some(Ok(t)) => {
+                    metrics::tls_handshake(true);
+                    t
+                }
                 Some(Err(e)) => {
+                    metrics::tls_handshake(false);
                     tracing::warn!(%peer, "{}", nbd_tls::describe_handshake_error(&e, nbd_tls::Side::Server));
                     return Ok(());
                 }
@@ -171,7 +176,12 @@ async fn transmission<S: Split>(
         flags: n.flags,
         contexts: n.contexts,
         max_payload: limits.max_payload,
+        metrics: ExportMetrics::connect(&n.export.name),
     });
+    let stop = Stop {
+        server: ctx.shutdown.clone(),
+        export: n.export.retired().clone(),
+    };
     let requests = Requests {
         framing: FrameReader::new(rd, pending, extended, limits.stall_timeout),
         admission: Admission::new(limits.max_inflight, &ctx.budget),
@@ -180,12 +190,12 @@ async fn transmission<S: Split>(
         idle_timeout: limits.idle_timeout,
         discard_limit: limits.discard_limit(),
     };
-    // On shutdown the loop answers what the client already sent; a client
-    // that stalls (mid-payload, or never reading replies) gets a grace
-    // period and is then cut off.
+    // On shutdown (or when the export is retired) the loop answers what
+    // the client already sent; a client that stalls (mid-payload, or never
+    // reading replies) gets a grace period and is then cut off.
     let ending = tokio::select! {
-        r = requests.serve(&ctx.shutdown) => r,
-        () = shutdown_grace(&ctx.shutdown) => Ok(Ending::Input),
+        r = requests.serve(&stop) => r,
+        () = shutdown_grace(&stop) => Ok(Ending::Input),
     };
     match ending {
         Ok(Ending::Input) => {}
@@ -202,7 +212,7 @@ async fn transmission<S: Split>(
     let mut writer = writer;
     let finished = tokio::select! {
         r = &mut writer => Some(r),
-        () = shutdown_grace(&ctx.shutdown) => None,
+        () = shutdown_grace(&stop) => None,
     };
     match finished {
         Some(Ok(Ok(()))) => {}
@@ -219,9 +229,25 @@ async fn transmission<S: Split>(
     Ok(())
 }
 
-/// Returns `SHUTDOWN_GRACE` after the server began to shut down.
-async fn shutdown_grace(shutdown: &CancellationToken) {
-    shutdown.cancelled().await;
+/// What ends a connection from the server's side: the server shutting
+/// down, or its export being retired (removed by a reload).
+struct Stop {
+    server: CancellationToken,
+    export: CancellationToken,
+}
+
+impl Stop {
+    async fn cancelled(&self) {
+        tokio::select! {
+            _ = self.server.cancelled() => {}
+            _ = self.export.cancelled() => {}
+        }
+    }
+}
+
+/// Returns `SHUTDOWN_GRACE` after the connection was told to stop.
+async fn shutdown_grace(stop: &Stop) {
+    stop.cancelled().await;
     tokio::time::sleep(SHUTDOWN_GRACE).await;
 }
 
@@ -256,14 +282,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static> Requests<R, W
     /// shutdown, has nothing more to say). A broken stream or a protocol
     /// error drops the connection; when the input ends cleanly everything
     /// accepted is answered.
-    async fn serve(mut self, shutdown: &CancellationToken) -> std::io::Result<Ending> {
+    async fn serve(mut self, stop: &Stop) -> std::io::Result<Ending> {
         let ending = loop {
-            let next = next_input(
-                &mut self.framing,
-                &self.admission,
-                self.idle_timeout,
-                shutdown,
-            );
+            let next = next_input(&mut self.framing, &self.admission, self.idle_timeout, stop);
             match self.dispatch.alongside(next).await?? {
                 Input::Request(req) if req.command == cmd::DISC => break Ending::Input,
                 Input::Request(req) => self.handle(req, false).await?,
@@ -347,7 +368,7 @@ async fn next_input<R: AsyncRead + Unpin>(
     framing: &mut FrameReader<R>,
     admission: &Admission,
     idle_timeout: Option<Duration>,
-    shutdown: &CancellationToken,
+    stop: &Stop,
 ) -> std::io::Result<Input> {
     loop {
         let idle = async {
@@ -360,7 +381,7 @@ async fn next_input<R: AsyncRead + Unpin>(
             r = framing.next_request() => {
                 return Ok(r?.map_or(Input::End, Input::Request));
             }
-            _ = shutdown.cancelled() => return Ok(Input::Shutdown),
+            () = stop.cancelled() => return Ok(Input::Shutdown),
             () = idle => {}
         }
         if admission.idle() && !framing.mid_request() {

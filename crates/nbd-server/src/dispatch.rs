@@ -62,7 +62,9 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Dispatch<W> {
     /// at hand (cached data, block status), else on the blocking pool.
     pub fn start(&self, req: Request, payload: Vec<u8>, permits: Permits) -> std::io::Result<()> {
         debug_assert!(req.command == cmd::WRITE || payload.is_empty());
+        let started = self.session.metrics.started(req.command, req.length);
         if let Some(mut out) = self.session.try_inline(&req) {
+            self.session.metrics.finished(req.command, started);
             out.permits = Some(permits);
             return self.sink.send(out);
         }
@@ -70,6 +72,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Dispatch<W> {
         let sink = self.sink.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = session.execute(&req, payload);
+            session.metrics.finished(req.command, started);
             out.permits = Some(permits);
             sink.queue(out);
         });

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use ferry_block::{BlockDev, Error as BlockError, ZeroMode};
 use nbd_proto::consts::{chunk, cmd, cmdflag, errno, replyflag, state};
+
+use crate::metrics::ExportMetrics;
 use nbd_proto::reply::{
     Extent, ReplyMode, encode_block_status_payload, encode_chunk_header, encode_error_payload,
     encode_hole_payload, encode_simple,
@@ -34,6 +36,7 @@ pub struct Session {
     pub flags: u16,
     pub contexts: Vec<(u32, String)>,
     pub max_payload: u32,
+    pub metrics: ExportMetrics,
 }
 
 impl Session {
@@ -54,6 +57,7 @@ impl Session {
 
     /// The reply to a refused or failed request.
     pub fn error_reply(&self, req: &Request, errno: u32, message: &str) -> Outgoing {
+        self.metrics.error(errno);
         let mut head = BytesMut::with_capacity(64);
         match self.mode {
             ReplyMode::Simple => encode_simple(&mut head, errno, req.cookie),

@@ -1,6 +1,7 @@
 //! The async NBD server: listeners, the handshake driver and the
 //! transmission loop. It knows nothing of what an export is made of: every
-//! export is a [`ferry_block::BlockDev`].
+//! export is a [`ferry_block::BlockDev`]. What it records for monitoring
+//! is in `metrics.rs`.
 
 mod admission;
 mod budget;
@@ -12,6 +13,7 @@ mod execute;
 mod frame;
 mod limits;
 mod listen;
+mod metrics;
 mod outgoing;
 mod refuse;
 mod registry;
@@ -19,4 +21,5 @@ mod split;
 
 pub use limits::Limits;
 pub use listen::{Listener, Server, bind_unix_socket};
+pub use metrics::{DURATION_BUCKETS, REQUEST_DURATION};
 pub use registry::{Access, Export, Published, Registry, RegistryError};

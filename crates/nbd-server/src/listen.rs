@@ -75,7 +75,7 @@ pub struct Server {
     registry: Arc<Registry>,
     limits: Limits,
     handshake: HandshakeConfig,
-    tls: Option<nbd_tls::TlsAcceptor>,
+    tls: Option<Arc<nbd_tls::ReloadableServerConfig>>,
 }
 
 impl Server {
@@ -94,8 +94,14 @@ impl Server {
             registry,
             limits,
             handshake,
-            tls: tls.map(nbd_tls::TlsAcceptor::from),
+            tls: tls.map(|c| Arc::new(nbd_tls::ReloadableServerConfig::new(c))),
         })
+    }
+
+    /// The credentials STARTTLS uses, to replace (on reload) while the
+    /// server runs; None when the server has no TLS.
+    pub fn tls(&self) -> Option<Arc<nbd_tls::ReloadableServerConfig>> {
+        self.tls.clone()
     }
 
     /// Accepts clients until `shutdown` fires, then lets every connection
@@ -208,6 +214,7 @@ async fn accept_loop(
 /// bounded time; when many are refused at once, the rest are just closed.
 async fn turn_away(stream: Accepted, gate: &Gate, peer: String) {
     let limit = gate.limit;
+    crate::metrics::refused("connection_limit");
     let Ok(_refusing) = gate.refusing.try_acquire() else {
         tracing::warn!(%peer, limit, "connection limit reached: closing client");
         return;

@@ -8,24 +8,32 @@ use ferry_block::BlockDev;
 use nbd_proto::consts::tflag;
 use nbd_proto::option::ServerEntry;
 use nbd_proto::server_handshake::{Catalog, ExportInfo, Lookup, Peer};
+use tokio_util::sync::CancellationToken;
 
 /// Minimum block size every export advertises (and requests are checked
 /// against): the devices take I/O at any byte offset.
 pub const MIN_BLOCK: u32 = 1;
 
 /// One published export: a name, a description and the device behind it,
-/// and how many connections have it open.
+/// how many connections have it open, and whether it was retired.
 pub struct Published {
     pub name: String,
     pub description: String,
     pub dev: Arc<dyn BlockDev>,
     open: AtomicUsize,
+    retired: CancellationToken,
 }
 
 impl Published {
     /// Connections (and handshakes in progress) holding the export.
     pub fn open_count(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// Fires when the export is [retired](Registry::retire): its
+    /// connections answer what they have in flight and close.
+    pub fn retired(&self) -> &CancellationToken {
+        &self.retired
     }
 }
 
@@ -91,11 +99,13 @@ impl Access {
     /// Whether `peer` may use `export`, and if not, the answer to give.
     fn admits(&self, export: &str, peer: &Peer) -> Result<(), Lookup<Arc<Export>>> {
         if !self.tls_ok(peer) {
+            crate::metrics::refused("tls_required");
             return Err(Lookup::TlsRequired);
         }
         if self.identity_ok(peer) {
             return Ok(());
         }
+        crate::metrics::refused("not_allowed");
         tracing::warn!(
             export,
             client = %peer.identities.join(","),
@@ -187,6 +197,7 @@ impl Registry {
             description: description.into(),
             dev,
             open: AtomicUsize::new(0),
+            retired: CancellationToken::new(),
         }));
         Ok(())
     }
@@ -197,6 +208,16 @@ impl Registry {
         let mut exports = self.write();
         let i = exports.iter().position(|e| e.name == name)?;
         Some(exports.remove(i))
+    }
+
+    /// Takes an export out of the table and ends its connections: each
+    /// answers the requests it has in flight (later ones get ESHUTDOWN)
+    /// and closes. Its access rule goes with it.
+    pub fn retire(&self, name: &str) -> Option<Arc<Published>> {
+        let gone = self.remove(name)?;
+        gone.retired.cancel();
+        self.clear_access(name);
+        Some(gone)
     }
 
     /// Takes an export out of the table unless a connection has it open.
@@ -222,6 +243,12 @@ impl Registry {
     pub fn set_access(&self, name: &str, access: Access) {
         let mut map = self.access.write().unwrap_or_else(|e| e.into_inner());
         map.insert(name.to_string(), access);
+    }
+
+    /// Forgets the access rule of `name` (it then inherits none).
+    pub fn clear_access(&self, name: &str) {
+        let mut map = self.access.write().unwrap_or_else(|e| e.into_inner());
+        map.remove(name);
     }
 
     fn access_for(&self, name: &str) -> Access {

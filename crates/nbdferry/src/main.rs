@@ -3,6 +3,8 @@
 
 mod admin;
 mod cmd;
+mod logging;
+mod systemd;
 
 use clap::Parser;
 
@@ -22,34 +24,27 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    init_logging();
+    if let Err(e) = logging::init() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            logging::fatal(&format!("cannot start the async runtime: {e}"));
             return std::process::ExitCode::FAILURE;
         }
     };
     match runtime.block_on(cli.command.run()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
+            logging::fatal(&one_line(&e));
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NBDFERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rustls=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }
 
 /// The error and its causes on one line, each cause once: library errors

@@ -4,8 +4,8 @@
 //! a 0700 state directory). A caller over TCP has passed mutual TLS: its
 //! identities are its certificate's CN and SAN names, and it may do what
 //! the grants give any of them, per disk ([`Role::needed`] says what a
-//! route takes). Every refusal is logged with the identity, the route and
-//! the disk.
+//! route takes; the health probes take none). Every refusal is logged
+//! with the identity, the route and the disk.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +56,21 @@ impl Grants {
                 (Some(list), Some(d)) => list.iter().any(|x| x == d),
                 _ => true,
             })
+            .map(|g| g.role)
+            .max()
+    }
+
+    /// The highest role `caller` has on every disk: what a route that acts
+    /// on the whole daemon (reload, metrics) needs, since a grant limited
+    /// to some disks must not reach the others through it.
+    pub fn role_everywhere(&self, caller: &Caller) -> Option<Role> {
+        let identities = match caller {
+            Caller::Local => return Some(Role::Admin),
+            Caller::Remote { identities, .. } => identities,
+        };
+        self.0
+            .iter()
+            .filter(|g| identities.contains(&g.client) && g.disks.is_none())
             .map(|g| g.role)
             .max()
     }
@@ -114,9 +129,17 @@ pub(crate) async fn authorize(
 ) -> Response {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
-    let needed = Role::needed(&method, &path);
+    let Some(needed) = Role::needed(&method, &path) else {
+        return next.run(req).await;
+    };
     let disk = disk_of(&path);
-    if grants.role(&caller, disk.as_deref()) >= Some(needed) {
+    let role = match &disk {
+        Some(d) => grants.role(&caller, Some(d)),
+        // The export list is filtered per disk by its handler.
+        None if path == "/v1/exports" => grants.role(&caller, None),
+        None => grants.role_everywhere(&caller),
+    };
+    if role >= Some(needed) {
         return next.run(req).await;
     }
     let (who, addr) = match &caller {

@@ -101,18 +101,18 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Binds `addr`; `tls` must require client certificates.
-    pub async fn bind(addr: SocketAddr, tls: Arc<nbd_tls::ServerConfig>) -> std::io::Result<Self> {
+    /// Binds `addr`; `tls` must require client certificates. Each
+    /// handshake takes `tls` as it is then, so a reload that replaces it
+    /// reaches the next client.
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Arc<nbd_tls::ReloadableServerConfig>,
+    ) -> std::io::Result<Self> {
         let tcp = TcpListener::bind(addr).await?;
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(BACKLOG);
         let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(
-            tcp,
-            nbd_tls::TlsAcceptor::from(tls),
-            tx,
-            stop.clone(),
-        ));
+        tokio::spawn(accept_loop(tcp, tls, tx, stop.clone()));
         tracing::info!(%local, "admin API listening (mutual TLS)");
         Ok(TlsListener {
             ready,
@@ -128,7 +128,7 @@ impl TlsListener {
 
 async fn accept_loop(
     tcp: TcpListener,
-    acceptor: nbd_tls::TlsAcceptor,
+    tls: Arc<nbd_tls::ReloadableServerConfig>,
     tx: mpsc::Sender<(TlsStream, Caller)>,
     stop: CancellationToken,
 ) {
@@ -143,7 +143,7 @@ async fn accept_loop(
                 }
             },
         };
-        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        let (acceptor, tx) = (tls.acceptor(), tx.clone());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
                 Ok(Ok(t)) => t,

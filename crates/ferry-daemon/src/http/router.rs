@@ -1,5 +1,7 @@
 //! The routes of the admin API (listed with their shapes in the README):
 //! ```text
+//! GET    /v1/health                                 any caller; 200 while alive
+//! GET    /v1/ready                                  any caller; 200 or 503
 //! GET    /v1/exports
 //! GET    /v1/disks/{disk}/snapshots
 //! POST   /v1/disks/{disk}/snapshots                {"name": N, "checkpoint": bool}
@@ -31,8 +33,9 @@ use axum::routing::{delete, get, post};
 use axum::{Json, middleware};
 use ferry_api::{
     CheckpointCreated, CheckpointDeleted, CheckpointList, CompleteMirror, CreateCheckpoint,
-    CreateSnapshot, ErrorBody, ExportList, HydrationStatus, MirrorCancelled, MirrorCompleted,
-    MirrorStatus, Reverted, SetMirror, SnapshotCreated, SnapshotDeleted, SnapshotList, StartMirror,
+    CreateSnapshot, ErrorBody, ExportList, HEALTH, Health, HydrationStatus, METRICS,
+    MirrorCancelled, MirrorCompleted, MirrorStatus, READY, RELOAD, Ready, Reloaded, Reverted,
+    SetMirror, SnapshotCreated, SnapshotDeleted, SnapshotList, StartMirror,
 };
 use serde::de::DeserializeOwned;
 
@@ -53,6 +56,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::ReadOnlyDisk(_) | ServiceError::Exists(_) | ServiceError::Busy(_) => {
                 StatusCode::CONFLICT
             }
+            ServiceError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ServiceError::Config(_) | ServiceError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -94,6 +98,38 @@ async fn blocking<T: Send + 'static>(
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+/// Liveness: answering at all is the answer.
+async fn health() -> Json<Health> {
+    Json(Health { alive: true })
+}
+
+/// Readiness, for service managers and load balancers: 503 until the
+/// listeners are up and again once shutdown begins.
+async fn ready(State(app): State<App>) -> Answer<Ready> {
+    match app.daemon.phase().not_ready_reason() {
+        None => Ok(Json(Ready { ready: true })),
+        Some(why) => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}"),
+        )),
+    }
+}
+
+/// Re-reads the configuration file and certificates, as SIGHUP does.
+async fn reload(State(app): State<App>) -> Answer<Reloaded> {
+    Ok(Json(app.daemon.reload().await?))
+}
+
+/// Prometheus text exposition format, version 0.0.4.
+async fn metrics(State(app): State<App>) -> Result<Response, ApiError> {
+    let text = blocking(&app, |d| d.metrics()).await?;
+    let kind = [(
+        axum::http::header::CONTENT_TYPE,
+        "text/plain; version=0.0.4; charset=utf-8",
+    )];
+    Ok((kind, text).into_response())
 }
 
 /// The exports the caller may see.
@@ -241,6 +277,10 @@ pub fn router(daemon: Arc<Daemon>, grants: Arc<Grants>) -> Router {
         grants: grants.clone(),
     };
     Router::new()
+        .route(HEALTH, get(health))
+        .route(READY, get(ready))
+        .route(RELOAD, post(reload))
+        .route(METRICS, get(metrics))
         .route("/v1/exports", get(exports))
         .route(
             "/v1/disks/{disk}/snapshots",
@@ -267,4 +307,107 @@ pub fn router(daemon: Arc<Daemon>, grants: Arc<Grants>) -> Router {
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(grants, authorize))
         .with_state(app)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    /// A caller over mutual TLS that has no grant on anything.
+    fn stranger() -> Caller {
+        Caller::Remote {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            identities: vec!["monitor".into()],
+        }
+    }
+
+    async fn call(app: &Router, caller: Caller, method: &str, path: &str) -> (StatusCode, String) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        req.extensions_mut().insert(ConnectInfo(caller));
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn probes_answer_any_caller_and_follow_the_phase() {
+        let state = tempfile::tempdir().unwrap();
+        let registry = Arc::new(nbd_server::Registry::new(1 << 25));
+        let daemon = Arc::new(Daemon::new(registry, state.path()));
+        let app = router(daemon.clone(), Arc::new(Grants::default()));
+
+        for caller in [Caller::Local, stranger()] {
+            let (status, body) = call(&app, caller, "GET", "/v1/health").await;
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::OK, r#"{"alive":true}"#)
+            );
+        }
+        let (status, body) = call(&app, stranger(), "GET", "/v1/ready").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("not ready: starting"), "{body}");
+
+        daemon.set_phase(crate::Phase::Ready);
+        let (status, body) = call(&app, stranger(), "GET", "/v1/ready").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, r#"{"ready":true}"#)
+        );
+
+        daemon.set_phase(crate::Phase::Stopping);
+        let (status, body) = call(&app, Caller::Local, "GET", "/v1/ready").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("shutting down"), "{body}");
+
+        // The probes are free; nothing else is for an identity without a
+        // grant.
+        let (status, _) = call(&app, stranger(), "GET", "/v1/exports").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, _) = call(&app, stranger(), "POST", "/v1/ready").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    /// Reload and metrics act on the whole daemon: a grant limited to
+    /// some disks does not reach them.
+    #[tokio::test]
+    async fn daemon_wide_routes_need_a_grant_on_every_disk() {
+        let state = tempfile::tempdir().unwrap();
+        let registry = Arc::new(nbd_server::Registry::new(1 << 25));
+        let daemon = Arc::new(Daemon::new(registry, state.path()));
+        let grant = |client: &str, role, disks: Option<Vec<String>>| super::super::auth::Grant {
+            client: client.into(),
+            role,
+            disks,
+        };
+        let grants = Grants(vec![
+            grant("ops", ferry_api::Role::Operator, None),
+            grant("ops-d", ferry_api::Role::Operator, Some(vec!["d".into()])),
+        ]);
+        let app = router(daemon.clone(), Arc::new(grants));
+        let who = |id: &str| Caller::Remote {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            identities: vec![id.into()],
+        };
+        for path in ["/v1/reload", "/metrics"] {
+            let method = if path == "/metrics" { "GET" } else { "POST" };
+            let (status, body) = call(&app, who("ops-d"), method, path).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+            // Allowed through; nothing here reloads or records.
+            let (status, body) = call(&app, who("ops"), method, path).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+        }
+        daemon.set_metrics(Box::new(|| "# EOF\n".into()));
+        let (status, body) = call(&app, Caller::Local, "GET", "/metrics").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "# EOF\n"));
+    }
 }

@@ -4,12 +4,16 @@ mod backup;
 mod backup_run;
 mod certs;
 mod checkpoint;
+mod completions;
 mod copy;
 mod demo;
+mod health;
 mod hydrate;
 mod info;
+mod manpage;
 mod map;
 mod mirror;
+mod reload;
 mod restore;
 mod serve;
 mod size;
@@ -45,6 +49,16 @@ pub enum Command {
     Backup(backup::BackupArgs),
     /// Restore a backed-up point to a file, a block device or an NBD URI.
     Restore(restore::RestoreArgs),
+    /// Ask a daemon whether it is alive, or ready (--ready): exit 0 if so.
+    Health(health::HealthArgs),
+    /// Make a daemon re-read its config file and certificates (as SIGHUP
+    /// does) without dropping clients.
+    Reload(reload::ReloadArgs),
+    /// Print the shell completion script for bash, zsh, fish, elvish or
+    /// powershell.
+    Completions(completions::CompletionsArgs),
+    /// Print the man page, or write one per command (--dir).
+    Manpage(manpage::ManpageArgs),
 }
 
 impl Command {
@@ -63,6 +77,10 @@ impl Command {
             Command::Migrate(a) => mirror::migrate(a).await,
             Command::Backup(a) => backup::run(a).await,
             Command::Restore(a) => restore::run(a).await,
+            Command::Health(a) => health::run(a).await,
+            Command::Reload(a) => reload::run(a).await,
+            Command::Completions(a) => completions::run(a),
+            Command::Manpage(a) => manpage::run(a),
         }
     }
 }

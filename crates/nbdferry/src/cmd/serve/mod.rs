@@ -1,4 +1,7 @@
-//! `nbdferry serve`: export files and block devices over NBD.
+//! `nbdferry serve`: export files and block devices over NBD; the config
+//! file (`config.rs`), bringing the exports to what it wants
+//! (`exports.rs`), and reloading both it and the certificates while
+//! serving (`reload.rs`), and the metrics recorder (`prometheus.rs`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,14 +10,23 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ferry_daemon::http::{Grant, Grants, LocalListener, TlsListener};
-use ferry_daemon::{Daemon, ExportSpec, HydrateOptions, SourceSpec};
+use ferry_daemon::{Daemon, ExportSpec, Phase, SourceSpec};
 use ferry_jobs::PointDev;
 use nbd_proto::server_handshake::{HandshakeConfig, TlsMode};
-use nbd_server::{Access, Limits, Listener, Registry, Server};
-use serde::Deserialize;
+use nbd_server::{Limits, Listener, Registry, Server};
+use nbd_tls::ReloadableServerConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin;
+use crate::{admin, logging, systemd};
+
+mod config;
+mod exports;
+mod prometheus;
+mod reload;
+
+use config::{ConfigFile, ExportDefaults, TlsArg, load_config, parse_grant, wanted_exports};
+use exports::{Exports, Wanted};
+use reload::{Certificates, Reloader};
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
@@ -111,126 +123,10 @@ pub struct ServeArgs {
     file: Option<PathBuf>,
 }
 
-/// The `--config` file.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct ConfigFile {
-    #[serde(default)]
-    listen: Vec<String>,
-    socket: Option<PathBuf>,
-    tls: Option<TlsArg>,
-    tls_creds: Option<PathBuf>,
-    #[serde(default)]
-    tls_anonymous_clients: bool,
-    admin_listen: Option<String>,
-    #[serde(default)]
-    admin: AdminConfig,
-    /// As `--max-memory`: bytes, or a string like "4G".
-    max_memory: Option<Bytes>,
-    /// As `--stall-timeout`, in seconds.
-    stall_timeout: Option<u64>,
-    /// As `--idle-timeout`, in seconds.
-    idle_timeout: Option<u64>,
-    #[serde(default, rename = "export")]
-    exports: Vec<ExportConfig>,
-}
-
-/// `[admin]` in the config file.
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AdminConfig {
-    #[serde(default)]
-    grant: Vec<Grant>,
-}
-
-/// `--admin-grant CLIENT=ROLE[:DISK,DISK...]`.
-fn parse_grant(s: &str) -> Result<Grant, String> {
-    let (client, rest) = s
-        .split_once('=')
-        .ok_or_else(|| format!("'{s}': want CLIENT=ROLE[:DISK,...]"))?;
-    let (role, disks) = match rest.split_once(':') {
-        Some((r, d)) => (r, Some(d.split(',').map(str::to_string).collect())),
-        None => (rest, None),
-    };
-    let role = match role {
-        "viewer" => ferry_api::Role::Viewer,
-        "operator" => ferry_api::Role::Operator,
-        "admin" => ferry_api::Role::Admin,
-        other => return Err(format!("role '{other}': want viewer, operator or admin")),
-    };
-    if client.is_empty() {
-        return Err(format!("'{s}': the client name is empty"));
-    }
-    Ok(Grant {
-        client: client.to_string(),
-        role,
-        disks,
-    })
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-enum TlsArg {
-    Off,
-    Allow,
-    Require,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct ExportConfig {
-    name: String,
-    path: PathBuf,
-    #[serde(default)]
-    read_only: bool,
-    #[serde(default)]
-    description: String,
-    /// Makes this export the one the empty name reaches.
-    #[serde(default)]
-    default: bool,
-    /// `require`: only TLS clients may use or see this export.
-    tls: Option<TlsArg>,
-    /// Client certificate names allowed to use this export.
-    #[serde(default)]
-    allow_clients: Vec<String>,
-    /// As `--granularity`, for this export: bytes, or a string like "1M".
-    granularity: Option<Bytes>,
-    /// Post-copy: the disk arrives from this NBD URI (as `--source`).
-    source: Option<String>,
-    /// As `--source-timeout`, in seconds, for this export.
-    source_timeout: Option<u64>,
-    /// As `--rate`, for this export: bytes per second, or "100M".
-    rate: Option<Bytes>,
-}
-
-/// A byte count in the config file: `65536` or `"64K"`.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Bytes {
-    Number(u64),
-    Text(String),
-}
-
-impl Bytes {
-    fn bytes(&self) -> Result<u64, String> {
-        match self {
-            Bytes::Number(n) => Ok(*n),
-            Bytes::Text(s) => super::size::parse_bytes(s),
-        }
-    }
-
-    fn granularity(&self) -> Result<u64, String> {
-        match self {
-            Bytes::Number(n) => super::size::check_granularity(*n),
-            Bytes::Text(s) => super::size::parse_granularity(s),
-        }
-    }
-}
-
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Before anything can print readiness: a signal that arrives right
-    // after it must drain and exit 0, not kill the process.
-    let signals = Signals::new()?;
+    // after it must drain and exit 0 (or reload), not kill the process.
+    let mut signals = Signals::new()?;
     let LimitArgs {
         max_inflight,
         max_inflight_bytes,
@@ -261,113 +157,67 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut grants = args.admin_grants;
     let (mut tls, mut tls_creds, mut anonymous) =
         (args.tls, args.tls_creds, args.tls_anonymous_clients);
-    let mut access = Vec::new();
-    if let Some(path) = &args.config {
+    let defaults = ExportDefaults {
+        granularity: args.granularity,
+        source_timeout: args.source_timeout,
+        rate: args.rate,
+    };
+    let mut config = None;
+    let wanted = if let Some(path) = &args.config {
         let cfg = load_config(path)?;
         guards = guards.or(Guards::from_config(&cfg, path)?);
         if listen.is_empty() {
-            listen = cfg.listen;
+            listen = cfg.listen.clone();
         }
-        socket = socket.or(cfg.socket);
+        socket = socket.or(cfg.socket.clone());
         tls = tls.or(cfg.tls);
-        tls_creds = tls_creds.or(cfg.tls_creds);
+        tls_creds = tls_creds.or(cfg.tls_creds.clone());
         anonymous |= cfg.tls_anonymous_clients;
-        admin_listen = admin_listen.or(cfg.admin_listen);
-        grants.extend(cfg.admin.grant);
-        if cfg.exports.is_empty() {
-            bail!("{}: no [[export]] defined", path.display());
-        }
-        for (i, e) in cfg.exports.iter().enumerate() {
-            let granularity = match &e.granularity {
-                Some(_) if e.read_only => bail!(
-                    "{}: export '{}': granularity {NO_STATE}",
-                    path.display(),
-                    e.name
-                ),
-                Some(g) => Some(g.granularity().map_err(|m| {
-                    anyhow::anyhow!("{}: export '{}': {m}", path.display(), e.name)
-                })?),
-                None => args.granularity,
-            };
-            let bad = |m: String| anyhow::anyhow!("{}: export '{}': {m}", path.display(), e.name);
-            let source = match &e.source {
-                Some(uri) => Some(SourceSpec {
-                    uri: uri.clone(),
-                    timeout: Duration::from_secs(e.source_timeout.unwrap_or(args.source_timeout)),
-                    rate: match &e.rate {
-                        Some(r) => Some(r.bytes().map_err(bad)?),
-                        None => args.rate,
-                    },
-                }),
-                None => None,
-            };
-            daemon
-                .add_export(
-                    &ExportSpec {
-                        name: e.name.clone(),
-                        description: e.description.clone(),
-                        path: e.path.clone(),
-                        read_only: e.read_only,
-                        granularity,
-                        source,
-                    },
-                    &HydrateOptions::default(),
-                )
-                .await?;
-            access.push((
-                e.name.clone(),
-                e.tls == Some(TlsArg::Require),
-                e.allow_clients.clone(),
-            ));
-            if e.default || i == 0 {
-                registry.set_default(&e.name);
-            }
-        }
+        admin_listen = admin_listen.or(cfg.admin_listen.clone());
+        grants.extend(cfg.admin.grant.iter().cloned());
+        let wanted = wanted_exports(&cfg, path, &defaults)?;
+        config = Some((path.clone(), cfg));
+        wanted
     } else if let Some(file) = &args.file {
         if args.read_only && args.granularity.is_some() {
             bail!("--granularity {NO_STATE}");
         }
-        let name = args.name.unwrap_or_default();
         let source = args.source.map(|uri| SourceSpec {
             uri,
             timeout: Duration::from_secs(args.source_timeout),
             rate: args.rate,
         });
-        daemon
-            .add_export(
-                &ExportSpec {
-                    name: name.clone(),
-                    description: args.description.unwrap_or_default(),
-                    path: file.clone(),
-                    read_only: args.read_only,
-                    granularity: args.granularity,
-                    source,
-                },
-                &HydrateOptions::default(),
-            )
-            .await?;
-        registry.set_default(&name);
-        access.push((name, false, args.allow_clients.clone()));
-    }
-    if let Some(location) = &args.backup {
-        for name in serve_points(&registry, location, args.key_file.as_deref()).await? {
-            access.push((name, false, args.allow_clients.clone()));
-        }
-    }
+        vec![Wanted {
+            spec: ExportSpec {
+                name: args.name.unwrap_or_default(),
+                description: args.description.unwrap_or_default(),
+                path: file.clone(),
+                read_only: args.read_only,
+                granularity: args.granularity,
+                source,
+            },
+            require_tls: false,
+            allow_clients: args.allow_clients.clone(),
+            default: true,
+        }]
+    } else {
+        Vec::new()
+    };
     let (mode, tls_config) =
         tls_setup(tls, tls_creds.as_deref(), anonymous, admin_listen.is_some())?;
-    for (name, require, allowed) in access {
-        if (require || !allowed.is_empty()) && mode == TlsMode::Off {
-            bail!("export '{name}' requires TLS but TLS is off (give --tls-creds DIR)");
+    let mut exports = Exports::new(daemon.clone(), mode);
+    exports.apply(wanted).await?;
+    if let Some(location) = &args.backup {
+        let access = nbd_server::Access {
+            tls_required: mode == TlsMode::Require,
+            allowed_clients: args.allow_clients.clone(),
+        };
+        if !access.allowed_clients.is_empty() && mode == TlsMode::Off {
+            bail!("--allow-client needs TLS (give --tls-creds DIR)");
         }
-        let tls_required = require || mode == TlsMode::Require;
-        registry.set_access(
-            &name,
-            Access {
-                tls_required,
-                allowed_clients: allowed,
-            },
-        );
+        for name in serve_points(&registry, location, args.key_file.as_deref()).await? {
+            registry.set_access(&name, access.clone());
+        }
     }
     if listen.is_empty() && socket.is_none() {
         listen.push(DEFAULT_LISTEN.to_string());
@@ -390,22 +240,50 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let server =
         Server::new(registry, limits, handshake, tls_config).map_err(anyhow::Error::msg)?;
+    let mut reloader = Reloader {
+        config,
+        defaults,
+        exports,
+        certificates: tls_creds.map(|dir| Certificates {
+            dir,
+            anonymous_clients: anonymous,
+            nbd: server.tls(),
+            admin: admin_tcp.as_ref().map(|(_, tls)| tls.clone()),
+        }),
+    };
     let serving = tokio::spawn(server.run(listeners, shutdown.clone()));
     let upkeep = tokio::spawn(daemon.clone().maintain(shutdown.clone()));
+    let metrics = prometheus::install(&daemon, shutdown.clone())?;
     let mut admin_tasks = Vec::new();
     if let Some(l) = admin_sock {
         let api = ferry_daemon::http::serve(l, daemon.clone(), grants.clone(), shutdown.clone());
         admin_tasks.push(tokio::spawn(api));
     }
-    if let Some(l) = admin_tcp {
+    if let Some((l, _)) = admin_tcp {
         // Before the readiness line, so a script that waits for that one
         // finds this one too.
-        eprintln!("admin API on https://{}", l.local_addr());
+        logging::status(&format!("admin API on https://{}", l.local_addr()));
         let api = ferry_daemon::http::serve(l, daemon.clone(), grants.clone(), shutdown.clone());
         admin_tasks.push(tokio::spawn(api));
     }
-    eprintln!("listening on {}", addrs.join(", "));
-    signals.wait().await;
+    let mut reloads = daemon
+        .reload_requests()
+        .context("reload requests taken twice")?;
+    logging::status(&format!("listening on {}", addrs.join(", ")));
+    enter(&daemon, Phase::Ready);
+    // Reloads run here, one at a time, whether a signal or the admin API
+    // asked for them.
+    loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop => break,
+                // The outcome is logged; nobody else waits for it.
+                Signal::Reload => drop(reloader.reload().await),
+            },
+            Some(req) = reloads.recv() => req.answer(reloader.reload().await),
+        }
+    }
+    enter(&daemon, Phase::Stopping);
     tracing::info!("shutting down: draining in-flight requests");
     daemon.stop_jobs();
     shutdown.cancel();
@@ -414,7 +292,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         t.await.context("admin task failed")?;
     }
     upkeep.await.context("upkeep task failed")?;
+    metrics.await.context("metrics task failed")?;
     Ok(())
+}
+
+/// The daemon's new phase, for `/v1/ready` and for systemd.
+fn enter(daemon: &Daemon, phase: Phase) {
+    daemon.set_phase(phase);
+    systemd::notify(phase);
 }
 
 /// The resource limits of the server.
@@ -502,22 +387,6 @@ impl Guards {
     }
 }
 
-fn load_config(path: &Path) -> anyhow::Result<ConfigFile> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
-        // toml's messages span several lines; keep the error to one.
-        let msg = e.message().replace('\n', " ");
-        match e.span() {
-            Some(span) => {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                anyhow::anyhow!("{} line {line}: {msg}", path.display())
-            }
-            None => anyhow::anyhow!("{}: {msg}", path.display()),
-        }
-    })
-}
-
 /// Publishes every point of the repository at `location` as a read-only
 /// export `DISK@POINT`; returns their names.
 async fn serve_points(
@@ -576,16 +445,22 @@ fn bind_admin(
 }
 
 /// The admin API's mutual-TLS listener, with the server certificate of the
-/// `--tls-creds` directory; clients must present one the CA signed.
-async fn bind_admin_tls(addr: &str, creds: Option<&Path>) -> anyhow::Result<TlsListener> {
+/// `--tls-creds` directory (and that configuration, for reloads); clients
+/// must present one the CA signed.
+async fn bind_admin_tls(
+    addr: &str,
+    creds: Option<&Path>,
+) -> anyhow::Result<(TlsListener, Arc<ReloadableServerConfig>)> {
     let Some(dir) = creds else {
         bail!("--admin-listen needs --tls-creds DIR (its server certificate and CA)");
     };
     let sa = parse_addr(addr)?;
     let config = nbd_tls::server_config(&nbd_tls::ServerCreds::from_dir(dir), true)?;
-    TlsListener::bind(sa, config)
+    let config = Arc::new(ReloadableServerConfig::new(config));
+    let listener = TlsListener::bind(sa, config.clone())
         .await
-        .with_context(|| format!("cannot listen on {addr}"))
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    Ok((listener, config))
 }
 
 fn parse_addr(addr: &str) -> anyhow::Result<SocketAddr> {
@@ -611,10 +486,12 @@ async fn bind(listen: &[String], socket: Option<PathBuf>) -> anyhow::Result<Vec<
     Ok(listeners)
 }
 
-/// SIGTERM and SIGINT, both of which stop the server gracefully.
+/// SIGTERM and SIGINT, both of which stop the server gracefully, and
+/// SIGHUP, which reloads it.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -623,15 +500,22 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
             int: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
         })
     }
 
-    async fn wait(mut self) {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
         }
     }
+}
+
+enum Signal {
+    Stop,
+    Reload,
 }
 
 /// The server's TLS mode and credentials from the flags.
