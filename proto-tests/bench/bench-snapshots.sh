@@ -48,22 +48,34 @@ bench_tmpdir WORK /tmp/nbdferry-snapbench.XXXXXX
 
 IMG="$WORK/disk.raw"
 SIZE=$((1024 * 1024 * 1024))
-echo "creating a 1 GiB allocated image" >&2
-python3 - "$IMG" "$SIZE" <<'EOF'
+# make_image PATH: 1 GiB of data written in 1 MiB writes, synced and then
+# dropped from the page cache. Every image is made the same way and starts
+# uncached: how a file was written decides the size of its page-cache
+# folios (a `cp` copy gets 64 KiB ones, 1 MiB writes 1 MiB ones), and 4 KiB
+# random writes into large folios cost ext4 about twice as much, which
+# once showed up here as a false old/new ratio.
+make_image() {
+    echo "creating a 1 GiB allocated image $1" >&2
+    python3 - "$1" "$SIZE" <<'EOF'
 import os, sys
 path, size = sys.argv[1], int(sys.argv[2])
 block = os.urandom(1 << 20)
 with open(path, "wb") as f:
     for _ in range(size >> 20):
         f.write(block)
+    f.flush()
+    os.fsync(f.fileno())
+    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 EOF
+}
+make_image "$IMG"
 
 # One server per binary (BINS), each on its own copy of the image: ferry
 # is $BIN, ferry-old the --compare binary.
 BINS=(ferry)
 declare -A EXE=([ferry]="$BIN") STATE=([ferry]="$WORK/state") URI=()
 if [ -n "$BIN_OLD" ]; then
-    cp "$IMG" "$WORK/disk-old.raw"
+    make_image "$WORK/disk-old.raw"
     BINS=(ferry-old ferry)
     EXE[ferry-old]=$BIN_OLD
     STATE[ferry-old]="$WORK/state-old"
