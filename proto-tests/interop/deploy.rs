@@ -296,6 +296,16 @@ fn walkthrough_tls_between_two_hosts() {
 }
 
 #[test]
+fn walkthrough_migrate_between_two_hosts() {
+    walkthrough("migrate");
+}
+
+#[test]
+fn walkthrough_backup_server() {
+    walkthrough("backup");
+}
+
+#[test]
 fn container_image_builds_and_runs() {
     require_peer("buildah");
     require_peer("mmdebstrap");
