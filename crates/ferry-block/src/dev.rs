@@ -84,10 +84,21 @@ pub trait BlockDev: Send + Sync + 'static {
         let _ = (offset, len);
         Ok(())
     }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()>;
-    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()>;
+    // The writes refuse by default: a read-only device (a snapshot view, a
+    // backup point, a post-copy source) implements only the reads.
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        let _ = (buf, offset, fua);
+        Err(Error::ReadOnly)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        let _ = (offset, len, mode);
+        Err(Error::ReadOnly)
+    }
     /// Advisory discard: may do nothing.
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()>;
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        let _ = (offset, len, fua);
+        Err(Error::ReadOnly)
+    }
     fn flush(&self) -> Result<()>;
     /// Prefetch hint.
     fn cache(&self, offset: u64, len: u64) -> Result<()> {

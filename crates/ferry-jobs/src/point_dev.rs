@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use ferry_block::{
     BASE_ALLOCATION, BlockDev, Caps, Error as BlockError, Extent, Result as BlockResult,
-    STATE_HOLE_ZERO, ZeroMode, check_range,
+    STATE_HOLE_ZERO, check_range,
 };
 use ferry_repo::{PointMeta, PointReader, Repo};
 
@@ -67,18 +67,6 @@ impl BlockDev for PointDev {
         check_range(self.size(), offset, buf.len() as u64)?;
         let reader = self.reader()?;
         self.wait(|| reader.read_at_blocking(&self.handle, buf, offset))
-    }
-
-    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> BlockResult<()> {
-        Err(BlockError::ReadOnly)
-    }
-
-    fn write_zeroes(&self, _offset: u64, _len: u64, _mode: ZeroMode) -> BlockResult<()> {
-        Err(BlockError::ReadOnly)
-    }
-
-    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> BlockResult<()> {
-        Err(BlockError::ReadOnly)
     }
 
     fn flush(&self) -> BlockResult<()> {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_block::{
     BASE_ALLOCATION, BlockDev, Caps, Error as BlockError, Extent, IDENTITY_PREFIX,
-    Result as BlockResult, ZeroMode, check_range,
+    Result as BlockResult, check_range,
 };
 use nbd_client::{Client, ConnectOptions, NbdUri};
 use serde::{Deserialize, Serialize};
@@ -428,18 +428,6 @@ impl BlockDev for SourceDev {
         let data = self.wait(self.source.read(Lane::Demand, offset, buf.len() as u64))?;
         buf.copy_from_slice(&data);
         Ok(())
-    }
-
-    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> BlockResult<()> {
-        Err(BlockError::ReadOnly)
-    }
-
-    fn write_zeroes(&self, _offset: u64, _len: u64, _mode: ZeroMode) -> BlockResult<()> {
-        Err(BlockError::ReadOnly)
-    }
-
-    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> BlockResult<()> {
-        Err(BlockError::ReadOnly)
     }
 
     fn flush(&self) -> BlockResult<()> {

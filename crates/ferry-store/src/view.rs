@@ -12,8 +12,7 @@
 use std::sync::Arc;
 
 use ferry_block::{
-    BASE_ALLOCATION, BlockDev, Caps, DIRTY_BITMAP_PREFIX, Error, Extent, Result, ZeroMode,
-    check_range,
+    BASE_ALLOCATION, BlockDev, Caps, DIRTY_BITMAP_PREFIX, Error, Extent, Result, check_range,
 };
 
 use crate::dirty::DirtyTracker;
@@ -147,18 +146,6 @@ impl BlockDev for SnapshotView {
             return Ok(false);
         }
         Ok(self.slots(a, b)?.iter().all(Option::is_none))
-    }
-
-    fn write_at(&self, _buf: &[u8], _offset: u64, _fua: bool) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
-    fn write_zeroes(&self, _offset: u64, _len: u64, _mode: ZeroMode) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-
-    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> Result<()> {
-        Err(Error::ReadOnly)
     }
 
     fn flush(&self) -> Result<()> {
