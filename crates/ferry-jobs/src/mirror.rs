@@ -40,6 +40,7 @@ use ferry_store::{AtomicBitmap, Change, Disk, DurableBitmap, Rounding, Ticket, W
 use nbd_proto::consts::state;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::remote::{Lane, Remote, RemoteError, RemoteIdentity};
@@ -57,11 +58,19 @@ const STRIPES: usize = 4096;
 const VERSIONS: usize = 65536;
 /// The copier reads and sends this much at a time.
 const RUN_BYTES: u64 = 1 << 20;
+/// Runs in flight at once, as `copy` keeps per connection: one at a time
+/// leaves the link idle while each run is read and acknowledged.
+const IN_FLIGHT: usize = 8;
 /// Sends are made durable on the destination (and their blocks cleared)
 /// at least this often, and after this many bytes.
 /// (A crash of the source sends again at most this much.)
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 const FLUSH_BYTES: u64 = 16 << 20;
+/// The pending map's file keeps the bits of cleared blocks until this many
+/// bytes (at most a 32nd of the disk) are cleared: a write to a block whose
+/// bit is still in the file needs no sync, and a crash sends again at most
+/// this much more.
+const TIGHTEN_BYTES: u64 = 64 << 20;
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
@@ -156,6 +165,8 @@ pub struct Mirror {
     pass: AtomicU64,
     sent: AtomicU64,
     written: AtomicU64,
+    /// Blocks cleared since the pending map's file was last tightened.
+    loose: AtomicU64,
     /// Sent but not yet covered by a destination flush: (block, version).
     unflushed: Mutex<Vec<(u64, u32)>>,
     counters: Mutex<Counters>,
@@ -292,6 +303,7 @@ impl Mirror {
             pass: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            loose: AtomicU64::new(0),
             unflushed: Mutex::new(Vec::new()),
             counters: Mutex::new(Counters {
                 phase: "bulk".into(),
@@ -410,10 +422,11 @@ impl Mirror {
             }
             let pass = self.pass.fetch_add(1, Ordering::AcqRel) + 1;
             lock(&self.counters).phase = if pass == 1 { "bulk" } else { "passes" }.into();
+            let mut flight = Flight::default();
             let mut cursor = 0;
             while let Some(b0) = self.next_to_send(cursor) {
                 if self.stop.is_cancelled() {
-                    return;
+                    break;
                 }
                 let b1 = self.run_from(b0);
                 cursor = b1;
@@ -422,16 +435,15 @@ impl Mirror {
                     let now = Instant::now();
                     if paced > now {
                         tokio::select! {
-                            _ = self.stop.cancelled() => return,
+                            _ = self.stop.cancelled() => break,
                             _ = tokio::time::sleep_until(paced.into()) => {}
                         }
                     }
                     let bytes = (b1 - b0) * self.gran;
                     paced = paced.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
                 }
-                if let Err(e) = self.send_run(b0, b1).await {
+                if let Err(e) = flight.send(&self, b0, b1).await {
                     self.failed(&e).await;
-                    continue;
                 }
                 let unflushed = lock(&self.unflushed).len() as u64 * self.gran;
                 if unflushed >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_EVERY {
@@ -440,6 +452,15 @@ impl Mirror {
                     }
                     last_flush = Instant::now();
                 }
+            }
+            // Completion sends these blocks again: the old sends must be
+            // down first, or one could land over the newer data.
+            let landed = flight.land().await;
+            if self.stop.is_cancelled() {
+                return;
+            }
+            if let Err(e) = landed {
+                self.failed(&e).await;
             }
             if let Err(e) = self.flush_and_clear().await {
                 self.failed(&e).await;
@@ -557,13 +578,20 @@ impl Mirror {
         }
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
+            let mut cleared = 0;
             for (blk, v) in batch {
                 let _held = me.stripes.hold(blk..blk + 1);
                 if me.version(blk).load(Ordering::Acquire) == v {
                     me.pending.unmark(blk);
                     me.active_sent.clear_bit(blk);
+                    cleared += 1;
                 }
             }
+            let loose = me.loose.fetch_add(cleared, Ordering::AcqRel) + cleared;
+            if loose * me.gran < TIGHTEN_BYTES.min(me.size / 32) {
+                return Ok(0);
+            }
+            me.loose.store(0, Ordering::Release);
             me.pending.tighten()
         })
         .await
@@ -682,12 +710,17 @@ impl Mirror {
         // tracking them, and they are few.
         self.active_sent.clear();
         loop {
+            let mut flight = Flight::default();
             let mut cursor = 0;
             while let Some(b0) = self.next_to_send(cursor) {
                 let b1 = self.run_from(b0);
-                self.send_run(b0, b1).await?;
+                if let Err(e) = flight.send(self, b0, b1).await {
+                    let _ = flight.land().await;
+                    return Err(e);
+                }
                 cursor = b1;
             }
+            flight.land().await?;
             self.flush_and_clear().await?;
             if self.pending.count() == 0 {
                 return Ok(());
@@ -778,6 +811,43 @@ async fn connect(
     let remote = Remote::connect(uri, opts, Duration::from_secs(30), recorded).await?;
     remote.check_writable()?;
     Ok(remote)
+}
+
+/// The copier's runs in flight. Runs of one pass never overlap (its cursor
+/// only moves on), and a pass lands all of its runs before the next one
+/// starts, so two sends of a block are never on the wire at once.
+#[derive(Default)]
+struct Flight {
+    runs: JoinSet<Result<(), MirrorError>>,
+}
+
+impl Flight {
+    /// Starts sending `[b0, b1)` once fewer than [`IN_FLIGHT`] runs are on
+    /// the way; fails with the error of a run that ended meanwhile (its
+    /// blocks stay pending, for the next pass).
+    async fn send(&mut self, mirror: &Arc<Mirror>, b0: u64, b1: u64) -> Result<(), MirrorError> {
+        let mut first = Ok(());
+        while self.runs.len() >= IN_FLIGHT {
+            let ended = self.runs.join_next().await;
+            if let Some(Err(e)) = ended.map(|r| r.map_err(state_err).and_then(|r| r)) {
+                first = first.and(Err(e));
+            }
+        }
+        let me = mirror.clone();
+        self.runs.spawn(async move { me.send_run(b0, b1).await });
+        first
+    }
+
+    /// Waits for every run on the way; the first error, if one failed.
+    async fn land(&mut self) -> Result<(), MirrorError> {
+        let mut first = Ok(());
+        while let Some(ended) = self.runs.join_next().await {
+            if let Err(e) = ended.map_err(state_err).and_then(|r| r) {
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
 }
 
 /// An active write's hold on its blocks, from before the local write until
