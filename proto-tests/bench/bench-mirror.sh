@@ -35,11 +35,17 @@
 # Every run is verified (mirror-check.py): a mismatch is printed loudly,
 # the table marks it and the script exits 1.
 #
+# Two hosts (--shape RATE, root only): the script runs itself again in a
+# network namespace (source, writer, jobs) and puts the destination in a
+# second one, joined by a veth pair shaped with `tc tbf` at RATE (a tc
+# rate: 1gbit, 200mbit) both ways; the namespaces go at exit.
+#
 # Usage: proto-tests/bench/bench-mirror.sh [--runs N] [--hold S] [--link BYTES/s]
-#        [--over BYTES/s] [--bgwait S] [--no-build] [--keep]
+#        [--over BYTES/s] [--bgwait S] [--cases "bg10 act10 ..."] [--shape RATE]
+#        [--no-build] [--keep]
 #   NBDFERRY_BIN=path overrides the binary.
 # Needs: cargo, qemu-storage-daemon, qemu-nbd, python3, /usr/bin/python3
-# with libnbd's module (python3-libnbd).
+# with libnbd's module (python3-libnbd); iproute2 for --shape.
 set -euo pipefail
 
 # shellcheck source=proto-tests/bench/lib.sh
@@ -51,9 +57,38 @@ LINK=$((32 << 20))
 OVER=$((48 << 20))
 BGWAIT=30
 SLOW=$((10 << 20))
-bench_parse_args 42 --hold=HOLD --link=LINK --over=OVER --bgwait=BGWAIT -- "$@"
+CASES_ARG="bg0 act0 bg10 act10 over lat copy"
+SHAPE=""
+DST_NS=""
+ARGS=("$@")
+bench_parse_args 48 --hold=HOLD --link=LINK --over=OVER --bgwait=BGWAIT --cases=CASES_ARG \
+    --shape=SHAPE --dst-ns=DST_NS -- "$@"
 bench_need_tools qemu-storage-daemon qemu-nbd python3 /usr/bin/python3
 /usr/bin/python3 -c 'import nbd' || { echo "/usr/bin/python3 has no nbd module" >&2; exit 1; }
+DST_ADDR=127.0.0.1
+if [ -n "$SHAPE" ] && [ -z "$DST_NS" ]; then
+    bench_need_tools ip tc
+    [ "$(id -u)" = 0 ] || { echo "--shape needs root (network namespaces)" >&2; exit 2; }
+    bench_build
+    NS_A="nfmirror-a-$$"
+    NS_B="nfmirror-b-$$"
+    trap 'ip netns del "$NS_A" 2>/dev/null; ip netns del "$NS_B" 2>/dev/null' EXIT
+    ip netns add "$NS_A"
+    ip netns add "$NS_B"
+    ip link add "nfm$$a" netns "$NS_A" type veth peer name "nfm$$b" netns "$NS_B"
+    for side in "$NS_A nfm$$a 10.203.0.1" "$NS_B nfm$$b 10.203.0.2"; do
+        read -r ns dev addr <<<"$side"
+        ip -n "$ns" link set lo up
+        ip -n "$ns" addr add "$addr/24" dev "$dev"
+        ip -n "$ns" link set "$dev" up
+        # burst: a few ms at the rate, as a real link's queue drains.
+        ip netns exec "$ns" tc qdisc add dev "$dev" root tbf rate "$SHAPE" burst 1mb latency 20ms
+    done
+    echo "two hosts: $NS_A (source) and $NS_B (destination, 10.203.0.2), veth shaped to $SHAPE" >&2
+    ip netns exec "$NS_A" "$0" "${ARGS[@]}" --no-build --dst-ns "$NS_B"
+    exit $?
+fi
+if [ -n "$DST_NS" ]; then DST_ADDR=10.203.0.2; fi
 bench_build
 
 bench_tmpdir WORK /tmp/nbdferry-mirrorbench.XXXXXX
@@ -71,10 +106,24 @@ T_BEGIN=$(date +%s)
 start_dst() {
     rm -f "$DST"
     truncate -s 1G "$DST"
-    bench_start_qemu "$WORK/dst.log" -x disk "$DST"
-    DST_PID=$SERVER_PID
+    if [ -n "$DST_NS" ]; then
+        # The only server in its namespace: the port is free.
+        PORT=10809
+        ip netns exec "$DST_NS" qemu-nbd -t -e 8 -f raw -b "$DST_ADDR" -p "$PORT" -x disk "$DST" \
+            2>>"$WORK/dst.log" &
+        DST_PID=$!
+        PIDS+=("$DST_PID")
+        for _ in $(seq 200); do
+            ip netns exec "$DST_NS" ss -Hltn "sport = :$PORT" | grep -q . && break
+            kill -0 "$DST_PID" 2>/dev/null || { echo "qemu-nbd died: $WORK/dst.log" >&2; exit 1; }
+            sleep 0.05
+        done
+    else
+        bench_start_qemu "$WORK/dst.log" -x disk "$DST"
+        DST_PID=$SERVER_PID
+    fi
     DST_PORT=$PORT
-    DST_URI="nbd://127.0.0.1:$PORT/disk"
+    DST_URI="nbd://$DST_ADDR:$PORT/disk"
 }
 
 # start_src TOOL: a fresh copy of the image behind TOOL's server.
@@ -146,7 +195,7 @@ run_case() {
         if [ "$tool" = nbdferry ]; then
             drive=(nbdferry --bin "$BIN" --admin "$ST/admin.sock" --to "$DST_URI")
         else
-            drive=(qemu --qmp "$QMP" --to-port "$DST_PORT")
+            drive=(qemu --qmp "$QMP" --to-host "$DST_ADDR" --to-port "$DST_PORT")
         fi
         drive+=(--mode "$mode" --rate "$copier" --ready-timeout "$wait" --hold "$hold" $sw)
         if ! python3 "$HERE/mirror-drive.py" "${drive[@]}" >"$out"; then
@@ -186,15 +235,20 @@ copy_case() {
     echo "   copy run $1: $(tail -n1 "$RESULTS")" >&2
 }
 
-CASES=(bg0 act0 bg10 act10 over lat)
+read -r -a CASES <<<"$CASES_ARG"
 TOOLS=(nbdferry qemu)
 for r in $(seq "$RUNS"); do
     for c in "${CASES[@]}"; do
-        for i in 0 1; do
-            run_case "$c" "${TOOLS[$(((i + r - 1) % 2))]}" "$r"
-        done
+        case "$c" in
+            copy) copy_case "$r" ;;
+            bg0 | act0 | bg10 | act10 | over | lat)
+                for i in 0 1; do
+                    run_case "$c" "${TOOLS[$(((i + r - 1) % 2))]}" "$r"
+                done
+                ;;
+            *) echo "unknown case: $c" >&2; exit 2 ;;
+        esac
     done
-    copy_case "$r"
 done
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "bench time $(($(date +%s) - T_BEGIN)) s; load $LOAD0 at start, $LOAD1 at end" >&2

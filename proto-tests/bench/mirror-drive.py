@@ -3,7 +3,7 @@
 the same steps, and prints what it timed as one JSON object.
 
   mirror-drive.py nbdferry --bin BIN --admin SOCK --to URI [common options]
-  mirror-drive.py qemu --qmp SOCK --to-port PORT [--to-export disk] [common]
+  mirror-drive.py qemu --qmp SOCK --to-port PORT [--to-host 127.0.0.1] [--to-export disk] [common]
 
 common: --mode background|active   (qemu: active = copy-mode write-blocking)
         --rate BYTES/s             copier limit (nbdferry --rate, qemu speed)
@@ -157,7 +157,7 @@ class Qemu:
     def __init__(self, a):
         self.q = Qmp(a.qmp)
         self.q.cmd("blockdev-add", driver="nbd", **{"node-name": "tgt"},
-                   server={"type": "inet", "host": "127.0.0.1", "port": str(a.to_port)},
+                   server={"type": "inet", "host": a.to_host, "port": str(a.to_port)},
                    export=a.to_export)
         self.progress = None
 
@@ -221,6 +221,7 @@ def main():
     ap.add_argument("--to")
     ap.add_argument("--qmp")
     ap.add_argument("--to-port", type=int)
+    ap.add_argument("--to-host", default="127.0.0.1")
     ap.add_argument("--to-export", default="disk")
     ap.add_argument("--mode", choices=["background", "active"], default="background")
     ap.add_argument("--rate", type=int, default=0)
