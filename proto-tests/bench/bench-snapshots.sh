@@ -27,10 +27,10 @@
 # the disk, so snap1 cannot beat it, while "none" only fills the page cache.
 #
 # Usage: proto-tests/bench/bench-snapshots.sh [--runs N] [--fio-runtime S] [--compare OLD_BIN] [--no-build] [--keep]
-#   --compare OLD_BIN  also run OLD_BIN (say, the previous release), its own
-#                      server and copy of the image, right before or after
-#                      $BIN in every measurement (the order alternates), and
-#                      report new/old for every figure
+#   --compare OLD_BIN  also run OLD_BIN (say, the previous release) on the
+#                      same image, right before or after $BIN in every
+#                      measurement (the order alternates), and report
+#                      new/old for every figure
 #   NBDFERRY_BIN=path overrides the binary.
 # Needs: cargo, fio (nbd engine), python3.
 set -euo pipefail
@@ -70,22 +70,25 @@ EOF
 }
 make_image "$IMG"
 
-# One server per binary (BINS), each on its own copy of the image: ferry
-# is $BIN, ferry-old the --compare binary.
+# The binaries (BINS): ferry is $BIN, ferry-old the --compare one. They
+# take turns on the same image, one server at a time, each started afresh
+# (empty state directory) for every measurement: both see the same file,
+# the same page-cache folios and the same disk layout.
 BINS=(ferry)
-declare -A EXE=([ferry]="$BIN") STATE=([ferry]="$WORK/state") URI=()
+declare -A EXE=([ferry]="$BIN") STATE=([ferry]="$WORK/state")
 if [ -n "$BIN_OLD" ]; then
-    make_image "$WORK/disk-old.raw"
     BINS=(ferry-old ferry)
     EXE[ferry-old]=$BIN_OLD
     STATE[ferry-old]="$WORK/state-old"
 fi
-for b in "${BINS[@]}"; do
-    sfx=${b#ferry}
-    BIN=${EXE[$b]} bench_start_ferry "nbdferry$sfx" "$WORK/server$sfx.log" \
-        serve --listen 127.0.0.1:0 --name disk --state-dir "${STATE[$b]}" "$WORK/disk$sfx.raw"
-    URI[$b]="nbd://127.0.0.1:$PORT/disk"
-done
+URI=""
+# serve BIN-KEY: a fresh server of the image, with an empty state.
+serve() {
+    rm -rf "${STATE[$1]}"
+    BIN=${EXE[$1]} bench_start_ferry "nbdferry${1#ferry}" "$WORK/server${1#ferry}.log" \
+        serve --listen 127.0.0.1:0 --name disk --state-dir "${STATE[$1]}" "$IMG"
+    URI="nbd://127.0.0.1:$PORT/disk"
+}
 
 ctl() { # BIN-KEY ARGS...
     local b="$1"
@@ -93,13 +96,9 @@ ctl() { # BIN-KEY ARGS...
     "${EXE[$b]}" "$@" --admin "${STATE[$b]}/admin.sock" >/dev/null
 }
 
-# reset_state BIN-KEY STATE: delete every snapshot/checkpoint, then create STATE's.
-reset_state() {
+# set_state BIN-KEY STATE: create STATE's checkpoints or snapshots.
+set_state() {
     local b="$1" n
-    for n in a b c d; do
-        ctl "$b" snapshot delete disk "s$n" 2>/dev/null || true
-    done
-    ctl "$b" checkpoint delete disk c1 2>/dev/null || true
     case "$2" in
         none) ;;
         cp1) ctl "$b" checkpoint create disk c1 ;;
@@ -113,7 +112,7 @@ reset_state() {
 
 # fio_run BIN-KEY WORKLOAD OUT.json
 fio_run() {
-    local args=(--name=b --ioengine=nbd --uri="${URI[$1]}" --output-format=json --output="$3")
+    local args=(--name=b --ioengine=nbd --uri="$URI" --output-format=json --output="$3")
     case "$2" in
         seqwrite) args+=(--rw=write --bs=1m --iodepth=16 --size=1g) ;;
         randwrite) args+=(--rw=randwrite --bs=4k --iodepth=32 --runtime="$FIO_RUNTIME" --time_based) ;;
@@ -139,9 +138,9 @@ EOF
 STATES=(none cp1 snap1 snap4)
 WORKLOADS=(seqwrite randwrite seqread)
 declare -A VALUES STORE_KB
-for b in "${BINS[@]}"; do # page cache warm for every state alike
-    fio_run "$b" seqread "$WORK/warmup${b#ferry}.json"
-done
+serve ferry # page cache warm for every run alike
+fio_run ferry seqread "$WORK/warmup.json"
+bench_stop "$SERVER_PID"
 for r in $(seq "$RUNS"); do
     for w in "${WORKLOADS[@]}"; do
         # Alternate the states inside one run, starting at a different one
@@ -151,9 +150,11 @@ for r in $(seq "$RUNS"); do
             s=${STATES[$(((k + r - 1) % ${#STATES[@]}))]}
             for j in "${!BINS[@]}"; do
                 b=${BINS[$(((j + k + r) % ${#BINS[@]}))]}
-                reset_state "$b" "$s"
+                serve "$b"
+                set_state "$b" "$s"
                 out="$WORK/$w-$s-$r${b#ferry}.json"
                 fio_run "$b" "$w" "$out"
+                bench_stop "$SERVER_PID"
                 v=$(metric "$w" "$out")
                 echo "run $r $w $s${b#ferry}: $v" >&2
                 VALUES[$b,$w,$s]="${VALUES[$b,$w,$s]:-} $v"
