@@ -13,9 +13,12 @@
 //!   and fetches consult this one.
 //!
 //! The rules, whatever crashes:
-//! - a block is marked present only after its data is durable: a fetched
-//!   block is written, the local file synced, then the bit made durable; a
-//!   block a client wrote becomes present at its FLUSH (or FUA write);
+//! - a block is marked present only after its data is durable: a block
+//!   the background pass fetched is written, the local file synced, then
+//!   the bit made durable; a block a client wrote, or one fetched because
+//!   a client read it, becomes present at the next sync (a client's FLUSH
+//!   or FUA write, or the pass's next install). A reader does not wait for
+//!   two syncs: until then a crash only fetches that block again;
 //! - data a client wrote is never overwritten by a fetch: a fetch writes a
 //!   block only under its stripe lock and only if it is not current, and a
 //!   client write makes it current under the same lock. After a crash a
@@ -77,7 +80,8 @@ pub struct CopyOnRead {
     current: AtomicBitmap,
     /// Blocks of `current` count.
     current_count: AtomicU64,
-    /// Blocks a client made current that are not yet durably present.
+    /// Blocks made current (written by a client, or fetched for a reader)
+    /// that are not yet durably present.
     unsynced: Mutex<Vec<u64>>,
     /// Blocks being fetched (on demand or by the background pass).
     fetching: Mutex<HashSet<u64>>,
@@ -118,7 +122,7 @@ impl<C: Deref<Target = CopyOnRead>> Claim<C> {
     /// Returns once the installed blocks are durably present.
     pub fn install(&mut self, a: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
         let cor: &CopyOnRead = &self.cor;
-        cor.install(&mut self.blocks, a, len, data)
+        cor.install(&mut self.blocks, a, len, data, true)
     }
 }
 
@@ -354,8 +358,16 @@ impl CopyOnRead {
     }
 
     /// [`Claim::install`]: writes what `claimed` still holds of the run
-    /// at block `a`, makes it durably present, and takes it off `claimed`.
-    fn install(&self, claimed: &mut Vec<u64>, a: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+    /// at block `a`, makes it current, and takes it off `claimed`; durably
+    /// present before it returns if `durable`, else at the next sync.
+    fn install(
+        &self,
+        claimed: &mut Vec<u64>,
+        a: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        durable: bool,
+    ) -> Result<()> {
         let b = (a * self.gran + len).div_ceil(self.gran).min(self.nblocks);
         let mut done = Vec::new();
         for blk in a..b {
@@ -377,7 +389,13 @@ impl CopyOnRead {
             }
             done.push(blk);
         }
-        self.make_present(&done)?;
+        if durable {
+            self.make_present(&done)?;
+        } else {
+            // Queued before a client can see it current: a client's write
+            // to it, then its FLUSH, must make it present.
+            lock(&self.unsynced).extend_from_slice(&done);
+        }
         for &blk in &done {
             self.set_current(blk);
         }
@@ -417,17 +435,31 @@ impl CopyOnRead {
         Ok(())
     }
 
-    /// Syncs the local data, then makes `blocks`' present bits durable.
+    /// Syncs the local data, then makes `blocks`' present bits durable,
+    /// and those of every block made current before the sync (the sync
+    /// covers their data too).
     fn make_present(&self, blocks: &[u64]) -> Result<()> {
         if blocks.is_empty() {
             return Ok(());
         }
-        self.data_sync.sync(|| {
+        let mut covered = std::mem::take(&mut *lock(&self.unsynced));
+        if let Err(e) = self.data_sync.sync(|| {
             self.local
                 .flush()
                 .map_err(|e| std::io::Error::other(e.to_string()))
-        })?;
-        for (a, b) in runs_of(blocks) {
+        }) {
+            lock(&self.unsynced).extend(covered);
+            return Err(e.into());
+        }
+        covered.extend_from_slice(blocks);
+        self.mark_present(covered)
+    }
+
+    /// Makes the present bits of `blocks` (whose data is durable) durable.
+    fn mark_present(&self, mut blocks: Vec<u64>) -> Result<()> {
+        blocks.sort_unstable();
+        blocks.dedup();
+        for (a, b) in runs_of(&blocks) {
             self.present.mark(a, b)?;
         }
         Ok(())
@@ -448,7 +480,14 @@ impl CopyOnRead {
                 self.source.read_at(&mut buf, off)?;
                 self.fetched_demand.fetch_add(len, Ordering::Relaxed);
                 let zero = buf.iter().all(|&x| x == 0);
-                claim.install(ra, len, (!zero).then_some(&buf[..]))?;
+                // The reader waits for no sync: a crash fetches it again.
+                self.install(
+                    &mut claim.blocks,
+                    ra,
+                    len,
+                    (!zero).then_some(&buf[..]),
+                    false,
+                )?;
             }
             drop(claim);
             // Others are fetching the rest: wait for them, then look again
@@ -589,20 +628,18 @@ impl Layer for CopyOnRead {
         })
     }
 
-    /// Makes what clients wrote durable, then their blocks present.
+    /// Makes what clients wrote (and reads fetched) durable, then their
+    /// blocks present.
     fn flush(&self) -> Result<()> {
         let pending = std::mem::take(&mut *lock(&self.unsynced));
-        self.local.flush()?;
+        if let Err(e) = self.local.flush() {
+            lock(&self.unsynced).extend(pending);
+            return Err(e);
+        }
         if pending.is_empty() {
             return Ok(());
         }
-        let mut pending = pending;
-        pending.sort_unstable();
-        pending.dedup();
-        for (a, b) in runs_of(&pending) {
-            self.present.mark(a, b)?;
-        }
-        Ok(())
+        self.mark_present(pending)
     }
 
     /// A client's prefetch hint: these blocks are fetched first.
@@ -857,20 +894,32 @@ mod tests {
         let want = source_data();
         read(&cor, 0, 1);
         BlockDev::write_at(&cor, &vec![7u8; GRAN as usize], 2 * GRAN, false).unwrap();
-        BlockDev::write_at(&cor, &vec![8u8; GRAN as usize], 3 * GRAN, true).unwrap();
-        drop(cor); // a crash: block 2 was never flushed
+        drop(cor); // a crash before any sync
         let cor = f.open();
         assert_eq!(f.read_from_source(), GRAN);
+        // The unflushed write may be lost: block 2 is fetched again, and
+        // so is block 0, whose fetch no sync covered.
+        assert_eq!(read(&cor, 2 * GRAN, 4), want[(2 * GRAN) as usize..][..4]);
+        assert_eq!(read(&cor, 0, 4), want[..4]);
+        assert_eq!(f.read_from_source(), 3 * GRAN);
+        read(&cor, 5 * GRAN, 1);
+        BlockDev::write_at(&cor, &vec![7u8; GRAN as usize], 2 * GRAN, false).unwrap();
+        BlockDev::write_at(&cor, &vec![8u8; GRAN as usize], 3 * GRAN, true).unwrap();
+        drop(cor); // a crash after a FUA write: its sync covered the rest
+        let cor = f.open();
         assert_eq!(
             read(&cor, 3 * GRAN, 4),
             vec![8u8; 4],
             "FUA write is present"
         );
+        assert_eq!(read(&cor, 2 * GRAN, 4), vec![7u8; 4], "synced before FUA");
+        assert_eq!(read(&cor, 5 * GRAN, 4), want[(5 * GRAN) as usize..][..4]);
         assert_eq!(read(&cor, 0, 4), want[..4]);
-        assert_eq!(f.read_from_source(), GRAN, "fetched blocks survive");
-        // The unflushed write may be lost: block 2 is fetched again.
-        assert_eq!(read(&cor, 2 * GRAN, 4), want[(2 * GRAN) as usize..][..4]);
+        assert_eq!(f.read_from_source(), 4 * GRAN, "synced fetches survive");
         BlockDev::write_at(&cor, &vec![6u8; GRAN as usize], 4 * GRAN, false).unwrap();
+        // A block fetched for a reader, then written and flushed.
+        read(&cor, 6 * GRAN, 1);
+        BlockDev::write_at(&cor, &[5u8; 4], 6 * GRAN, false).unwrap();
         BlockDev::flush(&cor).unwrap();
         drop(cor);
         let cor = f.open();
@@ -879,6 +928,11 @@ mod tests {
             read(&cor, 4 * GRAN, 4),
             vec![6u8; 4],
             "a flushed write is present"
+        );
+        assert_eq!(
+            read(&cor, 6 * GRAN, 4),
+            vec![5u8; 4],
+            "and one into a fetched block"
         );
         assert_eq!(f.read_from_source(), before);
     }
