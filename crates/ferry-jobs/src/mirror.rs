@@ -40,7 +40,7 @@ use ferry_store::{AtomicBitmap, Change, Disk, DurableBitmap, Rounding, Ticket, W
 use nbd_proto::consts::state;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::remote::{Lane, Remote, RemoteError, RemoteIdentity};
@@ -423,6 +423,9 @@ impl Mirror {
             let pass = self.pass.fetch_add(1, Ordering::AcqRel) + 1;
             lock(&self.counters).phase = if pass == 1 { "bulk" } else { "passes" }.into();
             let mut flight = Flight::default();
+            // The periodic flush runs beside the sends: awaiting it here
+            // would leave the link idle while the destination syncs.
+            let mut flushing: Option<JoinHandle<Result<(), MirrorError>>> = None;
             let mut cursor = 0;
             while let Some(b0) = self.next_to_send(cursor) {
                 if self.stop.is_cancelled() {
@@ -446,16 +449,21 @@ impl Mirror {
                     self.failed(&e).await;
                 }
                 let unflushed = lock(&self.unflushed).len() as u64 * self.gran;
-                if unflushed >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_EVERY {
-                    if let Err(e) = self.flush_and_clear().await {
+                if (unflushed >= FLUSH_BYTES || last_flush.elapsed() >= FLUSH_EVERY)
+                    && flushing.as_ref().is_none_or(|f| f.is_finished())
+                {
+                    if let Err(e) = joined(flushing.take()).await {
                         self.failed(&e).await;
                     }
+                    let me = self.clone();
+                    flushing = Some(tokio::spawn(async move { me.flush_and_clear().await }));
                     last_flush = Instant::now();
                 }
             }
             // Completion sends these blocks again: the old sends must be
-            // down first, or one could land over the newer data.
-            let landed = flight.land().await;
+            // down first, or one could land over the newer data (and its
+            // flush must not run beside completion's).
+            let landed = flight.land().await.and(joined(flushing).await);
             if self.stop.is_cancelled() {
                 return;
             }
@@ -811,6 +819,14 @@ async fn connect(
     let remote = Remote::connect(uri, opts, Duration::from_secs(30), recorded).await?;
     remote.check_writable()?;
     Ok(remote)
+}
+
+/// Waits for a task of the copier's, if there is one.
+async fn joined(task: Option<JoinHandle<Result<(), MirrorError>>>) -> Result<(), MirrorError> {
+    match task {
+        Some(t) => t.await.map_err(state_err).and_then(|r| r),
+        None => Ok(()),
+    }
 }
 
 /// The copier's runs in flight. Runs of one pass never overlap (its cursor
