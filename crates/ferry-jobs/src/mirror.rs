@@ -867,58 +867,83 @@ impl Flight {
 }
 
 /// An active write's hold on its blocks, from before the local write until
-/// the destination has it too.
+/// the destination has it too. The destination's write runs beside the
+/// local one: the write waits for the slower of the two, not their sum.
 struct ActiveWrite {
     mirror: Arc<Mirror>,
     _held: Held,
     blocks: std::ops::Range<u64>,
+    sent: JoinHandle<Result<(), RemoteError>>,
+}
+
+impl ActiveWrite {
+    /// Starts repeating `change` on the destination.
+    fn start(mirror: Arc<Mirror>, held: Held, change: Change<'_>) -> Self {
+        let blocks = {
+            let (offset, len) = change.range();
+            mirror.blocks(offset, len)
+        };
+        let remote = mirror.remote.clone();
+        let sent = match change {
+            Change::Write { offset, data, .. } => {
+                let data = Bytes::copy_from_slice(data);
+                tokio::spawn(async move { remote.write(Lane::Demand, offset, data).await })
+            }
+            Change::Zeroes { offset, len, .. } | Change::Trim { offset, len } => {
+                tokio::spawn(async move { remote.write_zeroes(Lane::Demand, offset, len).await })
+            }
+        };
+        ActiveWrite {
+            mirror,
+            _held: held,
+            blocks,
+            sent,
+        }
+    }
 }
 
 impl Ticket for ActiveWrite {
-    fn after(self: Box<Self>, change: Change<'_>, local: &BlockResult<()>) -> BlockResult<()> {
-        if local.is_err() {
-            return Ok(());
-        }
-        let m = &self.mirror;
-        let remote = m.remote.clone();
-        let sent = tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async {
-                match change {
-                    Change::Write { offset, data, .. } => {
-                        remote
-                            .write(Lane::Demand, offset, Bytes::copy_from_slice(data))
-                            .await
-                    }
-                    Change::Zeroes { offset, len, .. } | Change::Trim { offset, len } => {
-                        remote.write_zeroes(Lane::Demand, offset, len).await
-                    }
-                }
-            })
-        });
+    fn after(self: Box<Self>, _: Change<'_>, local: &BlockResult<()>) -> BlockResult<()> {
+        // The stripes stay held until this returns.
+        let ActiveWrite {
+            mirror: m,
+            _held,
+            blocks,
+            sent,
+        } = *self;
+        let sent = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(sent));
+        let sent = match (local, sent) {
+            (Err(_), _) => Err(None),
+            (Ok(()), Ok(Ok(()))) => Ok(()),
+            (Ok(()), Ok(Err(e))) => Err(Some(e.to_string())),
+            (Ok(()), Err(e)) => Err(Some(e.to_string())),
+        };
         match sent {
             Ok(()) => {
-                m.sent.fetch_add(
-                    (self.blocks.end - self.blocks.start) * m.gran,
-                    Ordering::Relaxed,
-                );
+                m.sent
+                    .fetch_add((blocks.end - blocks.start) * m.gran, Ordering::Relaxed);
                 let mut u = lock(&m.unflushed);
                 u.extend(
-                    self.blocks
+                    blocks
                         .clone()
                         .map(|b| (b, m.version(b).load(Ordering::Acquire))),
                 );
             }
-            Err(e) => {
-                // The blocks stay pending, for the copier to send.
-                for b in self.blocks.clone() {
+            Err(why) => {
+                // The blocks stay pending, for the copier to send (the
+                // destination may hold a change that failed here).
+                for b in blocks.clone() {
                     m.active_sent.clear_bit(b);
                 }
-                tracing::warn!(
-                    disk = m.disk.name(),
-                    "active mirror write failed, going background: {e}"
-                );
-                m.note_error(&e);
-                m.active.store(false, Ordering::Release);
+                if let Some(e) = why {
+                    tracing::warn!(
+                        disk = m.disk.name(),
+                        "active mirror write failed, going background: {e}"
+                    );
+                    m.note_error(&e);
+                    m.active.store(false, Ordering::Release);
+                }
+                m.wake.notify_one();
             }
         }
         Ok(())
@@ -941,7 +966,8 @@ impl Ticket for Landing {
 }
 
 impl WriteTap for Mirror {
-    fn before(self: Arc<Self>, offset: u64, len: u64) -> BlockResult<Option<Box<dyn Ticket>>> {
+    fn before(self: Arc<Self>, change: Change<'_>) -> BlockResult<Option<Box<dyn Ticket>>> {
+        let (offset, len) = change.range();
         if len == 0 {
             return Ok(None);
         }
@@ -976,10 +1002,6 @@ impl WriteTap for Mirror {
                 blocks,
             })));
         }
-        Ok(Some(Box::new(ActiveWrite {
-            mirror: self,
-            _held: held,
-            blocks,
-        })))
+        Ok(Some(Box::new(ActiveWrite::start(self, held, change))))
     }
 }

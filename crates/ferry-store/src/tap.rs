@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use ferry_block::{BlockDev, Caps, Error, Layer, Result, ZeroMode};
 
-/// A change to a disk, as a tap sees it after it went down.
+/// A change to a disk, as a tap sees it before and after it goes down.
 #[derive(Debug, Clone, Copy)]
 pub enum Change<'a> {
     Write {
@@ -43,10 +43,11 @@ impl Change<'_> {
 
 /// Something that must see every change of a disk.
 pub trait WriteTap: Send + Sync + 'static {
-    /// `[offset, offset+len)` is about to change: make durable what must
-    /// be first. A returned ticket is handed back to [`after`](Self::after)
-    /// once the change went down locally.
-    fn before(self: Arc<Self>, offset: u64, len: u64) -> Result<Option<Box<dyn Ticket>>>;
+    /// `change` is about to go down: make durable what must be first (or
+    /// start repeating it elsewhere, beside the local change). A returned
+    /// ticket is handed back to [`Ticket::after`] once the change went down
+    /// locally.
+    fn before(self: Arc<Self>, change: Change<'_>) -> Result<Option<Box<dyn Ticket>>>;
 }
 
 /// What a tap asked to be told once a change has gone down.
@@ -85,7 +86,7 @@ impl Tap {
         self.closed.store(true, Ordering::Release);
     }
 
-    fn change(&self, offset: u64, len: u64, change: Change<'_>) -> Result<()> {
+    fn change(&self, change: Change<'_>) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::ReadOnly);
         }
@@ -94,7 +95,7 @@ impl Tap {
         }
         let tap = self.tap.read().unwrap_or_else(|e| e.into_inner()).clone();
         let ticket = match tap {
-            Some(t) => t.before(offset, len)?,
+            Some(t) => t.before(change)?,
             None => None,
         };
         let local = self.apply(change);
@@ -138,19 +139,19 @@ impl Layer for Tap {
             data: buf,
             fua,
         };
-        self.change(offset, buf.len() as u64, change)
+        self.change(change)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
-        self.change(offset, len, Change::Zeroes { offset, len, mode })
+        self.change(Change::Zeroes { offset, len, mode })
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         if fua {
             // A tap repeats a trim without FUA; the flush below covers it.
-            self.change(offset, len, Change::Trim { offset, len })?;
+            self.change(Change::Trim { offset, len })?;
             return self.next.flush();
         }
-        self.change(offset, len, Change::Trim { offset, len })
+        self.change(Change::Trim { offset, len })
     }
 }
