@@ -10,7 +10,9 @@
 # Image: 1 GiB raw, half allocated (mk-image.py --size-mib 1024 --runs 512:
 # 512 runs of 1 MiB random data). Source: `nbdferry serve --read-only` of
 # it, 127.0.0.1 TCP, one for the whole benchmark, shared by every tool.
-# Every destination is fresh per run (file, state dir, overlay) on /tmp.
+# Every destination is fresh per run (file, state dir, overlay), in a temp
+# dir on /tmp, or under --dest-dir (/dev/shm: tmpfs, where fsync is free,
+# to tell the cost of durability from the rest).
 #
 # Cases:
 #   hyd      the whole disk arrives.
@@ -39,19 +41,22 @@
 #            background pass runs at --hyd-rate, against the plain export.
 #            The pass must still be running at the end (checked, shown).
 #            Also with the pass held (--rate 1): the copy-on-read layer's
-#            own cost, without the pass competing for the 2 cores.
+#            own cost, without the pass competing for the 2 cores; and a
+#            plain writable export (`serve --state-dir` of a copy of the
+#            image, no --source): the same disk stack, no copy-on-read.
 # Every run starts after a `sync`, so that no run pays for the previous
 # one's writeback.
 # Goals: copy / hydration time >= 1.0; first-read latency <= 2x plain;
 # present reads >= 0.9x plain.
 #
 # Usage: proto-tests/bench/bench-postcopy.sh [--runs N] [--reads N]
-#        [--hyd-rate BYTES/s] [--fio-runtime S] [--no-build] [--keep]
+#        [--hyd-rate BYTES/s] [--fio-runtime S] [--dest-dir DIR] [--no-build] [--keep]
 #   --runs N          timed rounds (default 3), after one untimed warm-up round
 #   --reads N         timed reads per run of "first" and "present" (default 1000)
 #   --hyd-rate R      nbdferry --rate during "present" (default 48M; the pass
 #                     paces holes too, so 1 GiB takes ~21 s)
 #   --fio-runtime S   seconds of fio per "present" run (default 5)
+#   --dest-dir DIR    where destinations live (default: the temp dir on /tmp)
 #   --no-build        use the existing target/release/nbdferry
 #   --keep            keep the temp dir (image, logs, results.jsonl)
 #   NBDFERRY_BIN=path overrides the binary.
@@ -67,7 +72,9 @@ RUNS=3
 NREADS=1000
 HRATE=48M
 FIO_RUNTIME=5
-bench_parse_args 60 --reads=NREADS --hyd-rate=HRATE --fio-runtime=FIO_RUNTIME -- "$@"
+DEST_DIR=""
+bench_parse_args 65 --reads=NREADS --hyd-rate=HRATE --fio-runtime=FIO_RUNTIME \
+    --dest-dir=DEST_DIR -- "$@"
 bench_need_tools nbdkit qemu-storage-daemon qemu-img nbdcopy fio python3 /usr/bin/python3 ss cmp
 /usr/bin/python3 -c 'import nbd' || { echo "/usr/bin/python3 has no nbd module" >&2; exit 1; }
 nbdkit -U - --filter=cow null 1M cow-on-read=true --run true ||
@@ -76,8 +83,12 @@ bench_build
 
 DRIVE=(/usr/bin/python3 "$HERE/postcopy-drive.py")
 bench_tmpdir WORK /tmp/nbdferry-postcopybench.XXXXXX
+DW=$WORK
+if [ -n "$DEST_DIR" ]; then bench_tmpdir DW "$DEST_DIR/nbdferry-postcopybench-dst.XXXXXX"; fi
 IMG="$WORK/src.raw"
 python3 "$HERE/mk-image.py" "$IMG" --size-mib 1024 --runs 512 >&2
+PLAIN_RW="$DW/plain-rw.raw"
+cp --sparse=always "$IMG" "$PLAIN_RW"
 VSIZE=$(stat -c %s "$IMG")
 REG_LEN=$((128 << 20))
 REG_OFF=$((VSIZE - REG_LEN))
@@ -127,22 +138,32 @@ verify() {
 # start_ferry TAG [RATE]: a fresh post-copy destination. Sets DST_PID,
 # DST_URI, ADMIN, DST.
 start_ferry() {
-    local args=(serve --listen 127.0.0.1:0 --name disk --state-dir "$WORK/dst-state"
+    local args=(serve --listen 127.0.0.1:0 --name disk --state-dir "$DW/dst-state"
         --source "$SRC_URI")
-    DST="$WORK/dst.raw"
-    rm -rf "$DST" "$WORK/dst-state"
+    DST="$DW/dst.raw"
+    rm -rf "$DST" "$DW/dst-state"
     if [ -n "${2:-}" ]; then args+=(--rate "$2"); fi
     bench_start_ferry destination "$WORK/dst-$1.log" "${args[@]}" "$DST"
     DST_PID=$SERVER_PID
     DST_URI="nbd://127.0.0.1:$PORT/disk"
-    ADMIN="$WORK/dst-state/admin.sock"
+    ADMIN="$DW/dst-state/admin.sock"
+}
+
+# start_plain_rw TAG: a plain writable export of a copy of the image, with
+# a disk state like the destination's but no source. Sets DST_PID, DST_URI.
+start_plain_rw() {
+    rm -rf "$DW/rw-state"
+    bench_start_ferry plain-rw "$WORK/rw-$1.log" serve --listen 127.0.0.1:0 --name disk \
+        --state-dir "$DW/rw-state" "$PLAIN_RW"
+    DST_PID=$SERVER_PID
+    DST_URI="nbd://127.0.0.1:$PORT/disk"
 }
 
 # start_nbdkit: the cow filter, cow-on-read, over the nbd plugin; its
-# overlay (a temp file) in $WORK. Sets NK_PID, NK_URI.
+# overlay (a temp file) in $DW. Sets NK_PID, NK_URI.
 start_nbdkit() {
     PORT=$(free_port)
-    TMPDIR="$WORK" nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$PORT" \
+    TMPDIR="$DW" nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$PORT" \
         --filter=cow nbd uri="$SRC_URI" cow-on-read=true 2>>"$WORK/nbdkit.log" &
     NK_PID=$!
     PIDS+=("$NK_PID")
@@ -153,7 +174,7 @@ start_nbdkit() {
 # start_qsd: a fresh qcow2 overlay backed by the source, opened under a
 # copy-on-read filter and exported over NBD. Sets QSD_PID, QSD_URI, OV, QMP.
 start_qsd() {
-    OV="$WORK/overlay.qcow2"
+    OV="$DW/overlay.qcow2"
     QMP="$WORK/qmp.sock"
     rm -f "$OV" "$QMP"
     qemu-img create -q -f qcow2 -b "$SRC_URI" -F raw "$OV"
@@ -176,7 +197,7 @@ start_qsd() {
 # hyd_run TOOL REP: the whole disk arrives at TOOL's destination, timed
 # and verified.
 hyd_run() {
-    local tool="$1" rep="$2" t0 t1 ok out="$WORK/out.json" chk="$WORK/check.raw"
+    local tool="$1" rep="$2" t0 t1 ok out="$WORK/out.json" chk="$DW/check.raw"
     sync
     case "$tool" in
         nbdferry)
@@ -286,18 +307,24 @@ present_run() {
     case "$tool" in
         nbdferry) start_ferry "present-$rep" "$HRATE" ;;
         nbdferry-held) start_ferry "held-$rep" 1 ;;
+        plain-rw) start_plain_rw "$rep" ;;
     esac
     if [ "$tool" != plain ]; then uri=$DST_URI; fi
     "${DRIVE[@]}" "${reads[@]}" "$uri" >"$out"
-    if [ "$tool" != plain ]; then s1=$("${DRIVE[@]}" ferry-status --admin "$ADMIN"); fi
+    case "$tool" in nbdferry*) s1=$("${DRIVE[@]}" ferry-status --admin "$ADMIN") ;; esac
     iops=$(fio_iops "$uri")
-    if [ "$tool" != plain ]; then
-        s2=$("${DRIVE[@]}" ferry-status --admin "$ADMIN")
-        bench_stop "$DST_PID"
-        emit case=present tool="$tool" rep="$rep" iops="$iops" before="$s1" after="$s2" @"$out"
-    else
-        emit case=present tool=plain rep="$rep" iops="$iops" @"$out"
-    fi
+    case "$tool" in
+        nbdferry*)
+            s2=$("${DRIVE[@]}" ferry-status --admin "$ADMIN")
+            bench_stop "$DST_PID"
+            emit case=present tool="$tool" rep="$rep" iops="$iops" before="$s1" after="$s2" @"$out"
+            ;;
+        plain-rw)
+            bench_stop "$DST_PID"
+            emit case=present tool="$tool" rep="$rep" iops="$iops" @"$out"
+            ;;
+        *) emit case=present tool=plain rep="$rep" iops="$iops" @"$out" ;;
+    esac
     if grep -q '"bad": [1-9]' "$out"; then
         echo "!!!!!!!! MISMATCH: present $tool run $rep: reads differ from the image !!!!!!!!" >&2
         MISMATCH=1
@@ -318,14 +345,14 @@ for r in $(seq 0 "$RUNS"); do
     if [ "$r" = 0 ]; then echo "== warm-up round (not counted)" >&2; else echo "== round $r" >&2; fi
     for t in $(rotated "$r" nbdferry copy copy-flush nbdkit qemu); do hyd_run "$t" "$r"; done
     for t in $(rotated "$r" plain nbdferry nbdkit qemu); do first_run "$t" "$r" $((100 + r)); done
-    for t in $(rotated "$r" plain nbdferry nbdferry-held); do present_run "$t" "$r" $((200 + r)); done
+    for t in $(rotated "$r" plain nbdferry nbdferry-held plain-rw); do present_run "$t" "$r" $((200 + r)); done
 done
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "bench time $(($(date +%s) - T_BEGIN)) s; load $LOAD0 at start, $LOAD1 at end" >&2
 
-python3 - "$RESULTS" "$RUNS" "$NREADS" "$HRATE" "$FIO_RUNTIME" "$MISMATCH" <<'EOF'
+python3 - "$RESULTS" "$RUNS" "$NREADS" "$HRATE" "$FIO_RUNTIME" "$MISMATCH" "$DW" <<'EOF'
 import json, statistics, sys
-path, runs, nreads, hrate, fio_rt, mismatch = sys.argv[1:]
+path, runs, nreads, hrate, fio_rt, mismatch, dw = sys.argv[1:]
 recs = [json.loads(l) for l in open(path) if l.strip()]
 timed = [r for r in recs if r["rep"] > 0]
 DATA_MIB = 512
@@ -359,7 +386,7 @@ def goal(ok):
     return "" if ok else "  MISSED"
 
 print(f"\npost-copy: 1 GiB image, {DATA_MIB} MiB data; source `nbdferry serve --read-only`, loopback TCP;"
-      f" median (min-max) of {runs} rounds, tools alternated")
+      f" median (min-max) of {runs} rounds, tools alternated; destinations in {dw}")
 
 print(f"\n1. hydration: the whole disk arrives (verified against the image)")
 print(f"{'tool':58} {'seconds':>22} {'MiB/s data':>10} {'verified':>9}")
@@ -409,7 +436,8 @@ print(f"{'tool':46} {'QD1 median us':>20} {'QD1 p99 us':>20} {'fio QD32 IOPS':>2
 PI = med(vals("present", "plain", lambda r: r["iops"]))
 for label, tool in [("plain nbdferry export of the source", "plain"),
                     ("nbdferry serve --source, hydrating", "nbdferry"),
-                    ("nbdferry serve --source, pass held (--rate 1)", "nbdferry-held")]:
+                    ("nbdferry serve --source, pass held (--rate 1)", "nbdferry-held"),
+                    ("plain writable export (--state-dir, no --source)", "plain-rw")]:
     i = vals("present", tool, lambda r: r["iops"])
     mark = goal(med(i) / PI >= 0.9) if tool == "nbdferry" else ""
     print(f"{label:46} {cell(vals('present', tool, lambda r: r['med_us']), '{:.0f}'):>20}"
