@@ -452,6 +452,11 @@ if pr:
     od = med([r["after"]["fetched_on_demand_bytes"] - r["before"]["fetched_on_demand_bytes"] for r in pr])
     print(f"pass running through the fio window in {running}/{len(pr)} runs; it brought {grew / (1 << 20):.0f} MiB"
           f" meanwhile; on-demand fetches during the window: {od / (1 << 20):.1f} MiB")
+hr = [r for r in timed if r["case"] == "present" and r["tool"] == "nbdferry-held"]
+if hr:
+    pb = med([r["before"]["present_bytes"] for r in hr])
+    print(f"pass held: present after pre-reading the 128 MiB region: {pb / (1 << 20):.0f} MiB"
+          f" (1 MiB of it from the pass, at offset 0)")
 
 if mismatch != "0" or any(r.get("ok") is False or r.get("bad") for r in recs):
     print("\n!!!!!!!! MISMATCHES: a destination or a read differed from the source image !!!!!!!!")
