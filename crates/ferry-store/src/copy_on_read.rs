@@ -58,6 +58,10 @@ const STRIPES: u64 = 1024;
 const WAIT_SLICE: Duration = Duration::from_millis(200);
 /// The present map's file in the layer's directory.
 pub const PRESENT_MAP: &str = "present.bits";
+/// `base:allocation`: the range reads as zeroes.
+const ZERO_FLAG: u32 = 0b10;
+/// Blocks claimed at a time when a source's zeroes are recorded.
+const ZERO_RECORD_BLOCKS: u64 = 256;
 /// Fetched data is written page by page, so zero pages stay holes.
 const PAGE: usize = 4096;
 const UNMAP: ZeroMode = ZeroMode {
@@ -531,6 +535,35 @@ impl CopyOnRead {
         Ok(())
     }
 
+    /// The source says `[offset, offset+len)` reads as zeroes: its whole
+    /// absent blocks become current as local holes, without a fetch (and
+    /// present at the next sync). Otherwise every read there would ask the
+    /// source's block status again, since the server answers holes from it.
+    /// Best effort: a failure leaves the blocks absent.
+    fn record_zeroes(&self, offset: u64, len: u64) {
+        let a = offset.div_ceil(self.gran);
+        let end = offset + len;
+        let b = if end == self.size {
+            self.nblocks
+        } else {
+            end / self.gran
+        };
+        let mut blk = a;
+        while blk < b {
+            let stop = (blk + ZERO_RECORD_BLOCKS).min(b);
+            let mut claim = self.claim(blk, stop);
+            for (ra, rb) in claim.runs() {
+                let off = ra * self.gran;
+                let n = (rb * self.gran).min(self.size) - off;
+                if let Err(e) = self.install(&mut claim.blocks, ra, n, None, false) {
+                    tracing::debug!("recording zeroes at {off}: {e}");
+                    return;
+                }
+            }
+            blk = stop;
+        }
+    }
+
     /// Runs a change of whole absent blocks under their stripe locks, so a
     /// fetch cannot write them in between.
     fn change_whole<T>(&self, blocks: &[u64], op: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -683,6 +716,9 @@ impl Layer for CopyOnRead {
                 let length = e.length.min(stop - covered);
                 if length == 0 {
                     break;
+                }
+                if !here && e.flags & ZERO_FLAG != 0 {
+                    self.record_zeroes(covered, length);
                 }
                 match out.last_mut() {
                     Some(last) if last.flags == e.flags => last.length += length,
@@ -952,6 +988,29 @@ mod tests {
         // 48..52 absent (data).
         assert_eq!(runs, vec![(4 * GRAN, 0), (8 * GRAN, 3), (4 * GRAN, 0)]);
         assert_eq!(read(&cor, 40 * GRAN, 8), vec![0; 8]);
+    }
+
+    #[test]
+    fn zeroes_the_source_reports_become_current_without_a_fetch() {
+        let f = fixture(Duration::ZERO);
+        let cor = f.open();
+        let before = cor.progress().present_bytes;
+        // A client's block status over 38..50: the source says 40..48 is
+        // a hole; the reply is the same, and those blocks are here now.
+        let e = BlockDev::extents(&cor, BASE_ALLOCATION, 38 * GRAN, 12 * GRAN, 10).unwrap();
+        let runs: Vec<(u64, u32)> = e.iter().map(|e| (e.length, e.flags)).collect();
+        assert_eq!(runs, vec![(2 * GRAN, 0), (8 * GRAN, 3), (2 * GRAN, 0)]);
+        assert_eq!(cor.progress().present_bytes, before + 8 * GRAN);
+        let mut b = vec![1u8; 10];
+        assert!(BlockDev::read_at_nowait(&cor, &mut b, 41 * GRAN).unwrap());
+        assert_eq!(b, vec![0; 10]);
+        assert_eq!(f.read_from_source(), 0, "nothing fetched");
+        // Present at the next sync: after a flush and a crash, still here.
+        BlockDev::flush(&cor).unwrap();
+        drop(cor);
+        let cor = f.open();
+        assert_eq!(read(&cor, 44 * GRAN, 10), vec![0; 10]);
+        assert_eq!(f.read_from_source(), 0);
     }
 
     #[test]
