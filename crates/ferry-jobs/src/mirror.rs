@@ -40,7 +40,7 @@ use ferry_store::{AtomicBitmap, Change, Disk, DurableBitmap, Rounding, Ticket, W
 use nbd_proto::consts::state;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::remote::{Lane, Remote, RemoteError, RemoteIdentity};
@@ -821,10 +821,15 @@ async fn connect(
     Ok(remote)
 }
 
+/// How a task of the copier's ended.
+fn settled(ended: Result<Result<(), MirrorError>, JoinError>) -> Result<(), MirrorError> {
+    ended.map_err(state_err).and_then(|r| r)
+}
+
 /// Waits for a task of the copier's, if there is one.
 async fn joined(task: Option<JoinHandle<Result<(), MirrorError>>>) -> Result<(), MirrorError> {
     match task {
-        Some(t) => t.await.map_err(state_err).and_then(|r| r),
+        Some(t) => settled(t.await),
         None => Ok(()),
     }
 }
@@ -844,8 +849,7 @@ impl Flight {
     async fn send(&mut self, mirror: &Arc<Mirror>, b0: u64, b1: u64) -> Result<(), MirrorError> {
         let mut first = Ok(());
         while self.runs.len() >= IN_FLIGHT {
-            let ended = self.runs.join_next().await;
-            if let Some(Err(e)) = ended.map(|r| r.map_err(state_err).and_then(|r| r)) {
+            if let Some(Err(e)) = self.runs.join_next().await.map(settled) {
                 first = first.and(Err(e));
             }
         }
@@ -858,9 +862,7 @@ impl Flight {
     async fn land(&mut self) -> Result<(), MirrorError> {
         let mut first = Ok(());
         while let Some(ended) = self.runs.join_next().await {
-            if let Err(e) = ended.map_err(state_err).and_then(|r| r) {
-                first = first.and(Err(e));
-            }
+            first = first.and(settled(ended));
         }
         first
     }

@@ -439,31 +439,36 @@ impl CopyOnRead {
         Ok(())
     }
 
-    /// Syncs the local data, then makes `blocks`' present bits durable,
-    /// and those of every block made current before the sync (the sync
-    /// covers their data too).
+    /// Syncs the local data (group commit), then makes `blocks`' present
+    /// bits durable.
     fn make_present(&self, blocks: &[u64]) -> Result<()> {
         if blocks.is_empty() {
             return Ok(());
         }
-        let mut covered = std::mem::take(&mut *lock(&self.unsynced));
-        if let Err(e) = self.data_sync.sync(|| {
-            self.local
-                .flush()
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        }) {
-            lock(&self.unsynced).extend(covered);
-            return Err(e.into());
-        }
-        covered.extend_from_slice(blocks);
-        self.mark_present(covered)
+        self.present_after(blocks, || {
+            self.data_sync
+                .sync(|| {
+                    self.local
+                        .flush()
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                })
+                .map_err(Error::from)
+        })
     }
 
-    /// Makes the present bits of `blocks` (whose data is durable) durable.
-    fn mark_present(&self, mut blocks: Vec<u64>) -> Result<()> {
-        blocks.sort_unstable();
-        blocks.dedup();
-        for (a, b) in runs_of(&blocks) {
+    /// Runs `sync` (which makes the local data durable), then makes
+    /// durable the present bits of `blocks` and of every block made
+    /// current before it ran: the sync covered their data too.
+    fn present_after(&self, blocks: &[u64], sync: impl FnOnce() -> Result<()>) -> Result<()> {
+        let mut covered = std::mem::take(&mut *lock(&self.unsynced));
+        if let Err(e) = sync() {
+            lock(&self.unsynced).extend(covered);
+            return Err(e);
+        }
+        covered.extend_from_slice(blocks);
+        covered.sort_unstable();
+        covered.dedup();
+        for (a, b) in runs_of(&covered) {
             self.present.mark(a, b)?;
         }
         Ok(())
@@ -664,15 +669,7 @@ impl Layer for CopyOnRead {
     /// Makes what clients wrote (and reads fetched) durable, then their
     /// blocks present.
     fn flush(&self) -> Result<()> {
-        let pending = std::mem::take(&mut *lock(&self.unsynced));
-        if let Err(e) = self.local.flush() {
-            lock(&self.unsynced).extend(pending);
-            return Err(e);
-        }
-        if pending.is_empty() {
-            return Ok(());
-        }
-        self.mark_present(pending)
+        self.present_after(&[], || self.local.flush())
     }
 
     /// A client's prefetch hint: these blocks are fetched first.
