@@ -147,6 +147,8 @@ bench_make_image() {
     IMG="$WORK/img4g.raw"
     python3 "$HERE/mk-image.py" "$IMG" >&2
     VSIZE=$(stat -c %s "$IMG")
+    # Bytes of data (allocated): what a sparse-aware copy reads.
+    DSIZE=$(($(stat -c '%b * %B' "$IMG")))
 }
 
 # A port nothing listens on now, for servers that cannot report the port
@@ -225,6 +227,16 @@ median() { python3 -c 'import sys, statistics; print(statistics.median(float(x) 
 
 # Every timed run of bench_time_servers, as SAMPLES[WORKLOAD,SERVER]="t1 t2 ...".
 declare -A SAMPLES=()
+# The pid of each server (SPID[SERVER]=PID), where the caller records it:
+# bench_time_servers then also measures the server's CPU time per run,
+# as CPU[WORKLOAD,SERVER] (median seconds).
+declare -A SPID=() CPU=()
+CLK_TCK=$(getconf CLK_TCK)
+
+# cpu_ticks PID: user + system time of a process, all threads, in ticks.
+# (Fields 14 and 15 of /proc/PID/stat; the name field of our servers has
+# no spaces.)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # bench_time_servers WORKLOAD ROTATE: the alternating runs of the server
 # benchmarks, so that drift hits every server alike. One untimed warm-up
@@ -233,8 +245,8 @@ declare -A SAMPLES=()
 # sets RESULT[WORKLOAD,SERVER] to the median and SAMPLES[WORKLOAD,SERVER].
 # The caller defines run_once (prints seconds), SERVERS and RESULT.
 bench_time_servers() {
-    local w="$1" rotate="$2" n=${#SERVERS[@]} r i s t
-    local -A times=()
+    local w="$1" rotate="$2" n=${#SERVERS[@]} r i s t c0
+    local -A times=() cpus=()
     for s in "${SERVERS[@]}"; do run_once "$w" "$s" >/dev/null; done # warm-up
     for r in $(seq "$RUNS"); do
         for i in $(seq 0 $((n - 1))); do
@@ -243,7 +255,12 @@ bench_time_servers() {
             else
                 s=${SERVERS[$i]}
             fi
+            c0=""
+            if [ -n "${SPID[$s]:-}" ]; then c0=$(cpu_ticks "${SPID[$s]}"); fi
             t=$(run_once "$w" "$s")
+            if [ -n "$c0" ]; then
+                cpus[$s]="${cpus[$s]:-} $(($(cpu_ticks "${SPID[$s]}") - c0))"
+            fi
             echo "   run $r $s: ${t}s" >&2
             times[$s]="${times[$s]:-} $t"
         done
@@ -252,6 +269,10 @@ bench_time_servers() {
         # shellcheck disable=SC2086
         RESULT[$w,$s]=$(median ${times[$s]:-})
         SAMPLES[$w,$s]="${times[$s]# }"
+        if [ -n "${cpus[$s]:-}" ]; then
+            # shellcheck disable=SC2086
+            CPU[$w,$s]=$(python3 -c "print($(median ${cpus[$s]}) / $CLK_TCK)")
+        fi
     done
 }
 

@@ -29,3 +29,4 @@ mod remote_admin;
 mod service;
 mod snapshots;
 mod tls;
+mod zero_copy;

@@ -1,4 +1,6 @@
+use std::fs::File;
 use std::io::IoSliceMut;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::extent::Extent;
@@ -52,6 +54,15 @@ pub fn check_range(size: u64, offset: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of a device that are, until a write changes them, the bytes of a
+/// file at `offset`, and are in the page cache: a reply can send them to a
+/// socket straight from the cache, without a copy through user space.
+#[derive(Clone, Debug)]
+pub struct FileSpan {
+    pub file: Arc<File>,
+    pub offset: u64,
+}
+
 /// A block device as an export sees it. Calls block (positional I/O); the
 /// server runs them on a blocking pool. All methods take `&self` so that
 /// many requests run at once without a global lock.
@@ -75,6 +86,14 @@ pub trait BlockDev: Send + Sync + 'static {
             offset += b.len() as u64;
         }
         Ok(())
+    }
+    /// Where `[offset, offset+len)` can be sent from the page cache (see
+    /// [`FileSpan`]); None when those bytes are not plainly a cached file
+    /// range (a snapshot view, absent blocks, data not in cache). A device
+    /// whose reads are not exactly the file's bytes must keep the default.
+    fn file_span(&self, offset: u64, len: u64) -> Option<FileSpan> {
+        let _ = (offset, len);
+        None
     }
     /// Makes durable whatever must be durable before `[offset, offset+len)`
     /// may change (a dirty bit, a preserved copy). The write methods do
@@ -140,6 +159,10 @@ pub trait Layer: Send + Sync + 'static {
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         self.next().read_vectored_at(bufs, offset)
     }
+    /// A layer that changes what reads return must override this.
+    fn file_span(&self, offset: u64, len: u64) -> Option<FileSpan> {
+        self.next().file_span(offset, len)
+    }
     fn prepare_write(&self, offset: u64, len: u64) -> Result<()> {
         self.next().prepare_write(offset, len)
     }
@@ -187,6 +210,9 @@ impl<L: Layer> BlockDev for L {
     }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         Layer::read_vectored_at(self, bufs, offset)
+    }
+    fn file_span(&self, offset: u64, len: u64) -> Option<FileSpan> {
+        Layer::file_span(self, offset, len)
     }
     fn prepare_write(&self, offset: u64, len: u64) -> Result<()> {
         Layer::prepare_write(self, offset, len)

@@ -41,7 +41,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferry_block::{BASE_ALLOCATION, BlockDev, Error, Extent, Layer, Result, ZeroMode, check_range};
+use ferry_block::{
+    BASE_ALLOCATION, BlockDev, Error, Extent, FileSpan, Layer, Result, ZeroMode, check_range,
+};
 
 use crate::bitmap::{self, AtomicBitmap};
 use crate::durable_bitmap::{DurableBitmap, Rounding};
@@ -603,6 +605,19 @@ impl Layer for CopyOnRead {
             }
         }
         self.local.read_at_nowait(buf, offset)
+    }
+
+    /// Only blocks that are here may be sent from the local file: the
+    /// bytes of absent ones are still at the source.
+    fn file_span(&self, offset: u64, len: u64) -> Option<FileSpan> {
+        if !self.is_complete() && len > 0 {
+            check_range(self.size, offset, len).ok()?;
+            let (a, b) = self.blocks(offset, len);
+            if !self.current.all_set(a, b) {
+                return None;
+            }
+        }
+        self.local.file_span(offset, len)
     }
 
     fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {

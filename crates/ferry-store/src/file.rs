@@ -6,12 +6,14 @@ use std::io;
 use std::num::NonZeroU64;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 
 use ferry_block::{
-    BASE_ALLOCATION, BlockDev, Caps, Error, Extent, Result, STATE_HOLE_ZERO, ZeroMode, check_range,
+    BASE_ALLOCATION, BlockDev, Caps, Error, Extent, FileSpan, Result, STATE_HOLE_ZERO, ZeroMode,
+    check_range,
 };
 
 use crate::io::{datasync, pread_full, pwrite_all};
@@ -21,7 +23,8 @@ const ZERO_CHUNK: usize = 1 << 20;
 const IOV_MAX: usize = 1024;
 
 pub struct FileDev {
-    file: File,
+    /// Shared with replies that send from it (see [`FileSpan`]).
+    file: Arc<File>,
     size: u64,
     read_only: bool,
     block_device: bool,
@@ -44,7 +47,7 @@ impl FileDev {
             ));
         };
         Ok(FileDev {
-            file,
+            file: Arc::new(file),
             size,
             read_only,
             block_device,
@@ -182,6 +185,14 @@ impl BlockDev for FileDev {
             }
         }
         Ok(true)
+    }
+
+    fn file_span(&self, offset: u64, len: u64) -> Option<FileSpan> {
+        let inside = offset.checked_add(len).is_some_and(|end| end <= self.size);
+        (inside && crate::cache::all_cached(&self.file, offset, len)).then(|| FileSpan {
+            file: self.file.clone(),
+            offset,
+        })
     }
 
     /// As few `preadv` calls as the iovec limit allows.

@@ -21,6 +21,7 @@
 
 mod aligned;
 mod bitmap;
+mod cache;
 mod copy_on_read;
 mod cow_store;
 mod dirty;

@@ -26,6 +26,7 @@ use crate::metrics::{self, ExportMetrics};
 use crate::outgoing::ReplySink;
 use crate::registry::{Export, Registry};
 use crate::split::Split;
+use crate::zero_copy::ReplyWrite;
 
 /// How long a shutting-down server waits for a stalled client.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -168,6 +169,7 @@ async fn transmission<S: Split>(
 ) -> std::io::Result<()> {
     let limits = &ctx.limits;
     let (rd, wr) = stream.split();
+    let zero_copy = limits.zero_copy && wr.sends_files();
     let (sink, writer) = ReplySink::new(wr, limits.stall_timeout);
     let extended = n.mode == ReplyMode::Extended;
     let session = Arc::new(Session {
@@ -176,6 +178,7 @@ async fn transmission<S: Split>(
         flags: n.flags,
         contexts: n.contexts,
         max_payload: limits.max_payload,
+        zero_copy,
         metrics: ExportMetrics::connect(&n.export.name),
     });
     let stop = Stop {
@@ -277,7 +280,7 @@ struct Requests<R, W> {
     discard_limit: u64,
 }
 
-impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static> Requests<R, W> {
+impl<R: AsyncRead + Unpin, W: ReplyWrite + 'static> Requests<R, W> {
     /// Reads and starts requests until the client disconnects (or, after
     /// shutdown, has nothing more to say). A broken stream or a protocol
     /// error drops the connection; when the input ends cleanly everything

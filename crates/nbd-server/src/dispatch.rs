@@ -7,9 +7,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use crate::zero_copy::ReplyWrite;
 use nbd_proto::consts::cmd;
 use nbd_proto::request::Request;
-use tokio::io::AsyncWrite;
 
 use crate::admission::Permits;
 use crate::execute::Session;
@@ -23,7 +23,7 @@ pub struct Dispatch<W> {
     deferred: VecDeque<(Request, Permits)>,
 }
 
-impl<W: AsyncWrite + Unpin + Send + 'static> Dispatch<W> {
+impl<W: ReplyWrite + 'static> Dispatch<W> {
     pub fn new(session: Arc<Session>, sink: ReplySink<W>) -> Self {
         Dispatch {
             session,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use ferry_block::{BlockDev, Error as BlockError, ZeroMode};
+use ferry_block::{BlockDev, Error as BlockError, FileSpan, ZeroMode};
 use nbd_proto::consts::{chunk, cmd, cmdflag, errno, replyflag, state};
 
 use crate::metrics::ExportMetrics;
@@ -36,6 +36,8 @@ pub struct Session {
     pub flags: u16,
     pub contexts: Vec<(u32, String)>,
     pub max_payload: u32,
+    /// Cached read data may go out as file bytes (a plain socket).
+    pub zero_copy: bool,
     pub metrics: ExportMetrics,
 }
 
@@ -176,9 +178,40 @@ impl Session {
         }
     }
 
+    /// Where `[offset, offset+len)` can be sent from without a copy.
+    fn span(&self, offset: u64, len: u64) -> Option<FileSpan> {
+        if !self.zero_copy {
+            return None;
+        }
+        self.dev.file_span(offset, len)
+    }
+
     fn read_with(&self, req: &Request, nowait: bool) -> Option<Outgoing> {
+        let out = self.build_read(req, nowait)?;
+        let sent_from_files: usize = out
+            .parts
+            .iter()
+            .map(|p| match p {
+                Part::File(_, n) => *n,
+                _ => 0,
+            })
+            .sum();
+        if sent_from_files > 0 {
+            self.metrics.zero_copy(sent_from_files as u64);
+        }
+        Some(out)
+    }
+
+    fn build_read(&self, req: &Request, nowait: bool) -> Option<Outgoing> {
         let len = req.length as usize;
         if self.mode == ReplyMode::Simple {
+            let mut head = BytesMut::with_capacity(16);
+            encode_simple(&mut head, 0, req.cookie);
+            let mut out = Outgoing::head(head);
+            if let Some(span) = self.span(req.offset, req.length) {
+                out.parts.push(Part::File(span, len));
+                return Some(out);
+            }
             let mut data = POOL.get(len);
             match self.fill(&mut data[..len], req.offset, nowait) {
                 Ok(true) => {}
@@ -188,9 +221,6 @@ impl Session {
                 }
                 Err(e) => return Some(self.store_error(req, &e)),
             }
-            let mut head = BytesMut::with_capacity(16);
-            encode_simple(&mut head, 0, req.cookie);
-            let mut out = Outgoing::head(head);
             out.parts.push(Part::Data(0..len));
             out.data = data;
             return Some(out);
@@ -214,7 +244,8 @@ impl Session {
         } else {
             self.read_segments(req.offset, req.length)
         };
-        let mut data = POOL.get(len);
+        // Taken from the pool when a segment has to be copied.
+        let mut data = Vec::new();
         let mut out = Outgoing::default();
         let last = segments.len() - 1;
         for (i, &(start, seg_len, hole)) in segments.iter().enumerate() {
@@ -235,6 +266,24 @@ impl Session {
                 out.parts.push(Part::Head(head));
                 continue;
             }
+            encode_chunk_header(
+                &mut head,
+                extended,
+                flags,
+                chunk::OFFSET_DATA,
+                req.cookie,
+                req.offset,
+                8 + seg_len,
+            );
+            head.extend_from_slice(&abs.to_be_bytes());
+            if let Some(span) = self.span(abs, seg_len) {
+                out.parts.push(Part::Head(head));
+                out.parts.push(Part::File(span, seg_len as usize));
+                continue;
+            }
+            if data.is_empty() {
+                data = POOL.get(len);
+            }
             let range = start as usize..(start + seg_len) as usize;
             match self.fill(&mut data[range.clone()], abs, nowait) {
                 Ok(true) => {}
@@ -250,16 +299,6 @@ impl Session {
                     return Some(out);
                 }
             }
-            encode_chunk_header(
-                &mut head,
-                extended,
-                flags,
-                chunk::OFFSET_DATA,
-                req.cookie,
-                req.offset,
-                8 + seg_len,
-            );
-            head.extend_from_slice(&abs.to_be_bytes());
             out.parts.push(Part::Head(head));
             out.parts.push(Part::Data(range));
         }

@@ -18,6 +18,7 @@ mod outgoing;
 mod refuse;
 mod registry;
 mod split;
+mod zero_copy;
 
 pub use limits::Limits;
 pub use listen::{Listener, Server, bind_unix_socket};

@@ -21,6 +21,10 @@ pub struct Limits {
     /// An established client with nothing in flight that sends no request
     /// for this long is disconnected; None keeps idle clients forever.
     pub idle_timeout: Option<Duration>,
+    /// Cached read data goes from the file to a plain socket without a
+    /// copy through a buffer (`zero_copy.rs`). Not a limit, but a server
+    /// setting like them; off is for comparison.
+    pub zero_copy: bool,
 }
 
 impl Default for Limits {
@@ -35,6 +39,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
             idle_timeout: None,
+            zero_copy: true,
         }
     }
 }

@@ -47,6 +47,7 @@ pub struct ExportMetrics {
     export: String,
     commands: Vec<PerCommand>,
     read_bytes: Counter,
+    zero_copy_bytes: Counter,
     written_bytes: Counter,
     in_flight: Gauge,
     connections: Gauge,
@@ -69,6 +70,7 @@ impl ExportMetrics {
         ExportMetrics {
             commands,
             read_bytes: counter!("nbdferry_read_bytes_total", "export" => e.clone()),
+            zero_copy_bytes: counter!("nbdferry_read_zero_copy_bytes_total", "export" => e.clone()),
             written_bytes: counter!("nbdferry_written_bytes_total", "export" => e.clone()),
             in_flight: gauge!("nbdferry_requests_in_flight", "export" => e.clone()),
             connections,
@@ -86,6 +88,11 @@ impl ExportMetrics {
         }
         self.in_flight.increment(1.0);
         Instant::now()
+    }
+
+    /// Read bytes that go to the socket straight from the page cache.
+    pub fn zero_copy(&self, bytes: u64) {
+        self.zero_copy_bytes.increment(bytes);
     }
 
     /// Its reply is ready.

@@ -14,24 +14,43 @@
 
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 
 use bytes::BytesMut;
+use ferry_block::FileSpan;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use tokio::sync::{Mutex, Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Permits;
 use crate::deadline::{Stall, progress};
+use crate::zero_copy::ReplyWrite;
 
-/// A piece of a reply: encoded header bytes, or a range of the data buffer.
+/// A piece of a reply: encoded header bytes, a range of the data buffer,
+/// or bytes of a file sent from the page cache (`zero_copy.rs`).
 pub enum Part {
     Head(BytesMut),
     Data(std::ops::Range<usize>),
+    File(FileSpan, usize),
+}
+
+/// A part as the writer sends it.
+enum Piece<'a> {
+    Bytes(&'a [u8]),
+    File(&'a FileSpan, usize),
+}
+
+impl Piece<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Bytes(b) => b.len(),
+            Piece::File(_, n) => *n,
+        }
+    }
 }
 
 /// One complete reply (all its chunks). Holding it keeps its in-flight
@@ -57,9 +76,15 @@ impl Outgoing {
             .iter()
             .map(|p| match p {
                 Part::Data(r) => r.len(),
+                Part::File(_, n) => *n,
                 Part::Head(_) => 0,
             })
             .sum()
+    }
+
+    /// Bytes of the whole reply on the wire.
+    fn wire_len(&self) -> usize {
+        self.pieces().map(|p| p.len()).sum()
     }
 
     pub fn head(head: BytesMut) -> Self {
@@ -68,20 +93,84 @@ impl Outgoing {
         out
     }
 
-    fn slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>) -> usize {
-        let mut total = 0;
-        for p in &self.parts {
-            let s: &[u8] = match p {
-                Part::Head(h) => h,
-                Part::Data(r) => &self.data[r.clone()],
-            };
-            if !s.is_empty() {
-                total += s.len();
-                out.push(IoSlice::new(s));
-            }
-        }
-        total
+    fn pieces(&self) -> impl Iterator<Item = Piece<'_>> {
+        self.parts.iter().map(|p| match p {
+            Part::Head(h) => Piece::Bytes(h),
+            Part::Data(r) => Piece::Bytes(&self.data[r.clone()]),
+            Part::File(span, n) => Piece::File(span, *n),
+        })
     }
+}
+
+/// writev takes at most IOV_MAX (1024) slices.
+const MAX_SLICES: usize = 512;
+/// What a file that ended early is padded with: a reply always goes out
+/// whole, and a read past a file's end reads zeroes.
+static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
+
+/// One system call's worth of progress on `msgs`, from byte `skip` of
+/// their concatenation: a vectored write of the bytes up to the next file
+/// piece (telling the socket that file bytes follow), or a piece of a
+/// file. Ready(Ok(0)) when nothing is left.
+fn poll_step<W: ReplyWrite>(
+    w: &mut W,
+    cx: &mut Context<'_>,
+    msgs: &[Outgoing],
+    mut skip: usize,
+) -> Poll<std::io::Result<usize>> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::new();
+    for piece in msgs.iter().flat_map(Outgoing::pieces) {
+        let len = piece.len();
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        match piece {
+            Piece::Bytes(b) => {
+                slices.push(IoSlice::new(&b[skip..]));
+                skip = 0;
+                if slices.len() == MAX_SLICES {
+                    break;
+                }
+            }
+            Piece::File(span, len) if slices.is_empty() => {
+                let want = len - skip;
+                let offset = span.offset + skip as u64;
+                return match ready!(w.poll_send_file(cx, &span.file, offset, want))? {
+                    0 => Pin::new(w).poll_write(cx, &ZEROES[..want.min(ZEROES.len())]),
+                    n => Poll::Ready(Ok(n)),
+                };
+            }
+            Piece::File(..) => return w.poll_write_more(cx, &slices),
+        }
+    }
+    if slices.is_empty() {
+        return Poll::Ready(Ok(0));
+    }
+    Pin::new(w).poll_write_vectored(cx, &slices)
+}
+
+/// Sends `msgs` from byte `pos` on, and flushes; fails when no byte goes
+/// out for `stall`.
+async fn send_all<W: ReplyWrite>(
+    w: &mut W,
+    msgs: &[Outgoing],
+    mut pos: usize,
+    stall: Duration,
+) -> std::io::Result<()> {
+    let total: usize = msgs.iter().map(Outgoing::wire_len).sum();
+    while pos < total {
+        let step = std::future::poll_fn(|cx| poll_step(w, cx, msgs, pos));
+        match progress(stall, Stall::Replies, step).await? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            n => pos += n,
+        }
+    }
+    // A TLS stream may take the plaintext but keep records it could not
+    // send yet (socket full); nothing else would push them out before the
+    // next reply, so a client waiting for this one would hang. A no-op on
+    // plain sockets.
+    progress(stall, Stall::Replies, w.flush()).await
 }
 
 const MAX_BATCH_MESSAGES: usize = 64;
@@ -96,18 +185,14 @@ struct Wire<W> {
     stall: Duration,
 }
 
-impl<W: AsyncWrite + Unpin> Wire<W> {
+impl<W: ReplyWrite> Wire<W> {
     /// Sends (and flushes) what a direct send left over; returns the data
     /// bytes of that reply.
     async fn finish_carry(&mut self) -> std::io::Result<usize> {
         let Some((out, done)) = self.carry.take() else {
             return Ok(0);
         };
-        let mut slices = Vec::with_capacity(out.parts.len());
-        out.slices(&mut slices);
-        let mut rest = &mut slices[..];
-        IoSlice::advance_slices(&mut rest, done);
-        write_all_vectored(&mut self.w, rest, self.stall).await?;
+        send_all(&mut self.w, std::slice::from_ref(&out), done, self.stall).await?;
         Ok(out.payload_len())
     }
 }
@@ -171,7 +256,7 @@ impl<W> Clone for ReplySink<W> {
     }
 }
 
-impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
+impl<W: ReplyWrite + 'static> ReplySink<W> {
     /// A sink over `w` and its writer task, which ends (after shutting the
     /// stream down) once every sink is dropped, or fails when the client
     /// takes no byte of its replies for `stall`.
@@ -222,7 +307,7 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
     /// Queues a reply for the writer task (from any thread).
     pub fn queue(&self, out: Outgoing) {
         self.backlog.add(out.payload_len());
-        let q = if out.data.is_empty() {
+        let q = if out.payload_len() == 0 {
             &self.urgent
         } else {
             &self.bulk
@@ -261,25 +346,19 @@ impl<W: AsyncWrite + Unpin + Send + 'static> ReplySink<W> {
 /// Writes and flushes `out` as far as `w` allows without waiting. Returns
 /// how many bytes went out if that is not everything (or the flush is
 /// still pending), None when the reply is fully sent.
-fn write_without_waiting<W: AsyncWrite + Unpin>(
+fn write_without_waiting<W: ReplyWrite>(
     w: &mut W,
     out: &Outgoing,
 ) -> std::io::Result<Option<usize>> {
     // Polled once with a waker that does nothing: Pending just means "not
     // now"; the writer task polls again with its own waker.
     let mut cx = Context::from_waker(Waker::noop());
-    let mut all = Vec::with_capacity(out.parts.len());
-    out.slices(&mut all);
-    let mut slices = &mut all[..];
+    let total = out.wire_len();
     let mut done = 0;
-    while !slices.is_empty() {
-        let n = slices.len().min(512);
-        match Pin::new(&mut *w).poll_write_vectored(&mut cx, &slices[..n]) {
+    while done < total {
+        match poll_step(w, &mut cx, std::slice::from_ref(out), done) {
             Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Poll::Ready(Ok(n)) => {
-                done += n;
-                IoSlice::advance_slices(&mut slices, n);
-            }
+            Poll::Ready(Ok(n)) => done += n,
             Poll::Ready(Err(e)) => return Err(e),
             Poll::Pending => return Ok(Some(done)),
         }
@@ -298,7 +377,7 @@ const MAX_DIRECT_REPLY: usize = 256 * 1024;
 
 /// Sends queued replies, payload-less ones first, until every sender is
 /// gone, then shuts the stream down.
-async fn write_loop<W: AsyncWrite + Unpin>(
+async fn write_loop<W: ReplyWrite>(
     wr: Arc<Mutex<Wire<W>>>,
     backlog: Arc<Backlog>,
     mut urgent: mpsc::UnboundedReceiver<Outgoing>,
@@ -332,12 +411,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         let mut wire = wr.lock().await;
         backlog.sent(wire.finish_carry().await?);
-        let mut slices = Vec::with_capacity(batch.len() * 3);
-        for m in &batch {
-            m.slices(&mut slices);
-        }
         let stall = wire.stall;
-        write_all_vectored(&mut wire.w, &mut slices, stall).await?;
+        send_all(&mut wire.w, &batch, 0, stall).await?;
         drop(wire);
         backlog.sent(bytes);
         batch.clear();
@@ -347,26 +422,4 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let stall = wire.stall;
     progress(stall, Stall::Replies, wire.w.flush()).await?;
     progress(stall, Stall::Replies, wire.w.shutdown()).await
-}
-
-/// Writes all of `slices`; fails when no byte goes out for `stall`.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    mut slices: &mut [IoSlice<'_>],
-    stall: Duration,
-) -> std::io::Result<()> {
-    while !slices.is_empty() {
-        // writev takes at most IOV_MAX (1024) slices.
-        let write = w.write_vectored(&slices[..slices.len().min(512)]);
-        let n = progress(stall, Stall::Replies, write).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut slices, n);
-    }
-    // A TLS stream may take the plaintext but keep records it could not
-    // send yet (socket full); nothing else would push them out before the
-    // next reply, so a client waiting for this one would hang. A no-op on
-    // plain sockets.
-    progress(stall, Stall::Replies, w.flush()).await
 }

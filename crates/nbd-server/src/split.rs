@@ -4,8 +4,10 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::zero_copy::ReplyWrite;
+
 pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
-pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+pub type WriteHalf = Box<dyn ReplyWrite>;
 
 pub trait Split: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn split(self) -> (ReadHalf, WriteHalf);

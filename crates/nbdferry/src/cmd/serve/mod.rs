@@ -131,6 +131,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_inflight,
         max_inflight_bytes,
         max_connections,
+        no_zero_copy,
         mut guards,
     } = *args.limits;
     if max_inflight_bytes < Limits::default().max_payload as usize {
@@ -143,6 +144,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_inflight_bytes,
         max_inflight: max_inflight.max(1),
         max_connections: max_connections.max(1),
+        zero_copy: !no_zero_copy,
         ..Limits::default()
     };
     let registry = Arc::new(Registry::new(limits.max_payload));
@@ -316,6 +318,10 @@ struct LimitArgs {
     /// an error that says why.
     #[arg(long, default_value_t = Limits::default().max_connections)]
     max_connections: usize,
+    /// Copy every read reply through a buffer, as over TLS, instead of
+    /// sending cached data from the page cache to the socket (sendfile).
+    #[arg(long)]
+    no_zero_copy: bool,
     #[command(flatten)]
     guards: Guards,
 }
