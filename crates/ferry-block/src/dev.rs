@@ -95,6 +95,14 @@ pub trait BlockDev: Send + Sync + 'static {
         let _ = (offset, len);
         None
     }
+    /// `base:allocation` of `[offset, offset+len)` when this device knows
+    /// it without waiting on anything remote; None: treat it all as data.
+    /// The server splits READ replies along these holes, which must never
+    /// cost a round trip of its own (a post-copy disk would otherwise ask
+    /// its source for block status before every first read).
+    fn local_allocation(&self, offset: u64, len: u64, max: usize) -> Option<Vec<Extent>> {
+        self.extents(crate::BASE_ALLOCATION, offset, len, max).ok()
+    }
     /// Makes durable whatever must be durable before `[offset, offset+len)`
     /// may change (a dirty bit, a preserved copy). The write methods do
     /// this themselves; a layer calls it on `next` to overlap its own
@@ -163,6 +171,10 @@ pub trait Layer: Send + Sync + 'static {
     fn file_span(&self, offset: u64, len: u64) -> Option<FileSpan> {
         self.next().file_span(offset, len)
     }
+    /// A layer that changes `base:allocation` must override this.
+    fn local_allocation(&self, offset: u64, len: u64, max: usize) -> Option<Vec<Extent>> {
+        self.next().local_allocation(offset, len, max)
+    }
     fn prepare_write(&self, offset: u64, len: u64) -> Result<()> {
         self.next().prepare_write(offset, len)
     }
@@ -213,6 +225,9 @@ impl<L: Layer> BlockDev for L {
     }
     fn file_span(&self, offset: u64, len: u64) -> Option<FileSpan> {
         Layer::file_span(self, offset, len)
+    }
+    fn local_allocation(&self, offset: u64, len: u64, max: usize) -> Option<Vec<Extent>> {
+        Layer::local_allocation(self, offset, len, max)
     }
     fn prepare_write(&self, offset: u64, len: u64) -> Result<()> {
         Layer::prepare_write(self, offset, len)

@@ -434,6 +434,11 @@ impl BlockDev for SourceDev {
         Ok(())
     }
 
+    /// Nothing about the source is known without asking it.
+    fn local_allocation(&self, _offset: u64, _len: u64, _max: usize) -> Option<Vec<Extent>> {
+        None
+    }
+
     fn contexts(&self) -> Vec<String> {
         vec![BASE_ALLOCATION.to_string()]
     }

@@ -571,6 +571,19 @@ impl CopyOnRead {
         }
     }
 
+    /// Whether every block of `[offset, offset+len)` is current here (a
+    /// range past the end is not).
+    fn all_here(&self, offset: u64, len: u64) -> bool {
+        if self.is_complete() || len == 0 {
+            return true;
+        }
+        if check_range(self.size, offset, len).is_err() {
+            return false;
+        }
+        let (a, b) = self.blocks(offset, len);
+        self.current.all_set(a, b)
+    }
+
     /// Runs a change of whole absent blocks under their stripe locks, so a
     /// fetch cannot write them in between.
     fn change_whole<T>(&self, blocks: &[u64], op: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -597,12 +610,9 @@ impl Layer for CopyOnRead {
     }
 
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
-        if !self.is_complete() && !buf.is_empty() {
+        if !self.all_here(offset, buf.len() as u64) {
             check_range(self.size, offset, buf.len() as u64)?;
-            let (a, b) = self.blocks(offset, buf.len() as u64);
-            if !self.current.all_set(a, b) {
-                return Ok(false);
-            }
+            return Ok(false);
         }
         self.local.read_at_nowait(buf, offset)
     }
@@ -610,14 +620,17 @@ impl Layer for CopyOnRead {
     /// Only blocks that are here may be sent from the local file: the
     /// bytes of absent ones are still at the source.
     fn file_span(&self, offset: u64, len: u64) -> Option<FileSpan> {
-        if !self.is_complete() && len > 0 {
-            check_range(self.size, offset, len).ok()?;
-            let (a, b) = self.blocks(offset, len);
-            if !self.current.all_set(a, b) {
-                return None;
-            }
-        }
-        self.local.file_span(offset, len)
+        self.all_here(offset, len)
+            .then(|| self.local.file_span(offset, len))
+            .flatten()
+    }
+
+    /// Absent blocks' allocation is the source's to tell, a round trip
+    /// away: while any block of the range is absent, it is all data here.
+    fn local_allocation(&self, offset: u64, len: u64, max: usize) -> Option<Vec<Extent>> {
+        self.all_here(offset, len)
+            .then(|| self.local.local_allocation(offset, len, max))
+            .flatten()
     }
 
     fn read_vectored_at(&self, bufs: &mut [std::io::IoSliceMut<'_>], offset: u64) -> Result<()> {
@@ -763,10 +776,12 @@ mod tests {
     const GRAN: u64 = 4096;
     const SIZE: u64 = 64 * GRAN + 1000;
 
-    /// A source that counts the bytes read from it and can be slowed down.
+    /// A source that counts the bytes read from it and the block-status
+    /// questions it is asked, and can be slowed down.
     struct Counted {
         next: Arc<MemDev>,
         read: AtomicU64,
+        asked: AtomicU64,
         delay: Duration,
     }
 
@@ -778,6 +793,10 @@ mod tests {
             std::thread::sleep(self.delay);
             self.read.fetch_add(buf.len() as u64, Ordering::SeqCst);
             self.next.read_at(buf, offset)
+        }
+        fn extents(&self, context: &str, off: u64, len: u64, max: usize) -> Result<Vec<Extent>> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            self.next.extents(context, off, len, max)
         }
     }
 
@@ -805,6 +824,7 @@ mod tests {
             source: Arc::new(Counted {
                 next: Arc::new(src),
                 read: AtomicU64::new(0),
+                asked: AtomicU64::new(0),
                 delay,
             }),
         }
@@ -845,6 +865,18 @@ mod tests {
         assert_eq!(missing, vec![3, 10, 11, nblocks - 1]);
         let again = CopyOnRead::seed(dir.path(), SIZE, GRAN, &[]);
         assert!(again.is_err(), "a second seed replaced the map");
+    }
+
+    #[test]
+    fn splitting_a_read_reply_never_asks_the_source() {
+        let f = fixture(Duration::ZERO);
+        let cor = f.open();
+        let absent = BlockDev::local_allocation(&cor, 0, 8 * GRAN, 64);
+        assert_eq!(absent, None, "absent blocks count as data");
+        read(&cor, 0, 8 * GRAN as usize);
+        let here = BlockDev::local_allocation(&cor, 0, 8 * GRAN, 64).expect("known once here");
+        assert_eq!(here.iter().map(|e| e.length).sum::<u64>(), 8 * GRAN);
+        assert_eq!(f.source.asked.load(Ordering::SeqCst), 0);
     }
 
     #[test]

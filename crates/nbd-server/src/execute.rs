@@ -311,12 +311,7 @@ impl Session {
     fn read_segments(&self, offset: u64, length: u64) -> Vec<(u64, u64, bool)> {
         let extents = self
             .dev
-            .extents(
-                nbd_proto::consts::BASE_ALLOCATION,
-                offset,
-                length,
-                MAX_READ_EXTENTS,
-            )
+            .local_allocation(offset, length, MAX_READ_EXTENTS)
             .unwrap_or_default();
         let mut segs: Vec<(u64, u64, bool)> = Vec::with_capacity(extents.len() + 1);
         let mut pos = 0;
