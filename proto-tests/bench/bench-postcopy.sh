@@ -50,13 +50,15 @@
 # present reads >= 0.9x plain.
 #
 # Usage: proto-tests/bench/bench-postcopy.sh [--runs N] [--reads N]
-#        [--hyd-rate BYTES/s] [--fio-runtime S] [--dest-dir DIR] [--no-build] [--keep]
+#        [--hyd-rate BYTES/s] [--fio-runtime S] [--dest-dir DIR] [--cases LIST]
+#        [--no-build] [--keep]
 #   --runs N          timed rounds (default 3), after one untimed warm-up round
 #   --reads N         timed reads per run of "first" and "present" (default 1000)
 #   --hyd-rate R      nbdferry --rate during "present" (default 48M; the pass
 #                     paces holes too, so 1 GiB takes ~21 s)
 #   --fio-runtime S   seconds of fio per "present" run (default 5)
 #   --dest-dir DIR    where destinations live (default: the temp dir on /tmp)
+#   --cases LIST      which cases to run (default "hyd first present")
 #   --no-build        use the existing target/release/nbdferry
 #   --keep            keep the temp dir (image, logs, results.jsonl)
 #   NBDFERRY_BIN=path overrides the binary.
@@ -73,8 +75,9 @@ NREADS=1000
 HRATE=48M
 FIO_RUNTIME=5
 DEST_DIR=""
-bench_parse_args 65 --reads=NREADS --hyd-rate=HRATE --fio-runtime=FIO_RUNTIME \
-    --dest-dir=DEST_DIR -- "$@"
+CASES="hyd first present"
+bench_parse_args 67 --reads=NREADS --hyd-rate=HRATE --fio-runtime=FIO_RUNTIME \
+    --dest-dir=DEST_DIR --cases=CASES -- "$@"
 bench_need_tools nbdkit qemu-storage-daemon qemu-img nbdcopy fio python3 /usr/bin/python3 ss cmp
 /usr/bin/python3 -c 'import nbd' || { echo "/usr/bin/python3 has no nbd module" >&2; exit 1; }
 nbdkit -U - --filter=cow null 1M cow-on-read=true --run true ||
@@ -343,9 +346,17 @@ rotated() {
 
 for r in $(seq 0 "$RUNS"); do
     if [ "$r" = 0 ]; then echo "== warm-up round (not counted)" >&2; else echo "== round $r" >&2; fi
-    for t in $(rotated "$r" nbdferry copy copy-flush nbdkit qemu); do hyd_run "$t" "$r"; done
-    for t in $(rotated "$r" plain nbdferry nbdkit qemu); do first_run "$t" "$r" $((100 + r)); done
-    for t in $(rotated "$r" plain nbdferry nbdferry-held plain-rw); do present_run "$t" "$r" $((200 + r)); done
+    if [[ " $CASES " == *" hyd "* ]]; then
+        for t in $(rotated "$r" nbdferry copy copy-flush nbdkit qemu); do hyd_run "$t" "$r"; done
+    fi
+    if [[ " $CASES " == *" first "* ]]; then
+        for t in $(rotated "$r" plain nbdferry nbdkit qemu); do first_run "$t" "$r" $((100 + r)); done
+    fi
+    if [[ " $CASES " == *" present "* ]]; then
+        for t in $(rotated "$r" plain nbdferry nbdferry-held plain-rw); do
+            present_run "$t" "$r" $((200 + r))
+        done
+    fi
 done
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "bench time $(($(date +%s) - T_BEGIN)) s; load $LOAD0 at start, $LOAD1 at end" >&2

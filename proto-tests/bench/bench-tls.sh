@@ -145,10 +145,10 @@ for w in "${WORKLOADS[@]}"; do
     bench_time_servers "$w" 1 # order rotated each round
 done
 
-ARGS=("$VSIZE" "$RUNS")
+ARGS=("$VSIZE" "$DSIZE" "$RUNS")
 for w in "${WORKLOADS[@]}"; do
     ARGS+=("$w")
-    for s in "${SERVERS[@]}"; do ARGS+=("${RESULT[$w,$s]}"); done
+    for s in "${SERVERS[@]}"; do ARGS+=("${RESULT[$w,$s]}" "${CPU[$w,$s]}"); done
 done
 ARGS+=(--)
 for s in "${SERVERS[@]}"; do ARGS+=("$(hwm "${SPID[$s]}")"); done
@@ -156,21 +156,25 @@ for s in "${SERVERS[@]}"; do ARGS+=("$(hwm "${SPID[$s]}")"); done
 python3 - "${ARGS[@]}" <<'EOF'
 import sys
 a = sys.argv[1:]
-vsize, runs = int(a[0]), int(a[1])
-a = a[2:]
+vsize, dsize, runs = int(a[0]), int(a[1]), int(a[2])
+a = a[3:]
 servers = ["ferry-tls", "qemu-tls", "nbdkit-tls", "ferry-plain", "nbdkit-plain"]
 cmd = {"copy-null": "nbdcopy URI null:", "copy-null-noext": "nbdcopy --no-extents URI null:",
        "copy-null-notrim": "nbdcopy, glibc trim off", "qemu-convert": "qemu-img convert -> null-co"}
 sep = a.index("--")
 rows, rest = a[:sep], a[sep + 1:]
-print(f"\nmedian of {runs} alternating runs; MB/s = {vsize / 2**30:.0f} GiB virtual size / time (MB = 10^6 B)")
+print(f"\nmedian of {runs} alternating runs; MB/s = {vsize / 2**30:.0f} GiB virtual size / time (MB = 10^6 B);\n"
+      f"cpu = server CPU s per GiB of data read (utime + stime from /proc/PID/stat)")
 print(f"{'workload':30} " + " ".join(f"{s:>18}" for s in servers))
 ok = True
 n = len(servers)
-for i in range(0, len(rows), n + 1):
+for i in range(0, len(rows), 2 * n + 1):
     w = rows[i]
-    t = dict(zip(servers, map(float, rows[i + 1:i + n + 1])))
+    vals = list(map(float, rows[i + 1:i + 2 * n + 1]))
+    t, c = dict(zip(servers, vals[0::2])), dict(zip(servers, vals[1::2]))
+    gib = (vsize if w == "copy-null-noext" else dsize) / 2**30
     print(f"{cmd[w]:30} " + " ".join(f"{t[s]:7.3f}s {vsize / t[s] / 1e6:6.0f}MB/s" for s in servers))
+    print(f"{'  server cpu s/GiB':30} " + " ".join(f"{c[s] / gib:18.2f}" for s in servers))
     f = t["ferry-tls"]
     vq, vk, vp = t["qemu-tls"] / f, t["nbdkit-tls"] / f, f / t["ferry-plain"]
     print(f"{'':30} ferry-tls vs qemu-tls {vq:.2f}x faster, vs nbdkit-tls {vk:.2f}x faster, "
