@@ -7,8 +7,10 @@
 #   ferry-plain  nbdferry serve without TLS
 #   nbdkit-plain nbdkit file without TLS (the peer's own TLS/plain ratio)
 # Release build; runs alternate between the servers (order rotated each
-# round), medians reported. Goal: ferry-tls faster than both peers over TLS
-# and within 1.5x of its own plaintext time.
+# round), medians reported, with each server's CPU time per GiB of data.
+# Goal: ferry-tls >= 1.1x nbdkit-tls and faster than qemu-tls, with less
+# server CPU per GiB than both. (Plaintext nbdferry sends cached data with
+# sendfile, so its TLS/plain ratio is no longer a like-for-like figure.)
 #
 # Two more views of the same servers, because nbdcopy 1.14's own
 # allocator decides its time: at every 128 MiB work range it waits for
@@ -180,8 +182,8 @@ for i in range(0, len(rows), 2 * n + 1):
     print(f"{'':30} ferry-tls vs qemu-tls {vq:.2f}x faster, vs nbdkit-tls {vk:.2f}x faster, "
           f"TLS/plain time {vp:.2f}x (nbdkit's own {t['nbdkit-tls'] / t['nbdkit-plain']:.2f}x)")
     if w == "copy-null":
-        ok = vq > 1 and vk > 1 and vp <= 1.5
+        ok = vk >= 1.1 and vq > 1 and c["ferry-tls"] < min(c["qemu-tls"], c["nbdkit-tls"])
 print(f"{'peak RSS (VmHWM)':30} " + " ".join(f"{x:>18}" for x in rest))
-print("goal (copy-null): faster than qemu-tls and nbdkit-tls, TLS within 1.5x of plaintext: "
+print("goal (copy-null): >= 1.1x nbdkit-tls, faster than qemu-tls, server cpu per GiB below both: "
       + ("MET" if ok else "NOT MET"))
 EOF

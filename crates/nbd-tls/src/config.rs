@@ -15,8 +15,16 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, S
 use crate::creds::{ClientCreds, ServerCreds};
 use crate::error::TlsError;
 
+/// aws-lc-rs with AES-128-GCM as the first choice. Bulk data is what these
+/// connections carry, and on two shared cores the client's decryption
+/// decides the copy's speed: AES-128 (10 rounds) costs about 30% less than
+/// AES-256 (14 rounds), and is TLS 1.3's mandatory suite. The others stay
+/// on offer for peers that do not have it.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(p)
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -130,9 +138,12 @@ pub fn server_config(
     } else {
         builder.with_no_client_auth()
     };
-    let cfg = builder
+    let mut cfg = builder
         .with_single_cert(chain, key)
         .map_err(key_mismatch(&creds.cert, &creds.key))?;
+    // Our order (see `provider`), not the client's: GnuTLS clients
+    // (nbdcopy, qemu) list AES-256-GCM first.
+    cfg.ignore_client_order = true;
     Ok(Arc::new(cfg))
 }
 
