@@ -37,7 +37,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUNS=3
 NOEXT=0
-bench_parse_args 18 --no-extents+NOEXT -- "$@"
+bench_parse_args 32 --no-extents+NOEXT -- "$@"
 [ "$RUNS" -ge 1 ] 2>/dev/null || { echo "--runs needs a positive number" >&2; exit 2; }
 bench_need_tools qemu-nbd qemu-img nbdkit nbdcopy python3 ss cmp
 bench_build
