@@ -7,7 +7,10 @@
 //! - [`DirtyTracker`] (`dirty.rs`): records written blocks in bitmap
 //!   generations, one per checkpoint.
 //! - [`SnapshotOrigin`] (`origin.rs`): preserves blocks before their first
-//!   overwrite, for every snapshot at once (`cow_store.rs`).
+//!   overwrite, for every snapshot at once (`cow_store.rs`). Where the
+//!   image's file system has reflinks, snapshots are clones of the image
+//!   instead (`clones.rs` over `reflink.rs`) and the origin has nothing
+//!   to do.
 //! - [`Tap`] (`tap.rs`): where a mirror sees every change, and where
 //!   writes are closed off once a disk has moved.
 //! - [`WriteFence`] (`fence.rs`): holds writes back while snapshots and
@@ -21,6 +24,7 @@
 
 mod aligned;
 mod bitmap;
+mod clones;
 mod copy_on_read;
 mod cow_store;
 mod dirty;
@@ -32,17 +36,20 @@ mod file;
 mod io;
 mod manifest;
 mod origin;
+mod reflink;
 mod sync;
 mod tap;
 mod view;
 
 #[cfg(test)]
 mod disk_tests;
+#[cfg(any(test, feature = "loop-xfs"))]
+pub mod loop_xfs;
 
 pub use bitmap::AtomicBitmap;
 pub use copy_on_read::{Claim, CopyOnRead, HydrationProgress, PRESENT_MAP};
 pub use dirty::DirtyTracker;
-pub use disk::{DEFAULT_GRANULARITY, Disk, validate_granularity};
+pub use disk::{DEFAULT_GRANULARITY, Disk, Reflinks, validate_granularity};
 pub use durable_bitmap::{DurableBitmap, Rounding};
 pub use error::{Result, StoreError};
 pub use fence::WriteFence;
