@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ferry_api::{CheckpointInfo, DeleteInfo, RevertInfo, SnapshotBackend, SnapshotInfo};
 use ferry_block::{BlockDev, Extent, IDENTITY_PREFIX, Layer, Result as BlockResult};
 
-use crate::clones::Clones;
+use crate::clones::{CloneFile, Clones};
 use crate::dirty::{DirtyTracker, NewGeneration};
 use crate::error::{Result, StoreError};
 use crate::fence::WriteFence;
@@ -266,7 +266,7 @@ impl Disk {
             .ok_or_else(|| StoreError::BadState(format!("disk '{}' has no clones", self.name)))
     }
 
-    fn clone_of(&self, s: &SnapshotMeta) -> Result<Arc<crate::clones::CloneFile>> {
+    fn clone_of(&self, s: &SnapshotMeta) -> Result<Arc<CloneFile>> {
         self.clones()?.get(s.seq).ok_or_else(|| {
             StoreError::NotFound(format!("no clone of snapshot '{}@{}'", self.name, s.name))
         })

@@ -21,6 +21,10 @@
 //!
 //! Durable bitmaps (`durable_bitmap.rs`) are one type with one group
 //! commit (`sync.rs`), used by every layer that needs one.
+//!
+//! Test support (feature `loop-xfs`, and this crate's tests): `loop_xfs.rs`
+//! mounts a small XFS on a loop device so that snapshot tests run on both
+//! backends.
 
 mod aligned;
 mod bitmap;
