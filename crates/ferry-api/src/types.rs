@@ -54,7 +54,8 @@ pub struct SnapshotInfo {
     /// Blocks changed since the snapshot, whose old content it holds: in
     /// the preserved-block store (shared ones count for every snapshot
     /// that uses them), or, for a reflink snapshot, in its clone (those
-    /// the image no longer shares with it).
+    /// the image no longer shares with it, as far as the kernel has
+    /// written the image back: a listing forces no writeback).
     pub preserved_blocks: u64,
     /// Where its content lives (absent in answers of older daemons).
     #[serde(default)]

@@ -176,13 +176,15 @@ impl Clones {
     }
 
     /// Ranges where the live image may differ from snapshot `seq`'s clone:
-    /// all but the blocks they still share (and holes in both).
-    pub(crate) fn changed(&self, seq: u64) -> io::Result<Vec<(u64, u64)>> {
+    /// all but the blocks they still share (and holes in both). `settled`
+    /// makes it exact (see [`reflink::mapping`]); without, writes not yet
+    /// written back by the kernel may be missing.
+    pub(crate) fn changed(&self, seq: u64, settled: bool) -> io::Result<Vec<(u64, u64)>> {
         let clone = self
             .get(seq)
             .ok_or_else(|| io::Error::other("snapshot clone is not open"))?;
         let theirs = clone.mapping()?;
-        let ours = reflink::mapping(&self.image, self.size)?;
+        let ours = reflink::mapping(&self.image, self.size, settled)?;
         Ok(reflink::differing(&theirs, &ours, self.size))
     }
 }
@@ -210,10 +212,11 @@ impl CloneFile {
         }
     }
 
+    /// Nothing writes a clone: its mapping is always settled.
     fn mapping(&self) -> io::Result<Vec<reflink::Mapped>> {
         let file = File::open(&self.path)?;
         let size = file.metadata()?.len();
-        reflink::mapping(&file, size)
+        reflink::mapping(&file, size, false)
     }
 
     /// Ranges of the clone no other file shares.

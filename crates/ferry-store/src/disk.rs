@@ -278,14 +278,18 @@ impl Disk {
         match s.backend {
             SnapshotBackend::PreservedBlocks => self.origin.preserved_count(s.seq),
             // Blocks changed since: what the snapshot holds apart from
-            // the live disk, as preserved blocks are.
-            SnapshotBackend::Reflink => match self.clones().and_then(|c| Ok(c.changed(s.seq)?)) {
-                Ok(ranges) => blocks_touched(&ranges, self.gran).len() as u64,
-                Err(e) => {
-                    tracing::warn!(disk = %self.name, snapshot = s.name, "cannot map its clone: {e}");
-                    0
+            // the live disk, as preserved blocks are. Not settled: a
+            // listing (or a metrics scrape) forces no writeback, so the
+            // count may trail the writes the kernel has not written back.
+            SnapshotBackend::Reflink => {
+                match self.clones().and_then(|c| Ok(c.changed(s.seq, false)?)) {
+                    Ok(ranges) => blocks_touched(&ranges, self.gran).len() as u64,
+                    Err(e) => {
+                        tracing::warn!(disk = %self.name, snapshot = s.name, "cannot map its clone: {e}");
+                        0
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -586,7 +590,7 @@ impl Disk {
             }
             SnapshotBackend::Reflink => {
                 let clone = self.clone_of(&s)?;
-                let blocks = blocks_touched(&self.clones()?.changed(s.seq)?, self.gran);
+                let blocks = blocks_touched(&self.clones()?.changed(s.seq, true)?, self.gran);
                 for &blk in &blocks {
                     copy_back(blk, &|b| clone.read_at(b, blk * self.gran))?;
                 }

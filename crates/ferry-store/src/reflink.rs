@@ -106,10 +106,12 @@ const OPAQUE: u32 = FIEMAP_EXTENT_UNKNOWN
     | FIEMAP_EXTENT_NOT_ALIGNED
     | FIEMAP_EXTENT_DATA_INLINE;
 
-/// The mapping of `file`'s first `size` bytes, by logical offset, after
-/// its dirty pages are written back (so nothing is left in delayed
-/// allocation that could hide a difference).
-pub(crate) fn mapping(file: &File, size: u64) -> io::Result<Vec<Mapped>> {
+/// The mapping of `file`'s first `size` bytes, by logical offset. With
+/// `settled`, after its dirty pages are written back: until then a
+/// copy-on-write of a shared block may still map the old block, which
+/// would hide a difference. Without, nothing is forced out (a listing
+/// must not cost a writeback), and the latest writes may not show yet.
+pub(crate) fn mapping(file: &File, size: u64, settled: bool) -> io::Result<Vec<Mapped>> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut map = Box::new(Fiemap {
@@ -120,7 +122,7 @@ pub(crate) fn mapping(file: &File, size: u64) -> io::Result<Vec<Mapped>> {
         map.header = FiemapHeader {
             start,
             length: size - start,
-            flags: FIEMAP_FLAG_SYNC,
+            flags: if settled { FIEMAP_FLAG_SYNC } else { 0 },
             extent_count: BATCH as u32,
             ..FiemapHeader::default()
         };
