@@ -130,9 +130,33 @@ bench_stop_pids() {
     done
 }
 
+# Loop-mounted file systems (bench_mount_xfs), as MOUNT_POINT:DEVICE:
+# unmounted and detached at exit, before the temp dirs go.
+BENCH_MOUNTS=()
+
+# bench_mount_xfs VAR DIR SIZE: an XFS with reflinks (mkfs.xfs -m
+# reflink=1) of SIZE bytes on a sparse file in DIR (a bench_tmpdir),
+# loop-mounted (direct I/O, so the backing file's page cache does not
+# double the image's) at DIR/xfs, whose path goes into VAR. Needs root.
+bench_mount_xfs() {
+    local img="$2/xfs.img" mnt="$2/xfs" dev
+    truncate -s "$3" "$img"
+    mkfs.xfs -q -m reflink=1 "$img"
+    dev=$(losetup --find --show --direct-io=on "$img")
+    mkdir -p "$mnt"
+    BENCH_MOUNTS+=("$mnt:$dev")
+    mount "$dev" "$mnt"
+    printf -v "$1" '%s' "$mnt"
+}
+
 # The EXIT trap (set by bench_tmpdir).
 bench_cleanup() {
+    local m
     bench_stop_pids "${PIDS[@]}"
+    for m in "${BENCH_MOUNTS[@]}"; do
+        umount "${m%%:*}" 2>/dev/null || umount -l "${m%%:*}" || true
+        losetup -d "${m##*:}" || true
+    done
     if [ "$KEEP" = 1 ]; then
         echo "kept ${BENCH_KEPT_NOTE[*]}" >&2
     else

@@ -23,15 +23,43 @@ pub struct CreateCheckpoint {
     pub name: String,
 }
 
+/// How a disk keeps its snapshots' content.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotBackend {
+    /// Old blocks are copied into the disk's preserved-block store before
+    /// their first overwrite (works on any file system or device).
+    #[default]
+    PreservedBlocks,
+    /// A snapshot is a reflink clone of the image, next to it; the file
+    /// system shares the blocks and copies on write.
+    Reflink,
+}
+
+impl SnapshotBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotBackend::PreservedBlocks => "preserved-blocks",
+            SnapshotBackend::Reflink => "reflink",
+        }
+    }
+}
+
 /// A snapshot of a disk.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotInfo {
     pub name: String,
     /// Creation time, seconds since the Unix epoch.
     pub created: u64,
-    /// Blocks of this snapshot held in the preserved-block store (shared
-    /// ones count for every snapshot that uses them).
+    /// Blocks changed since the snapshot, whose old content it holds: in
+    /// the preserved-block store (shared ones count for every snapshot
+    /// that uses them), or, for a reflink snapshot, in its clone (those
+    /// the image no longer shares with it, as far as the kernel has
+    /// written the image back: a listing forces no writeback).
     pub preserved_blocks: u64,
+    /// Where its content lives (absent in answers of older daemons).
+    #[serde(default)]
+    pub backend: SnapshotBackend,
     /// Checkpoints older than the snapshot: the snapshot export offers
     /// `qemu:dirty-bitmap:NAME` for each.
     pub checkpoints: Vec<String>,
@@ -50,6 +78,10 @@ pub struct SnapshotEntry {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SnapshotList {
     pub disk: String,
+    /// The backend new snapshots of this disk get, chosen when the disk
+    /// was opened (absent in answers of older daemons).
+    #[serde(default)]
+    pub backend: SnapshotBackend,
     pub snapshots: Vec<SnapshotEntry>,
 }
 
@@ -65,7 +97,8 @@ pub struct SnapshotCreated {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeleteInfo {
     pub name: String,
-    /// Preserved blocks no other snapshot needed, punched out of the store.
+    /// Preserved blocks no other snapshot needed, punched out of the store
+    /// (reflink: blocks of the clone nothing else shared, freed with it).
     pub freed_blocks: u64,
     pub freed_bytes: u64,
 }

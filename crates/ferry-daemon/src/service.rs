@@ -732,6 +732,7 @@ impl Daemon {
             .collect();
         Ok(SnapshotList {
             disk: disk.to_string(),
+            backend: d.snapshot_backend(),
             snapshots,
         })
     }

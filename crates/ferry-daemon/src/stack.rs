@@ -4,6 +4,7 @@
 //! ```text
 //! read-only export:   file or block device
 //! writable disk:      file or block device → dirty tracking → snapshot origin → write fence
+//!                     (snapshots: reflink clones of the file where its file system has them)
 //! disk still arriving: file → copy-on-read (source) → dirty tracking → snapshot origin → write fence
 //! ```
 //! (`ferry_store::Disk` stacks the layers above the device.) A writable
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use ferry_block::BlockDev;
 use ferry_jobs::{Hydration, Remote, RemoteIdentity, SourceDev};
-use ferry_store::{CopyOnRead, DEFAULT_GRANULARITY, Disk, FileDev};
+use ferry_store::{CopyOnRead, DEFAULT_GRANULARITY, Disk, FileDev, Reflinks};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ServiceError;
@@ -89,7 +90,9 @@ pub(crate) async fn build(
         }
         _ => None,
     };
-    let (below, hydration): (Arc<dyn BlockDev>, _) =
+    // Snapshots may be clones of the image only where the device below
+    // reads the image itself; a disk still arriving is more than that.
+    let (below, hydration, reflinks): (Arc<dyn BlockDev>, _, _) =
         match spec.source.as_ref().or(recorded.as_ref()) {
             Some(src) => {
                 let name = disk_name.filter(|_| !spec.read_only).ok_or_else(|| {
@@ -102,12 +105,12 @@ pub(crate) async fn build(
                     arriving(spec, src, &disks_dir.join(name).join(HYDRATE), asked).await?;
                 // The blocks it arrives in are the disk's.
                 asked = gran;
-                (dev, hydration)
+                (dev, hydration, Reflinks::Never)
             }
             None => {
                 let file =
                     FileDev::open(&spec.path, spec.read_only).map_err(|e| cannot_open(&e))?;
-                (Arc::new(file), None)
+                (Arc::new(file), None, Reflinks::IfSupported)
             }
         };
     let Some(name) = disk_name.filter(|_| !spec.read_only) else {
@@ -123,8 +126,8 @@ pub(crate) async fn build(
             hydration: None,
         });
     };
-    let disk =
-        Disk::open(name, below, &spec.path, disks_dir, asked).map_err(|e| cannot_open(&e))?;
+    let disk = Disk::open(name, below, &spec.path, disks_dir, asked, reflinks)
+        .map_err(|e| cannot_open(&e))?;
     if hydration.is_some() && disk.granularity() != asked {
         return Err(ServiceError::Config(format!(
             "disk '{name}' has state with {}-byte blocks, not the {asked} its source is fetched in",

@@ -283,6 +283,7 @@ mod tests {
                 name: name.into(),
                 created,
                 preserved_blocks: 0,
+                backend: Default::default(),
                 checkpoints: checkpoints.iter().map(|c| c.to_string()).collect(),
             },
             export: format!("d@{name}"),

@@ -3,8 +3,16 @@
 //!
 //! ```text
 //! device below (file, block device) → dirty tracking → snapshot origin → write tap → write fence → export
-//! snapshot export DISK@S: a read-only view over the origin's preserved blocks and the device below
+//! snapshot export DISK@S: a read-only view over the origin's preserved blocks and the device below,
+//!                        or over its reflink clone of the image
 //! ```
+//!
+//! Which backend new snapshots get is decided when the disk is opened:
+//! reflink clones (`clones.rs`) where the device below is the image file
+//! itself and a probe clone in its directory succeeds, else the
+//! preserved-block store. Each snapshot records its backend, so the
+//! snapshots of either kind a disk already has keep working whichever
+//! one new snapshots get.
 //!
 //! State directory (`STATE_DIR/disks/NAME/`):
 //! ```text
@@ -13,6 +21,7 @@
 //! gens/ID.bits    one dirty bitmap per generation (little-endian words)
 //! cow.store       preserved old blocks shared by all snapshots
 //! ```
+//! and, for reflink snapshots, `.IMAGE.nbdferry-snap.SEQ` beside the image.
 //! Nothing is created until the first snapshot or checkpoint, so serving a
 //! disk that never uses them leaves no trace and costs nothing.
 //!
@@ -25,16 +34,17 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ferry_api::{CheckpointInfo, DeleteInfo, RevertInfo, SnapshotInfo};
+use ferry_api::{CheckpointInfo, DeleteInfo, RevertInfo, SnapshotBackend, SnapshotInfo};
 use ferry_block::{BlockDev, Extent, IDENTITY_PREFIX, Layer, Result as BlockResult};
 
+use crate::clones::{CloneFile, Clones};
 use crate::dirty::{DirtyTracker, NewGeneration};
 use crate::error::{Result, StoreError};
 use crate::fence::WriteFence;
 use crate::manifest::{self, CheckpointMeta, Manifest, SnapshotMeta, validate_name};
 use crate::origin::SnapshotOrigin;
 use crate::tap::{Tap, WriteTap};
-use crate::view::SnapshotView;
+use crate::view::{Frozen, Preserved, SnapshotView};
 
 pub const DEFAULT_GRANULARITY: u64 = 64 * 1024;
 const COW_STORE: &str = "cow.store";
@@ -64,6 +74,29 @@ pub fn validate_granularity(granularity: u64) -> Result<()> {
     }
 }
 
+/// Whether a disk's snapshots may be reflink clones of its image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reflinks {
+    /// Where the image's file system clones files (probed when the disk
+    /// is opened). Only for a device below that reads the image file
+    /// itself: a clone of the file is then a snapshot of the disk.
+    IfSupported,
+    /// Always the preserved-block store (the device below is more than
+    /// the image: a disk still arriving, say).
+    Never,
+}
+
+/// Blocks of `gran` bytes that `ranges` (sorted by offset) touch, in order.
+fn blocks_touched(ranges: &[(u64, u64)], gran: u64) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    for &(off, len) in ranges.iter().filter(|r| r.1 > 0) {
+        let (a, b) = (off / gran, (off + len).div_ceil(gran));
+        let a = out.last().map_or(a, |&last| a.max(last + 1));
+        out.extend(a..b);
+    }
+    out
+}
+
 struct State {
     manifest: Manifest,
     /// The state directory and its manifest exist.
@@ -80,6 +113,10 @@ pub struct Disk {
     tap: Arc<Tap>,
     origin: Arc<SnapshotOrigin>,
     dirty: Arc<DirtyTracker>,
+    /// The image's clones (None: not a regular file).
+    clones: Option<Clones>,
+    /// What new snapshots get.
+    backend: SnapshotBackend,
 }
 
 fn take_lock(dir: &Path) -> Result<File> {
@@ -100,13 +137,15 @@ fn take_lock(dir: &Path) -> Result<File> {
 impl Disk {
     /// Builds the live stack of disk `name` over `below` (the device an
     /// image `source` was opened as), with its state in `disks_dir/name`.
-    /// `granularity` applies when the disk has no state yet.
+    /// `granularity` applies when the disk has no state yet; `reflinks`
+    /// says whether new snapshots may be clones of the image.
     pub fn open(
         name: &str,
         below: Arc<dyn BlockDev>,
         source: &Path,
         disks_dir: &Path,
         granularity: u64,
+        reflinks: Reflinks,
     ) -> Result<Arc<Disk>> {
         validate_name("disk", name)?;
         validate_granularity(granularity)?;
@@ -150,12 +189,43 @@ impl Disk {
             gran,
             dir.join(COW_STORE),
         ));
+        let (preserved, cloned): (Vec<SnapshotMeta>, Vec<SnapshotMeta>) = manifest
+            .snapshots
+            .iter()
+            .cloned()
+            .partition(|s| s.backend == SnapshotBackend::PreservedBlocks);
         if on_disk {
             dirty.load(&manifest.tracking)?;
             origin
-                .load(&manifest.snapshots)
+                .load(&preserved)
                 .map_err(|e| StoreError::BadState(format!("{}: {e}", dir.display())))?;
         }
+        let clones = Clones::new(&source)?;
+        match &clones {
+            // Also without state: a clone made by a first snapshot whose
+            // manifest never got written is a leftover too.
+            Some(c) => c
+                .load(
+                    &cloned
+                        .iter()
+                        .map(|s| (s.seq, format!("{name}@{}", s.name)))
+                        .collect::<Vec<_>>(),
+                )
+                .map_err(|e| StoreError::BadState(format!("{}: {e}", dir.display())))?,
+            None if !cloned.is_empty() => {
+                return Err(StoreError::BadState(format!(
+                    "{}: has reflink snapshots, but {} is not a regular file",
+                    dir.display(),
+                    source.display()
+                )));
+            }
+            None => {}
+        }
+        let backend = match (&clones, reflinks) {
+            (Some(c), Reflinks::IfSupported) if c.supported() => SnapshotBackend::Reflink,
+            _ => SnapshotBackend::PreservedBlocks,
+        };
+        tracing::info!(disk = name, backend = backend.as_str(), "snapshot backend");
         let tap = Arc::new(Tap::new(origin.clone()));
         Ok(Arc::new(Disk {
             name: name.to_string(),
@@ -170,6 +240,8 @@ impl Disk {
             tap,
             origin,
             dirty,
+            clones,
+            backend,
         }))
     }
 
@@ -179,6 +251,46 @@ impl Disk {
 
     pub fn granularity(&self) -> u64 {
         self.gran
+    }
+
+    /// The backend new snapshots of this disk get.
+    pub fn snapshot_backend(&self) -> SnapshotBackend {
+        self.backend
+    }
+
+    /// The image's clones; only asked for with a reflink snapshot at hand
+    /// (which `open` made sure the image can have).
+    fn clones(&self) -> Result<&Clones> {
+        self.clones
+            .as_ref()
+            .ok_or_else(|| StoreError::BadState(format!("disk '{}' has no clones", self.name)))
+    }
+
+    fn clone_of(&self, s: &SnapshotMeta) -> Result<Arc<CloneFile>> {
+        self.clones()?.get(s.seq).ok_or_else(|| {
+            StoreError::NotFound(format!("no clone of snapshot '{}@{}'", self.name, s.name))
+        })
+    }
+
+    /// Blocks whose old content a snapshot holds (see
+    /// [`SnapshotInfo::preserved_blocks`]).
+    fn held_blocks(&self, s: &SnapshotMeta) -> u64 {
+        match s.backend {
+            SnapshotBackend::PreservedBlocks => self.origin.preserved_count(s.seq),
+            // Blocks changed since: what the snapshot holds apart from
+            // the live disk, as preserved blocks are. Not settled: a
+            // listing (or a metrics scrape) forces no writeback, so the
+            // count may trail the writes the kernel has not written back.
+            SnapshotBackend::Reflink => {
+                match self.clones().and_then(|c| Ok(c.changed(s.seq, false)?)) {
+                    Ok(ranges) => blocks_touched(&ranges, self.gran).len() as u64,
+                    Err(e) => {
+                        tracing::warn!(disk = %self.name, snapshot = s.name, "cannot map its clone: {e}");
+                        0
+                    }
+                }
+            }
+        }
     }
 
     /// The device the disk's export serves: the top of its stack. It
@@ -302,7 +414,9 @@ impl Disk {
         }
         self.ensure_on_disk(&mut st)?;
         self.ensure_reserve();
-        self.origin.ensure_store()?;
+        if self.backend == SnapshotBackend::PreservedBlocks {
+            self.origin.ensure_store()?;
+        }
         // Acknowledged writes become part of the snapshot durably.
         BlockDev::flush(&*self.fence)?;
         let mut m = st.manifest.clone();
@@ -316,11 +430,30 @@ impl Disk {
             None
         };
         let gen_end = new_gen.as_ref().map(NewGeneration::id);
+        // The clone is durable before the manifest that names it.
+        let clone = match self.backend {
+            SnapshotBackend::Reflink => {
+                let made = self
+                    .clones()
+                    .and_then(|c| Ok(c.create(seq, format!("{}@{name}", self.name))?));
+                match made {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        if let Some(g) = new_gen {
+                            g.discard();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            SnapshotBackend::PreservedBlocks => None,
+        };
         m.snapshots.push(SnapshotMeta {
             name: name.to_string(),
             seq,
             gen_end,
             created,
+            backend: self.backend,
         });
         if let (true, Some(id)) = (checkpoint, gen_end) {
             m.tracking.checkpoints.push(CheckpointMeta {
@@ -329,13 +462,22 @@ impl Disk {
                 created,
             });
         }
-        self.publish(&mut st, m, new_gen)?;
-        self.origin.add_snapshot(seq);
-        tracing::info!(disk = %self.name, snapshot = name, checkpoint, "snapshot created");
+        if let Err(e) = self.publish(&mut st, m, new_gen) {
+            if let (Some(c), Ok(clones)) = (&clone, self.clones()) {
+                clones.discard(c);
+            }
+            return Err(e);
+        }
+        match clone {
+            Some(c) => self.clones()?.add(seq, c),
+            None => self.origin.add_snapshot(seq),
+        }
+        tracing::info!(disk = %self.name, snapshot = name, checkpoint, backend = self.backend.as_str(), "snapshot created");
         Ok(SnapshotInfo {
             name: name.to_string(),
             created,
             preserved_blocks: 0,
+            backend: self.backend,
             checkpoints: self.dirty.checkpoints_before(gen_end),
         })
     }
@@ -345,7 +487,8 @@ impl Disk {
         snaps
             .into_iter()
             .map(|s| SnapshotInfo {
-                preserved_blocks: self.origin.preserved_count(s.seq),
+                preserved_blocks: self.held_blocks(&s),
+                backend: s.backend,
                 checkpoints: self.dirty.checkpoints_before(s.gen_end),
                 name: s.name,
                 created: s.created,
@@ -365,20 +508,28 @@ impl Disk {
     /// The read-only view of snapshot `name`.
     pub fn snapshot_view(self: &Arc<Self>, name: &str) -> Result<Arc<dyn BlockDev>> {
         let s = self.find_snapshot(&self.state(), name)?;
+        let content: Arc<dyn Frozen> = match s.backend {
+            SnapshotBackend::PreservedBlocks => Arc::new(Preserved::new(
+                self.origin.clone(),
+                format!("{}@{}", self.name, s.name),
+                s.seq,
+            )),
+            SnapshotBackend::Reflink => self.clone_of(&s)?,
+        };
         Ok(Arc::new(SnapshotView::new(
             self.clone(),
-            self.origin.clone(),
+            content,
+            self.origin.below().size(),
             self.dirty.clone(),
-            format!("{}@{}", self.name, s.name),
             self.identity_context(Some(s.seq)),
-            s.seq,
             s.gen_end,
         )))
     }
 
     /// Deletes snapshot `name` and punches out the preserved blocks only it
-    /// used. Views of it fail from now on; the caller makes sure nobody
-    /// reads it (the daemon refuses while NBD clients have it open).
+    /// used (or removes its clone). Views of it fail from now on; the
+    /// caller makes sure nobody reads it (the daemon refuses while NBD
+    /// clients have it open).
     pub fn delete_snapshot(&self, name: &str) -> Result<DeleteInfo> {
         let _fence = self.fence.hold();
         let mut st = self.state();
@@ -387,41 +538,70 @@ impl Disk {
         m.snapshots.retain(|x| x.seq != s.seq);
         self.publish_freeing(&mut st, m)?;
         drop(st);
-        let freed = self.origin.remove_snapshot(s.seq);
         // Only now that no manifest names the snapshot may its blocks go.
-        self.origin.release(&freed)?;
-        tracing::info!(disk = %self.name, snapshot = name, freed = freed.len(), "snapshot deleted");
+        let (freed_blocks, freed_bytes) = match s.backend {
+            SnapshotBackend::PreservedBlocks => {
+                let freed = self.origin.remove_snapshot(s.seq);
+                self.origin.release(&freed)?;
+                (freed.len() as u64, freed.len() as u64 * self.gran)
+            }
+            SnapshotBackend::Reflink => {
+                let freed = self.clones()?.remove(s.seq)?;
+                (
+                    blocks_touched(&freed, self.gran).len() as u64,
+                    freed.iter().map(|r| r.1).sum(),
+                )
+            }
+        };
+        tracing::info!(disk = %self.name, snapshot = name, freed_blocks, "snapshot deleted");
         Ok(DeleteInfo {
             name: name.to_string(),
-            freed_blocks: freed.len() as u64,
-            freed_bytes: freed.len() as u64 * self.gran,
+            freed_blocks,
+            freed_bytes,
         })
     }
 
     /// Puts the live disk back to snapshot `name`'s content, copying only
-    /// the blocks changed since it. Writes wait meanwhile; the copies go
+    /// the blocks changed since it (preserved ones, or those the image no
+    /// longer shares with the clone). Writes wait meanwhile; the copies go
     /// through the origin, so they are tracked as dirty and preserved for
     /// newer snapshots.
     pub fn revert(&self, name: &str) -> Result<RevertInfo> {
         let _fence = self.fence.hold();
-        let seq = self.find_snapshot(&self.state(), name)?.seq;
-        let blocks = self.origin.preserved(seq);
+        let s = self.find_snapshot(&self.state(), name)?;
         // Below the fence, which this holds; through the tap, so that a
         // mirror sees the blocks change.
         let live: &dyn BlockDev = &*self.tap;
         let size = live.size();
         let mut buf = vec![0u8; self.gran as usize];
-        for &(blk, slot) in &blocks {
+        let mut copy_back = |blk: u64, read: &dyn Fn(&mut [u8]) -> BlockResult<()>| {
             let off = blk * self.gran;
             let n = self.gran.min(size - off) as usize;
-            self.origin.read_preserved(slot, 0, &mut buf[..n])?;
-            live.write_at(&buf[..n], off, false)?;
-        }
+            read(&mut buf[..n])?;
+            live.write_at(&buf[..n], off, false)
+        };
+        let blocks = match s.backend {
+            SnapshotBackend::PreservedBlocks => {
+                let blocks = self.origin.preserved(s.seq);
+                for &(blk, slot) in &blocks {
+                    copy_back(blk, &|b| self.origin.read_preserved(slot, 0, b))?;
+                }
+                blocks.len()
+            }
+            SnapshotBackend::Reflink => {
+                let clone = self.clone_of(&s)?;
+                let blocks = blocks_touched(&self.clones()?.changed(s.seq, true)?, self.gran);
+                for &blk in &blocks {
+                    copy_back(blk, &|b| clone.read_at(b, blk * self.gran))?;
+                }
+                blocks.len()
+            }
+        };
         live.flush()?;
-        tracing::info!(disk = %self.name, snapshot = name, blocks = blocks.len(), "reverted");
+        tracing::info!(disk = %self.name, snapshot = name, blocks, "reverted");
         Ok(RevertInfo {
             name: name.to_string(),
-            blocks: blocks.len() as u64,
+            blocks: blocks as u64,
         })
     }
 

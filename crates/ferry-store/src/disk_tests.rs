@@ -1,6 +1,10 @@
 //! Tests of a whole live disk over a real file: content, snapshots, dirty
 //! tracking, and crash simulation (the disk is dropped without flush or
 //! clean shutdown and reopened from its state directory).
+//!
+//! The snapshot tests run on both backends with the same assertions (see
+//! `on_both_backends!`): the preserved-block store on the temporary
+//! directory's file system, and reflink clones on a loop-mounted XFS.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -10,40 +14,123 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ferry_block::{BlockDev, Error, Extent, IDENTITY_PREFIX, ZeroMode};
 
-use crate::disk::Disk;
+use ferry_api::SnapshotBackend;
+
+use crate::disk::{Disk, Reflinks};
 use crate::error::StoreError;
 use crate::file::FileDev;
+use crate::loop_xfs::LoopXfs;
 
 const GRAN: u64 = 64 * 1024;
 const SIZE: u64 = 4 << 20; // 64 blocks
+const XFS_SIZE: u64 = 512 << 20;
 
 struct Fixture {
-    _dir: tempfile::TempDir,
+    backend: SnapshotBackend,
     image: PathBuf,
     state: PathBuf,
+    // Unmounted before the directory it is in goes.
+    xfs: Option<LoopXfs>,
+    _dir: tempfile::TempDir,
+}
+
+/// A sparse image `disk.raw` of SIZE on a file system where snapshots get
+/// `backend`, and a state directory in the temporary directory (as the
+/// daemon's lives apart from the images).
+fn fixture_on(backend: SnapshotBackend) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let xfs =
+        (backend == SnapshotBackend::Reflink).then(|| LoopXfs::mount(dir.path(), true, XFS_SIZE));
+    let root = xfs.as_ref().map_or(dir.path(), LoopXfs::path).to_path_buf();
+    let image = root.join("disk.raw");
+    File::create(&image).unwrap().set_len(SIZE).unwrap();
+    Fixture {
+        backend,
+        image,
+        state: dir.path().join("state"),
+        xfs,
+        _dir: dir,
+    }
 }
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    File::create(&image).unwrap().set_len(SIZE).unwrap();
-    let state = dir.path().join("state");
-    Fixture {
-        _dir: dir,
-        image,
-        state,
-    }
+    fixture_on(SnapshotBackend::PreservedBlocks)
 }
 
 impl Fixture {
     fn open(&self) -> Arc<Disk> {
-        open_disk("disk", &self.image, &self.state, GRAN).unwrap()
+        self.open_with(GRAN)
+    }
+
+    /// The disk with blocks of `gran`, asserting the backend it got.
+    fn open_with(&self, gran: u64) -> Arc<Disk> {
+        // A child process that another test forks (mkfs.xfs, mount) holds
+        // a copy of every descriptor until it execs, the lock of a disk
+        // just dropped included: give such a moment time to pass (any
+        // other refusal fails all the same, a second later).
+        let mut tries = 0;
+        let v = loop {
+            match open_disk("disk", &self.image, &self.state, gran) {
+                Err(StoreError::BadState(_)) if tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => break r.unwrap(),
+            }
+        };
+        assert_eq!(v.snapshot_backend(), self.backend);
+        v
+    }
+
+    /// A file beside the image.
+    fn file(&self, name: &str) -> PathBuf {
+        self.image.with_file_name(name)
+    }
+
+    /// Space the snapshots hold: the preserved-block store's allocation,
+    /// or what the XFS (clones and image) uses.
+    fn held(&self) -> u64 {
+        self.held_once(|_| true)
+    }
+
+    /// [`held`](Self::held), once it is `ok` (or after 10 s): XFS frees
+    /// the blocks of a removed file in the background, moments later.
+    fn held_once(&self, ok: impl Fn(u64) -> bool) -> u64 {
+        match &self.xfs {
+            Some(xfs) => {
+                let d = File::open(xfs.path()).unwrap();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                loop {
+                    let st = rustix::fs::fstatvfs(&d).unwrap();
+                    let used = (st.f_blocks - st.f_bfree) * st.f_frsize;
+                    if ok(used) || std::time::Instant::now() > deadline {
+                        return used;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+            None => {
+                let store = self.state.join("disk/cow.store");
+                std::fs::metadata(&store).map_or(0, |m| m.blocks() * 512)
+            }
+        }
     }
 }
 
+crate::on_both_backends!(
+    snapshot_freezes_content_and_shares_preserved_blocks,
+    crash_keeps_snapshots_and_dirty_bits,
+    checkpoints_stay_exact_for_any_older_one_and_after_deletes,
+    revert_restores_and_delete_frees_space,
+    deleted_view_fails_and_names_are_checked,
+    snapshot_is_a_write_fence,
+    short_last_block,
+    snapshot_reads_race_first_overwrites,
+);
+
 fn open_disk(name: &str, image: &Path, state: &Path, gran: u64) -> crate::Result<Arc<Disk>> {
     let file = Arc::new(FileDev::open(image, false)?);
-    Disk::open(name, file, image, state, gran)
+    Disk::open(name, file, image, state, gran, Reflinks::IfSupported)
 }
 
 fn read(dev: &dyn BlockDev, off: u64, len: usize) -> Vec<u8> {
@@ -69,10 +156,6 @@ fn dirty_of(dev: &dyn BlockDev, ctx: &str) -> Vec<u64> {
     out
 }
 
-fn allocated(path: &Path) -> u64 {
-    std::fs::metadata(path).unwrap().blocks() * 512
-}
-
 #[test]
 fn no_state_until_first_use() {
     let f = fixture();
@@ -88,9 +171,8 @@ fn no_state_until_first_use() {
     assert!(ctx[1].starts_with(IDENTITY_PREFIX), "{ctx:?}");
 }
 
-#[test]
-fn snapshot_freezes_content_and_shares_preserved_blocks() {
-    let f = fixture();
+fn snapshot_freezes_content_and_shares_preserved_blocks(backend: SnapshotBackend) {
+    let f = fixture_on(backend);
     let v = f.open();
     v.write_at(&vec![0xaa; SIZE as usize], 0, false).unwrap();
     let before = all(&*v);
@@ -114,16 +196,17 @@ fn snapshot_freezes_content_and_shares_preserved_blocks() {
     assert_eq!(all(&*s1), before);
     assert_eq!(all(&*s2), before);
     assert_eq!(read(&*v, GRAN + 10, 100), vec![0xbb; 100]);
+    // Reflink counts see what the kernel has written back.
+    v.flush().unwrap();
     let infos = v.snapshots();
     assert_eq!(infos[0].preserved_blocks, 4);
     assert_eq!(infos[1].preserved_blocks, 4);
-    // 4 slots in the store, not 8: sharing.
-    let store = f.state.join("disk/cow.store");
-    assert!(
-        allocated(&store) <= 4 * (GRAN + 4096) + 4096,
-        "{}",
-        allocated(&store)
-    );
+    assert!(infos.iter().all(|i| i.backend == f.backend));
+    // 4 blocks held, not 8: sharing (the file system's own blocks for
+    // reflink clones).
+    if f.xfs.is_none() {
+        assert!(f.held() <= 4 * (GRAN + 4096) + 4096, "{}", f.held());
+    }
     // A third snapshot sees the new content; unaligned reads across blocks.
     v.create_snapshot("s3", false).unwrap();
     v.write_at(&[0xcc; 3 * GRAN as usize], GRAN / 2, false)
@@ -134,10 +217,13 @@ fn snapshot_freezes_content_and_shares_preserved_blocks() {
         read(&*s1, GRAN / 2 - 5, 3 * GRAN as usize + 10),
         before[(GRAN / 2 - 5) as usize..][..3 * GRAN as usize + 10]
     );
-    // The inline cached path: never for a preserved block, and right
-    // whenever it answers.
+    // The inline cached path: never for a preserved block (a clone is
+    // one file, cached like any), and right whenever it answers.
     let mut b = vec![0u8; 100];
-    assert!(!s1.read_at_nowait(&mut b, GRAN + 10).unwrap());
+    if s1.read_at_nowait(&mut b, GRAN + 10).unwrap() {
+        assert_eq!(f.backend, SnapshotBackend::Reflink);
+        assert_eq!(b, before[(GRAN + 10) as usize..][..100]);
+    }
     if s1.read_at_nowait(&mut b, 20 * GRAN).unwrap() {
         assert_eq!(b, before[20 * GRAN as usize..][..100]);
     }
@@ -145,9 +231,8 @@ fn snapshot_freezes_content_and_shares_preserved_blocks() {
     assert!(s1.caps().read_only);
 }
 
-#[test]
-fn crash_keeps_snapshots_and_dirty_bits() {
-    let f = fixture();
+fn crash_keeps_snapshots_and_dirty_bits(backend: SnapshotBackend) {
+    let f = fixture_on(backend);
     let v = f.open();
     v.write_at(&vec![1; SIZE as usize], 0, false).unwrap();
     v.create_checkpoint("c1").unwrap();
@@ -213,9 +298,8 @@ fn interrupted_changes_leave_nothing_behind() {
     assert!(v.dirty_blocks("c1").unwrap().is_empty());
 }
 
-#[test]
-fn checkpoints_stay_exact_for_any_older_one_and_after_deletes() {
-    let f = fixture();
+fn checkpoints_stay_exact_for_any_older_one_and_after_deletes(backend: SnapshotBackend) {
+    let f = fixture_on(backend);
     let v = f.open();
     v.write_at(&[9; 10], 0, false).unwrap();
     v.create_checkpoint("a").unwrap();
@@ -272,12 +356,12 @@ fn checkpoints_stay_exact_for_any_older_one_and_after_deletes() {
     ));
 }
 
-#[test]
-fn revert_restores_and_delete_frees_space() {
-    let f = fixture();
+fn revert_restores_and_delete_frees_space(backend: SnapshotBackend) {
+    let f = fixture_on(backend);
     let v = f.open();
     v.write_at(&vec![5; SIZE as usize], 0, false).unwrap();
     let old = all(&*v);
+    let base = f.held();
     v.create_snapshot("s1", false).unwrap();
     v.write_at(&vec![6; 16 * GRAN as usize], 8 * GRAN, false)
         .unwrap();
@@ -290,29 +374,29 @@ fn revert_restores_and_delete_frees_space() {
     // s2 kept its content through the revert (which wrote to the origin).
     let s2 = v.snapshot_view("s2").unwrap();
     assert_eq!(read(&*s2, 10 * GRAN, 4), vec![6; 4]);
-    let store = f.state.join("disk/cow.store");
-    let before = allocated(&store);
+    let before = f.held();
     let d = v.delete_snapshot("s1").unwrap();
     // s2 got its own copies when the revert rewrote blocks it shared.
     assert_eq!(d.freed_blocks, 16);
+    assert_eq!(d.freed_bytes, 16 * GRAN);
     assert_eq!(v.snapshots()[0].preserved_blocks, 16);
-    let after = allocated(&store);
+    let after = f.held_once(|h| before.saturating_sub(h) >= 16 * GRAN);
     assert!(
-        before - after >= 16 * GRAN,
+        before.saturating_sub(after) >= 16 * GRAN,
         "freed {} bytes",
-        before - after
+        before as i64 - after as i64
     );
     assert!(v.snapshot_view("s1").is_err());
     v.delete_snapshot("s2").unwrap();
-    assert!(allocated(&store) < GRAN);
+    let left = f.held_once(|h| h < base + GRAN);
+    assert!(left < base + GRAN, "{left} held, {base} before");
     // Writes after the last snapshot is gone preserve nothing.
     v.write_at(&[1; 10], 0, false).unwrap();
-    assert!(allocated(&store) < GRAN);
+    assert!(f.held() < base + GRAN, "{} held, {base} before", f.held());
 }
 
-#[test]
-fn deleted_view_fails_and_names_are_checked() {
-    let f = fixture();
+fn deleted_view_fails_and_names_are_checked(backend: SnapshotBackend) {
+    let f = fixture_on(backend);
     let v = f.open();
     v.create_snapshot("s1", false).unwrap();
     let s1 = v.snapshot_view("s1").unwrap();
@@ -360,7 +444,7 @@ fn other_disk_in_same_state_dir_is_refused() {
         Err(StoreError::BadState(_))
     ));
     drop(v);
-    let other = f.image.with_file_name("other.raw");
+    let other = f.file("other.raw");
     File::create(&other).unwrap().set_len(SIZE).unwrap();
     assert!(matches!(
         open_disk("disk", &other, &f.state, GRAN),
@@ -370,9 +454,8 @@ fn other_disk_in_same_state_dir_is_refused() {
 
 /// Writers race snapshot creation: each snapshot holds every write
 /// acknowledged before `create` started and none issued after it returned.
-#[test]
-fn snapshot_is_a_write_fence() {
-    let f = fixture();
+fn snapshot_is_a_write_fence(backend: SnapshotBackend) {
+    let f = fixture_on(backend);
     let v = f.open();
     v.create_checkpoint("c0").unwrap();
     let acked = Arc::new(AtomicU64::new(0));
@@ -416,13 +499,11 @@ fn snapshot_is_a_write_fence() {
 
 /// A disk whose size is not a multiple of the granularity: the short last
 /// block is preserved, read and reverted like the others.
-#[test]
-fn short_last_block() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("odd.raw");
+fn short_last_block(backend: SnapshotBackend) {
+    let f = fixture_on(backend);
     let size = 3 * GRAN + 1000;
-    std::fs::write(&image, vec![7u8; size as usize]).unwrap();
-    let v = open_disk("odd", &image, &dir.path().join("state"), GRAN).unwrap();
+    std::fs::write(&f.image, vec![7u8; size as usize]).unwrap();
+    let v = f.open();
     v.create_snapshot("s", true).unwrap();
     v.write_at(&vec![9u8; (2 * GRAN + 1000) as usize], GRAN, false)
         .unwrap();
@@ -433,7 +514,7 @@ fn short_last_block() {
     assert_eq!(all(&*v), vec![7u8; size as usize]);
     drop(s);
     crash(v);
-    let v = open_disk("odd", &image, &dir.path().join("state"), GRAN).unwrap();
+    let v = f.open();
     assert_eq!(
         all(&*v.snapshot_view("s").unwrap()),
         vec![7u8; size as usize]
@@ -444,11 +525,10 @@ fn short_last_block() {
 /// the same blocks: every read must return the frozen content. Several
 /// rounds, each with a fresh snapshot, since the race only exists while
 /// blocks are overwritten for the first time.
-#[test]
-fn snapshot_reads_race_first_overwrites() {
-    let f = fixture();
+fn snapshot_reads_race_first_overwrites(backend: SnapshotBackend) {
+    let f = fixture_on(backend);
     // Small blocks: many first overwrites, so the race lasts.
-    let v = open_disk("disk", &f.image, &f.state, 4096).unwrap();
+    let v = f.open_with(4096);
     let mut content = vec![0u8; SIZE as usize];
     for (i, b) in content.iter_mut().enumerate() {
         *b = (i / 4096) as u8 ^ 0x5a;
@@ -515,4 +595,86 @@ fn snapshot_reads_race_first_overwrites() {
             assert!(dirty.contains(&b), "block {b} changed but is not dirty");
         }
     }
+}
+
+/// Where a probe clone fails, the preserved-block store is chosen: the
+/// temporary directory's file system (`fixture`) and an XFS without
+/// reflinks.
+#[test]
+fn no_reflinks_means_the_preserved_block_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let xfs = LoopXfs::mount(dir.path(), false, XFS_SIZE);
+    let image = xfs.path().join("disk.raw");
+    File::create(&image).unwrap().set_len(SIZE).unwrap();
+    let v = open_disk("disk", &image, &xfs.path().join("state"), GRAN).unwrap();
+    assert_eq!(v.snapshot_backend(), SnapshotBackend::PreservedBlocks);
+    v.create_snapshot("s", false).unwrap();
+    assert!(xfs.path().join("state/disk/cow.store").exists());
+    drop(v);
+    let leftovers: Vec<_> = std::fs::read_dir(xfs.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".disk.raw"))
+        .collect();
+    assert!(leftovers.is_empty(), "probe left {leftovers:?}");
+}
+
+/// A clone no manifest names (a create or delete interrupted between the
+/// clone and the manifest) is removed at open; a named clone that is
+/// missing makes the state refused, not served as something else.
+#[test]
+fn leftover_clones_go_and_missing_ones_are_refused() {
+    let f = fixture_on(SnapshotBackend::Reflink);
+    let v = f.open();
+    v.write_at(&[3; 4096], 0, false).unwrap();
+    v.create_snapshot("s1", false).unwrap();
+    v.write_at(&[4; 4096], 0, false).unwrap();
+    crash(v);
+    let stray = f.file(".disk.raw.nbdferry-snap.99");
+    std::fs::write(&stray, [1; 4096]).unwrap();
+    let v = f.open();
+    assert!(!stray.exists(), "leftover clone kept");
+    assert_eq!(read(&*v.snapshot_view("s1").unwrap(), 0, 4), [3; 4]);
+    let clone = f.file(".disk.raw.nbdferry-snap.1");
+    assert!(clone.exists());
+    drop(v);
+    std::fs::remove_file(&clone).unwrap();
+    assert!(matches!(
+        open_disk("disk", &f.image, &f.state, GRAN),
+        Err(StoreError::BadState(_))
+    ));
+}
+
+/// Snapshots keep the backend they were made with when new ones get
+/// another (a disk first served where reflinks were not used).
+#[test]
+fn snapshots_keep_their_backend() {
+    let f = fixture_on(SnapshotBackend::Reflink);
+    let file = Arc::new(FileDev::open(&f.image, false).unwrap());
+    let v = Disk::open("disk", file, &f.image, &f.state, GRAN, Reflinks::Never).unwrap();
+    v.write_at(&vec![1; SIZE as usize], 0, false).unwrap();
+    v.create_snapshot("p", false).unwrap();
+    v.write_at(&[2; 100], 0, false).unwrap();
+    drop(v);
+    let v = f.open();
+    v.create_snapshot("r", false).unwrap();
+    v.write_at(&vec![3; 2 * GRAN as usize], 0, false).unwrap();
+    let backends: Vec<_> = v.snapshots().iter().map(|s| s.backend).collect();
+    assert_eq!(
+        backends,
+        [SnapshotBackend::PreservedBlocks, SnapshotBackend::Reflink]
+    );
+    let p = v.snapshot_view("p").unwrap();
+    let r = v.snapshot_view("r").unwrap();
+    assert_eq!(read(&*p, 0, 200), vec![1; 200]);
+    assert_eq!(read(&*r, 0, 200), [vec![2; 100], vec![1; 100]].concat());
+    assert_eq!(read(&*r, GRAN, 10), vec![1; 10]);
+    drop((p, r));
+    v.revert("p").unwrap();
+    assert_eq!(all(&*v), vec![1; SIZE as usize]);
+    v.revert("r").unwrap();
+    assert_eq!(read(&*v, 0, 200), [vec![2; 100], vec![1; 100]].concat());
+    v.delete_snapshot("p").unwrap();
+    v.delete_snapshot("r").unwrap();
+    assert!(v.snapshots().is_empty());
 }

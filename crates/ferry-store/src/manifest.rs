@@ -12,6 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use ferry_api::SnapshotBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StoreError};
@@ -44,6 +45,10 @@ pub(crate) struct SnapshotMeta {
     /// existed, so the snapshot carries no dirty contexts).
     pub gen_end: Option<u64>,
     pub created: u64,
+    /// Where its content lives (manifests from before reflink snapshots
+    /// hold only preserved-block ones).
+    #[serde(default)]
+    pub backend: SnapshotBackend,
 }
 
 /// What the dirty-tracking layer keeps in the manifest.

@@ -413,6 +413,7 @@ mod tests {
             seq,
             gen_end: None,
             created: 0,
+            backend: Default::default(),
         }
     }
 

@@ -1,13 +1,16 @@
-//! The read-only view of one snapshot (export `DISK@SNAP`).
+//! The read-only view of one snapshot (export `DISK@SNAP`): its contexts
+//! (allocation, the dirty bitmaps of older checkpoints, its identity) over
+//! its frozen content, which one of the snapshot backends holds.
 //!
-//! A block reads from the preserved-block store when the snapshot has a
-//! copy of it, else from the device below the origin, which then still
-//! holds the snapshot's content. The race with a live write is closed by
-//! the origin's write order (copy durable → map entry → write goes down):
-//! a view that found no map entry reads below and then looks again; if an
-//! entry appeared meanwhile the block may already be overwritten, so it
-//! rereads from the copy. If no entry appeared, the overwrite had not
-//! started when the read finished.
+//! With the preserved-block store ([`Preserved`]), a block reads from the
+//! store when the snapshot has a copy of it, else from the device below
+//! the origin, which then still holds the snapshot's content. The race
+//! with a live write is closed by the origin's write order (copy durable →
+//! map entry → write goes down): a view that found no map entry reads
+//! below and then looks again; if an entry appeared meanwhile the block
+//! may already be overwritten, so it rereads from the copy. If no entry
+//! appeared, the overwrite had not started when the read finished. A
+//! reflink snapshot reads its clone (`clones.rs`), which nothing writes.
 
 use std::sync::Arc;
 
@@ -18,17 +21,26 @@ use ferry_block::{
 use crate::dirty::DirtyTracker;
 use crate::origin::SnapshotOrigin;
 
+/// A snapshot's frozen content, as its backend holds it. Every method
+/// fails with [`Error::Gone`] once the snapshot is deleted.
+pub(crate) trait Frozen: Send + Sync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// The inline path for cached reads: Ok(false) where it would block.
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool>;
+    /// `base:allocation` of `[offset, offset+len)`.
+    fn allocation(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>>;
+    fn alive(&self) -> Result<()>;
+}
+
 pub struct SnapshotView {
     /// Keeps its owner (the disk, and so the lock on its state directory)
     /// alive while the view is served; the view reads through the layers.
     _owner: Arc<dyn Send + Sync>,
-    origin: Arc<SnapshotOrigin>,
+    content: Arc<dyn Frozen>,
+    size: u64,
     dirty: Arc<DirtyTracker>,
-    /// `DISK@SNAP`, for errors.
-    export: String,
     /// The snapshot's identity context (`nbdferry:identity:...`).
     identity: String,
-    seq: u64,
     /// First dirty generation after the snapshot (None: no checkpoint
     /// existed then, so it offers no dirty contexts).
     gen_end: Option<u64>,
@@ -37,21 +49,98 @@ pub struct SnapshotView {
 impl SnapshotView {
     pub(crate) fn new(
         owner: Arc<dyn Send + Sync>,
-        origin: Arc<SnapshotOrigin>,
+        content: Arc<dyn Frozen>,
+        size: u64,
         dirty: Arc<DirtyTracker>,
-        export: String,
         identity: String,
-        seq: u64,
         gen_end: Option<u64>,
     ) -> Self {
         SnapshotView {
             _owner: owner,
-            origin,
+            content,
+            size,
             dirty,
-            export,
             identity,
-            seq,
             gen_end,
+        }
+    }
+}
+
+impl BlockDev for SnapshotView {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn caps(&self) -> Caps {
+        Caps::READ_ONLY
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        self.content.read_at(buf, offset)
+    }
+
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        self.content.read_at_nowait(buf, offset)
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn contexts(&self) -> Vec<String> {
+        let mut v = vec![BASE_ALLOCATION.to_string()];
+        v.extend(
+            self.dirty
+                .checkpoints_before(self.gen_end)
+                .into_iter()
+                .map(|n| format!("{DIRTY_BITMAP_PREFIX}{n}")),
+        );
+        v.push(self.identity.clone());
+        v
+    }
+
+    fn extents(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+        max_extents: usize,
+    ) -> Result<Vec<Extent>> {
+        check_range(self.size, offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        if context == BASE_ALLOCATION {
+            return self.content.allocation(offset, len, max_extents);
+        }
+        if context == self.identity {
+            return crate::disk::identity_extent(self.size, offset, len);
+        }
+        if self.gen_end.is_none() {
+            return Err(Error::UnknownContext(context.to_string()));
+        }
+        self.content.alive()?;
+        self.dirty
+            .extents_until(context, self.gen_end, offset, len, max_extents)
+    }
+}
+
+/// A snapshot's content in the preserved-block store and below the origin.
+pub(crate) struct Preserved {
+    origin: Arc<SnapshotOrigin>,
+    /// `DISK@SNAP`, for errors.
+    export: String,
+    seq: u64,
+}
+
+impl Preserved {
+    pub(crate) fn new(origin: Arc<SnapshotOrigin>, export: String, seq: u64) -> Self {
+        Preserved {
+            origin,
+            export,
+            seq,
         }
     }
 
@@ -72,20 +161,11 @@ impl SnapshotView {
     }
 }
 
-impl BlockDev for SnapshotView {
-    fn size(&self) -> u64 {
-        self.origin.below().size()
-    }
-
-    fn caps(&self) -> Caps {
-        Caps::READ_ONLY
-    }
-
+impl Frozen for Preserved {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let len = buf.len() as u64;
-        check_range(self.size(), offset, len)?;
         if len == 0 {
-            return Ok(());
+            return self.alive();
         }
         let gran = self.gran();
         let (a, b) = self.blocks(offset, len);
@@ -134,9 +214,8 @@ impl BlockDev for SnapshotView {
     /// preserved goes the blocking way.
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
         let len = buf.len() as u64;
-        check_range(self.size(), offset, len)?;
         if len == 0 {
-            return Ok(true);
+            return self.alive().map(|()| true);
         }
         let (a, b) = self.blocks(offset, len);
         if self.slots(a, b)?.iter().any(Option::is_some) {
@@ -148,49 +227,6 @@ impl BlockDev for SnapshotView {
         Ok(self.slots(a, b)?.iter().all(Option::is_none))
     }
 
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn contexts(&self) -> Vec<String> {
-        let mut v = vec![BASE_ALLOCATION.to_string()];
-        v.extend(
-            self.dirty
-                .checkpoints_before(self.gen_end)
-                .into_iter()
-                .map(|n| format!("{DIRTY_BITMAP_PREFIX}{n}")),
-        );
-        v.push(self.identity.clone());
-        v
-    }
-
-    fn extents(
-        &self,
-        context: &str,
-        offset: u64,
-        len: u64,
-        max_extents: usize,
-    ) -> Result<Vec<Extent>> {
-        check_range(self.size(), offset, len)?;
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        if context == BASE_ALLOCATION {
-            return self.allocation(offset, len, max_extents);
-        }
-        if context == self.identity {
-            return crate::disk::identity_extent(self.size(), offset, len);
-        }
-        if self.gen_end.is_none() {
-            return Err(Error::UnknownContext(context.to_string()));
-        }
-        self.slots(0, 0)?;
-        self.dirty
-            .extents_until(context, self.gen_end, offset, len, max_extents)
-    }
-}
-
-impl SnapshotView {
     /// Allocation below first, then the map (same order as reads):
     /// preserved blocks are reported as data, which is always safe.
     fn allocation(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>> {
@@ -229,5 +265,9 @@ impl SnapshotView {
             }
         }
         Ok(out)
+    }
+
+    fn alive(&self) -> Result<()> {
+        self.slots(0, 0).map(drop)
     }
 }
