@@ -158,6 +158,26 @@ pub fn release_free_memory() {
     }
 }
 
+/// Free memory the allocator keeps beyond which it is handed back even
+/// when the pool found nothing unused: buffers that never went through
+/// the pool (the payloads of cut connections; with zero-copy reads, most
+/// READs take no buffer at all) would otherwise stay with the process.
+const RELEASE_ABOVE: usize = 32 << 20;
+
+/// Whether the allocator holds more than [`RELEASE_ABOVE`] of free
+/// memory. Walks every arena: run it on the blocking pool.
+pub fn much_free_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics, under
+        // its locks.
+        let info = unsafe { libc::mallinfo2() };
+        info.fordblks > RELEASE_ABOVE
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::budget::MemoryBudget;
-use crate::bufpool::{POOL, release_free_memory};
+use crate::bufpool::{POOL, much_free_memory, release_free_memory};
 use crate::conn::{ConnContext, serve};
 use crate::limits::Limits;
 use crate::refuse::refuse;
@@ -143,8 +143,10 @@ impl Server {
     }
 }
 
-/// Frees pooled buffers that went unused, until shutdown; once some were,
-/// a burst is over and the allocator's free memory goes back too.
+/// Frees pooled buffers that went unused, until shutdown. Once some were,
+/// a burst is over and the allocator's free memory goes back too; so it
+/// does whenever the allocator holds much of it (buffers that never went
+/// through the pool).
 async fn trim_pool(shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(POOL_TRIM_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -152,9 +154,12 @@ async fn trim_pool(shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {
-                if POOL.trim() > 0 {
-                    tokio::task::spawn_blocking(release_free_memory);
-                }
+                let trimmed = POOL.trim() > 0;
+                tokio::task::spawn_blocking(move || {
+                    if trimmed || much_free_memory() {
+                        release_free_memory();
+                    }
+                });
             }
         }
     }
