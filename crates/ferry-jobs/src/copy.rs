@@ -465,24 +465,24 @@ fn dst_align(d: &Dest) -> u64 {
     }
 }
 
-/// Largest request to the source. A repository point is read a chunk at a
-/// time: requests then fall on chunk boundaries, one chunk each.
+/// Largest request to the source. A repository point splits a request at
+/// chunk boundaries itself, so it takes requests of any size (the 1 MiB
+/// default: fewer, larger writes to an NBD destination on restore).
 fn src_max(s: &Source) -> u64 {
     match s {
         Source::Nbd { client, .. } => client.info().max_payload().into(),
-        Source::Repo(r) => r.chunk_size(),
         _ => 32 << 20,
     }
 }
 
-/// Largest write to the destination; a repository point takes at most a
-/// chunk at a time, so that a piece never spans two chunks.
+/// Largest write to the destination. A point being written splits a piece
+/// at chunk boundaries itself, so reads from the source stay at the request
+/// size (the grid of `push_items` keeps them chunk-aligned).
 fn dst_max(d: &Dest) -> u64 {
     match d {
         Dest::Nbd { client, .. } | Dest::Compare { client, .. } => {
             client.info().max_payload().into()
         }
-        Dest::Repo(w) => w.chunk_size(),
         _ => 32 << 20,
     }
 }

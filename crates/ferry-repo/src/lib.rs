@@ -51,9 +51,10 @@
 //! | 256 KiB | 5.6-10.7 s | 4668 | 0.82 s | 0.16 s | 33.6 MB |
 //! | 1 MiB | 5.6-12.7 s | 1613 | 1.77 s | 0.42 s | 157.7 MB |
 //!
-//! (Full backups are bound by this shared machine's disk, ~150 MB/s, and
-//! swing with its load; the pattern writes compress to almost nothing,
-//! hence 64 KiB's small growth.)
+//! (Full backups swing with this shared machine's load. perf shows them
+//! CPU-bound on its 2 cores rather than disk-bound: BLAKE3, zstd, and the
+//! creation of one file per chunk; the pattern writes compress to almost
+//! nothing, hence 64 KiB's small growth.)
 //! The price of small chunks is the index: 33 bytes per chunk per point
 //! (2 MB for a 4 GiB disk, 0.05% of the disk) and more objects, i.e. more
 //! requests on S3; choose a larger `--chunk-size` for very large disks.

@@ -3,7 +3,9 @@
 //! sparse copies and `base:allocation`.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+
+use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
@@ -18,7 +20,7 @@ const CACHED_CHUNKS: usize = 16;
 pub struct PointReader {
     repo: Repo,
     index: PointIndex,
-    cache: Mutex<VecDeque<(ChunkId, Arc<Vec<u8>>)>>,
+    cache: Mutex<VecDeque<(ChunkId, Bytes)>>,
 }
 
 impl PointReader {
@@ -115,14 +117,14 @@ impl PointReader {
         runtime.block_on(self.read_at(buf, offset))
     }
 
-    async fn chunk(&self, id: &ChunkId) -> Result<Arc<Vec<u8>>> {
+    async fn chunk(&self, id: &ChunkId) -> Result<Bytes> {
         {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((_, c)) = cache.iter().find(|(k, _)| k == id) {
                 return Ok(c.clone());
             }
         }
-        let c = Arc::new(self.repo.read_chunk(id).await?);
+        let c = self.repo.read_chunk(id).await?;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHED_CHUNKS {
             cache.pop_front();

@@ -10,7 +10,7 @@ use crate::backend::{self, Backend, Durability};
 use crate::error::{Error, Result};
 use crate::id::{self, CONFIG, ChunkId, FOSSILS, POINTS};
 use crate::index::{PointIndex, PointMeta};
-use crate::seal::{KeyFile, NonceFrom, Sealer};
+use crate::seal::{Envelope, KeyFile, NonceFrom, Sealer};
 
 /// The format this code writes and reads.
 const FORMAT: u32 = 1;
@@ -207,24 +207,29 @@ impl Repo {
 
     /// A chunk's content, checked against its id. A chunk that a
     /// concurrent prune set aside (see `gc`) is still found there.
-    pub async fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+    pub async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes> {
+        self.read_chunk_checking(id, Envelope::ContentOnly).await
+    }
+
+    /// [`read_chunk`](Self::read_chunk) that also checks the bytes that do
+    /// not make the content (the envelope's checksum): `verify --deep`.
+    pub(crate) async fn read_chunk_checking(
+        &self,
+        id: &ChunkId,
+        envelope: Envelope,
+    ) -> Result<Bytes> {
         let key = id.key();
         let (key, raw) = match self.backend().get(&key).await? {
             Some(raw) => (key, raw),
             None => self.find_fossil(id).await?.ok_or(Error::Missing(key))?,
         };
-        self.open_chunk(id, &key, &raw)
-    }
-
-    /// Opens stored chunk bytes and checks the content against the id.
-    pub(crate) fn open_chunk(&self, id: &ChunkId, key: &str, raw: &[u8]) -> Result<Vec<u8>> {
         // Open under the chunk's own key: that is what it was sealed with,
         // wherever it lies now.
-        let plain = self
-            .sealer()
-            .open(&id.key(), raw, self.chunk_size() as usize)?;
+        let plain =
+            self.sealer()
+                .open_chunk(&id.key(), raw, self.chunk_size() as usize, envelope)?;
         if self.sealer().chunk_id(&plain) != *id {
-            return Err(Error::corrupt(key, "content does not match its id"));
+            return Err(Error::corrupt(&key, "content does not match its id"));
         }
         Ok(plain)
     }

@@ -9,9 +9,11 @@
 //! then either `nonce(12) | ciphertext | tag(16)` or
 //! `body | blake3(key | flags | body)(32)`.
 
+use std::cell::RefCell;
 use std::path::Path;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
@@ -107,33 +109,31 @@ impl Sealer {
     }
 
     pub fn seal(&self, key: &str, plain: &[u8], nonce: NonceFrom<'_>) -> Result<Vec<u8>> {
-        let compressed = match self.zstd {
-            Some(level) => zstd::bulk::compress(plain, level)
-                .ok()
-                .filter(|c| c.len() < plain.len()),
-            None => None,
-        };
-        let (mut flags, body) = match &compressed {
-            Some(c) => (ZSTD, c.as_slice()),
-            None => (0, plain),
-        };
-        let mut out = Vec::with_capacity(body.len() + 64);
+        let mut out = Vec::with_capacity(plain.len() + 64);
         out.extend_from_slice(MAGIC);
+        out.push(0); // the flags, known below
+        let mut n = [0u8; NONCE_LEN];
+        if let Some(c) = &self.cipher {
+            match nonce {
+                NonceFrom::Chunk(id) => n.copy_from_slice(
+                    &blake3::keyed_hash(&c.nonce_key, &id.0).as_bytes()[..NONCE_LEN],
+                ),
+                NonceFrom::Random => n = crate::id::random()?,
+            }
+            out.extend_from_slice(&n);
+        }
+        let start = out.len();
+        let mut flags = match self.zstd {
+            Some(level) if compress_into(level, plain, &mut out) => ZSTD,
+            _ => {
+                out.truncate(start);
+                out.extend_from_slice(plain);
+                0
+            }
+        };
         match &self.cipher {
             Some(c) => {
                 flags |= AES_GCM;
-                out.push(flags);
-                let mut n = [0u8; NONCE_LEN];
-                match nonce {
-                    NonceFrom::Chunk(id) => n.copy_from_slice(
-                        &blake3::keyed_hash(&c.nonce_key, &id.0).as_bytes()[..NONCE_LEN],
-                    ),
-                    NonceFrom::Random => aws_lc_rs::rand::fill(&mut n)
-                        .map_err(|_| Error::Invalid("no random bytes for a nonce".into()))?,
-                }
-                out.extend_from_slice(&n);
-                let start = out.len();
-                out.extend_from_slice(body);
                 let tag = c
                     .aead
                     .seal_in_place_separate_tag(
@@ -145,12 +145,11 @@ impl Sealer {
                 out.extend_from_slice(tag.as_ref());
             }
             None => {
-                out.push(flags);
-                out.extend_from_slice(body);
-                let sum = checksum(key, flags, body);
+                let sum = checksum(key, flags, &out[start..]);
                 out.extend_from_slice(&sum);
             }
         }
+        out[MAGIC.len()] = flags;
         Ok(out)
     }
 
@@ -158,19 +157,49 @@ impl Sealer {
     /// plain bytes, refusing more than `max_len` of them (a corrupt or
     /// hostile object must not make us allocate without bound).
     pub fn open(&self, key: &str, stored: &[u8], max_len: usize) -> Result<Vec<u8>> {
-        let (flags, body) = self.unwrap(key, stored)?;
-        if flags & ZSTD == 0 {
-            if body.len() > max_len {
-                return Err(Error::corrupt(key, "longer than any object of its kind"));
-            }
-            return Ok(body);
+        let (flags, body) = self.unwrap(key, stored, Envelope::Check)?;
+        let body = match &body {
+            Body::Within(r) => &stored[r.clone()],
+            Body::Decrypted(v) => v.as_slice(),
+        };
+        if flags & ZSTD != 0 {
+            return decompress(key, body, max_len);
         }
-        zstd::bulk::decompress(&body, max_len)
-            .map_err(|e| Error::corrupt(key, format!("does not decompress: {e}")))
+        if body.len() > max_len {
+            return Err(Error::corrupt(key, "longer than any object of its kind"));
+        }
+        Ok(body.to_vec())
+    }
+
+    /// [`open`](Self::open) for a chunk, whose content the caller checks
+    /// against its id. In an unencrypted repository that id is a hash of
+    /// every byte the reader gets, so the envelope's checksum (a second
+    /// hash of the same bytes) is skipped unless `envelope` asks for it;
+    /// an encrypted chunk is always authenticated, as it is decrypted.
+    /// The content shares `stored`'s memory where it is stored plain.
+    pub fn open_chunk(
+        &self,
+        key: &str,
+        stored: Bytes,
+        max_len: usize,
+        envelope: Envelope,
+    ) -> Result<Bytes> {
+        let (flags, body) = self.unwrap(key, &stored, envelope)?;
+        let body = match body {
+            Body::Within(r) => stored.slice(r),
+            Body::Decrypted(v) => Bytes::from(v),
+        };
+        if flags & ZSTD != 0 {
+            return decompress(key, &body, max_len).map(Bytes::from);
+        }
+        if body.len() > max_len {
+            return Err(Error::corrupt(key, "longer than any object of its kind"));
+        }
+        Ok(body)
     }
 
     /// Removes the envelope: (flags, body still compressed if flagged).
-    fn unwrap(&self, key: &str, stored: &[u8]) -> Result<(u8, Vec<u8>)> {
+    fn unwrap(&self, key: &str, stored: &[u8], envelope: Envelope) -> Result<(u8, Body)> {
         if stored.len() < MAGIC.len() + 1 || &stored[..4] != MAGIC {
             return Err(Error::corrupt(key, "no object header"));
         }
@@ -193,17 +222,17 @@ impl Sealer {
                     .map_err(|_| Error::corrupt(key, "authentication failed"))?;
                 let len = plain.len();
                 buf.truncate(len);
-                Ok((flags, buf))
+                Ok((flags, Body::Decrypted(buf)))
             }
             (None, false) => {
                 if rest.len() < SUM_LEN {
                     return Err(Error::corrupt(key, "truncated"));
                 }
                 let (body, sum) = rest.split_at(rest.len() - SUM_LEN);
-                if checksum(key, flags, body) != sum {
+                if envelope == Envelope::Check && checksum(key, flags, body) != sum {
                     return Err(Error::corrupt(key, "checksum mismatch"));
                 }
-                Ok((flags, body.to_vec()))
+                Ok((flags, Body::Within(5..5 + body.len())))
             }
             (None, true) => Err(Error::corrupt(
                 key,
@@ -215,6 +244,57 @@ impl Sealer {
             )),
         }
     }
+}
+
+/// Whether opening a chunk checks the envelope's checksum too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    Check,
+    /// The content is checked against the chunk's id instead.
+    ContentOnly,
+}
+
+/// An object's body once the envelope is off.
+enum Body {
+    /// Stored as is: this range of the stored bytes.
+    Within(std::ops::Range<usize>),
+    Decrypted(Vec<u8>),
+}
+
+/// Appends `plain` compressed at `level` to `out`, if that makes it
+/// smaller. The compressor is kept per thread: setting one up costs more
+/// than compressing a small chunk, and writes come from a few threads.
+fn compress_into(level: i32, plain: &[u8], out: &mut Vec<u8>) -> bool {
+    thread_local! {
+        static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { RefCell::new(None) };
+    }
+    COMPRESSOR.with_borrow_mut(|c| {
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
+        }
+        let Some((_, z)) = c else { return false };
+        let start = out.len();
+        // Room for one byte less than the plain bytes: output that would
+        // not be smaller does not fit, and compression fails. (A slice,
+        // not the Vec: zstd writes a Vec from its start, not its end.)
+        out.resize(start + plain.len().saturating_sub(1), 0);
+        match z.compress_to_buffer(plain, &mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                true
+            }
+            Err(_) => {
+                out.truncate(start);
+                false
+            }
+        }
+    })
+}
+
+fn decompress(key: &str, body: &[u8], max_len: usize) -> Result<Vec<u8>> {
+    zstd::bulk::decompress(body, max_len)
+        .map_err(|e| Error::corrupt(key, format!("does not decompress: {e}")))
 }
 
 fn aad(key: &str, flags: u8) -> Aad<Vec<u8>> {
@@ -274,6 +354,53 @@ mod tests {
                 ));
             }
         }
+    }
+
+    #[test]
+    fn sealed_chunks_keep_the_stored_format() {
+        // Objects written before the compressor was kept per thread must
+        // read the same, and new ones must match them byte for byte.
+        let data = b"0123456789abcdef".repeat(1000);
+        let s = Sealer::new(None, Some(1)).unwrap();
+        let stored = s.seal("k", &data, NonceFrom::Random).unwrap();
+        let body = zstd::bulk::compress(&data, 1).unwrap();
+        assert_eq!(&stored[..5], b"NFR1\x01");
+        assert_eq!(&stored[5..stored.len() - SUM_LEN], body.as_slice());
+        assert_eq!(
+            &stored[stored.len() - SUM_LEN..],
+            checksum("k", ZSTD, &body)
+        );
+        // Incompressible content is stored as it is.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let stored = s.seal("k", &noise, NonceFrom::Random).unwrap();
+        assert_eq!(stored[4], 0);
+        assert_eq!(&stored[5..stored.len() - SUM_LEN], noise.as_slice());
+    }
+
+    #[test]
+    fn chunks_may_skip_only_the_envelope_checksum() {
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 7) as u8).collect();
+        let s = Sealer::new(None, Some(1)).unwrap();
+        let mut stored = s.seal("k", &data, NonceFrom::Random).unwrap();
+        let last = stored.len() - 1;
+        stored[last] ^= 1;
+        let open = |e| s.open_chunk("k", Bytes::from(stored.clone()), data.len(), e);
+        assert!(open(Envelope::Check).is_err());
+        assert_eq!(open(Envelope::ContentOnly).unwrap(), data);
+        // Encrypted chunks are authenticated whatever the caller asks.
+        let s = Sealer::new(Some(&key()), None).unwrap();
+        let mut stored = s.seal("k", &data, NonceFrom::Random).unwrap();
+        stored[last / 2] ^= 1;
+        let r = s.open_chunk("k", Bytes::from(stored), data.len(), Envelope::ContentOnly);
+        assert!(matches!(r, Err(Error::Corrupt { .. })));
     }
 
     #[test]

@@ -300,6 +300,50 @@ async fn a_flipped_byte_is_named_with_its_points_and_never_restored() {
 }
 
 #[tokio::test]
+async fn a_flipped_checksum_fails_verify_but_the_proven_content_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path()).await;
+    let img = image();
+    let p = full(&repo, "a", &img).await;
+    let Slot::Chunk(victim) = repo.load_point("a", &p.point).await.unwrap().slots[0] else {
+        panic!("slot 0 holds data");
+    };
+    let path = dir.path().join(victim.key());
+    let mut raw = std::fs::read(&path).unwrap();
+    let last = raw.len() - 1;
+    raw[last] ^= 1;
+    std::fs::write(&path, raw).unwrap();
+    // A read proves the content by its id; the envelope's own checksum
+    // is for `verify --deep`.
+    assert_eq!(restore(&repo, "a", None).await, img);
+    let v = repo.verify(true).await.unwrap();
+    assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+    assert_eq!(v.problems[0].object, victim.key());
+}
+
+#[tokio::test]
+async fn pieces_of_any_size_make_the_same_point() {
+    // The copy hands a point whole chunks, runs of them, or parts of one.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path()).await;
+    let img = image();
+    let a = full(&repo, "a", &img).await;
+    let w = PointWriter::begin(&repo, spec("b", img.len() as u64, false))
+        .await
+        .unwrap();
+    let cut = 2 * CS as usize + 100;
+    w.write(0, &img[..cut]).await.unwrap();
+    w.write(cut as u64, &img[cut..]).await.unwrap();
+    let b = w.commit(img.len() as u64).await.unwrap();
+    assert_eq!(
+        repo.load_point("a", &a.point).await.unwrap().slots,
+        repo.load_point("b", &b.point).await.unwrap().slots
+    );
+    assert_eq!(b.stats.new_chunks, 0);
+    assert_eq!(restore(&repo, "b", None).await, img);
+}
+
+#[tokio::test]
 async fn encrypted_repositories_hide_content_and_need_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let key_path = dir.path().join("key");

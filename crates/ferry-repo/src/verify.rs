@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, POINTS};
 use crate::repo::Repo;
+use crate::seal::Envelope;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
@@ -78,7 +79,7 @@ impl Repo {
         }
         if deep {
             let mut checks = futures_util::stream::iter(present)
-                .map(|c| async move { (c, self.read_chunk(&c).await) })
+                .map(|c| async move { (c, self.read_chunk_checking(&c, Envelope::Check).await) })
                 .buffer_unordered(PARALLEL);
             while let Some((c, r)) = checks.next().await {
                 report.chunks_read += 1;

@@ -37,6 +37,7 @@ pub struct BackupSpec {
 }
 
 /// A piece of one slot.
+#[derive(Clone, Copy)]
 enum Piece<'a> {
     Data(&'a [u8]),
     Zero,
@@ -343,6 +344,15 @@ impl PointWriter {
             return Ok(());
         }
         let len = slot_len(self.size(), self.chunk_size(), slot);
+        // A piece that is the whole slot (most of a full backup) is stored
+        // straight from the caller's buffer: no staging copy.
+        if let Piece::Data(d) = piece
+            && d.len() as u64 == len
+            && !lock(&self.shared.partial).contains_key(&slot)
+        {
+            let entry = self.store(d).await?;
+            return self.finish_slot(slot, len, entry).await;
+        }
         let complete = {
             let mut partial = lock(&self.shared.partial);
             let p = partial.entry(slot).or_default();
@@ -385,10 +395,9 @@ impl PointWriter {
             .and_then(|x| x.slots.get(slot as usize).copied())
             .unwrap_or(Slot::Zero);
         let kept = p.kept.iter().map(|(a, b)| (b - a) as u64).sum::<u64>();
-        let all_kept = kept == len;
         let entry =
             match (p.buf, parent_slot) {
-                _ if all_kept => parent_slot,
+                _ if kept == len => parent_slot,
                 (None, Slot::Zero) => Slot::Zero,
                 (None, _) if p.kept.is_empty() => Slot::Zero,
                 (buf, parent) => {
@@ -401,24 +410,30 @@ impl PointWriter {
                             })?);
                         }
                     }
-                    // Data pieces may carry zeroes (the caller decides its
-                    // pieces); a slot that is all zeroes is no chunk. Real data
-                    // ends this scan at its first bytes.
-                    if buf.iter().all(|&b| b == 0) {
-                        return self.finish_slot(slot, len, Slot::Zero).await;
-                    }
-                    let id = self.shared.repo.sealer().chunk_id(&buf);
-                    let stored = lock(&self.shared.known).contains(&id);
-                    if !stored {
-                        let n = self.shared.repo.put_chunk(&id, &buf).await?;
-                        lock(&self.shared.known).insert(id);
-                        self.shared.new_chunks.fetch_add(1, Ordering::Relaxed);
-                        self.shared.new_bytes.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Slot::Chunk(id)
+                    self.store(&buf).await?
                 }
             };
         self.finish_slot(slot, len - kept, entry).await
+    }
+
+    /// The entry for a slot's whole content, storing it as a chunk unless
+    /// the repository has it already.
+    async fn store(&self, content: &[u8]) -> Result<Slot> {
+        // Data pieces may carry zeroes (the caller decides its pieces); a
+        // slot that is all zeroes is no chunk. Real data ends this scan at
+        // its first bytes.
+        if content.iter().all(|&b| b == 0) {
+            return Ok(Slot::Zero);
+        }
+        let id = self.shared.repo.sealer().chunk_id(content);
+        let stored = lock(&self.shared.known).contains(&id);
+        if !stored {
+            let n = self.shared.repo.put_chunk(&id, content).await?;
+            lock(&self.shared.known).insert(id);
+            self.shared.new_chunks.fetch_add(1, Ordering::Relaxed);
+            self.shared.new_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        Ok(Slot::Chunk(id))
     }
 
     /// Records a slot's entry and journals it; `redo` is what a rerun

@@ -58,9 +58,16 @@ fn temp_name(path: &Path) -> PathBuf {
 
 fn put_file(path: &Path, data: &[u8], durability: Durability) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
     let tmp = temp_name(path);
-    let mut f = fs::File::create(&tmp).map_err(io("cannot create", &tmp))?;
+    // The folder exists but for the first object in it: try first.
+    let mut f = match fs::File::create(&tmp) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+            fs::File::create(&tmp)
+        }
+        r => r,
+    }
+    .map_err(io("cannot create", &tmp))?;
     f.write_all(data).map_err(io("cannot write", &tmp))?;
     if durability == Durability::Now {
         f.sync_all().map_err(io("cannot sync", &tmp))?;
