@@ -78,6 +78,12 @@ DEST_DIR=""
 CASES="hyd first present"
 bench_parse_args 67 --reads=NREADS --hyd-rate=HRATE --fio-runtime=FIO_RUNTIME \
     --dest-dir=DEST_DIR --cases=CASES -- "$@"
+for c in $CASES; do
+    case "$c" in
+        hyd | first | present) ;;
+        *) echo "unknown case: $c (want hyd, first, present)" >&2; exit 2 ;;
+    esac
+done
 bench_need_tools nbdkit qemu-storage-daemon qemu-img nbdcopy fio python3 /usr/bin/python3 ss cmp
 /usr/bin/python3 -c 'import nbd' || { echo "/usr/bin/python3 has no nbd module" >&2; exit 1; }
 nbdkit -U - --filter=cow null 1M cow-on-read=true --run true ||

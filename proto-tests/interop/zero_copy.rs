@@ -5,28 +5,51 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::path::PathBuf;
 
 use crate::harness::*;
 
-/// The served file is written just before, so its pages are cached and
-/// reads take the zero-copy path (the metric below proves it).
-fn cached_image(dir: &std::path::Path, size: usize, seed: u64) -> (std::path::PathBuf, Vec<u8>) {
-    let img = dir.join("disk.raw");
-    let mut data = vec![0u8; size];
-    Rng::new(seed).fill(&mut data);
-    fs::write(&img, &data).unwrap();
-    (img, data)
+/// A server of a random image written just before, so that its pages are
+/// cached and reads take the zero-copy path (`zero_copied` proves it).
+struct Cached {
+    dir: tempfile::TempDir,
+    data: Vec<u8>,
+    admin: PathBuf,
+    s: Server,
 }
 
-/// Bytes of reads the server sent from the page cache, from its metrics.
-fn zero_copy_bytes(admin: &std::path::Path) -> u64 {
-    let (code, body) = admin_http(admin, "GET", "/metrics", "");
-    assert_eq!(code, 200, "metrics: {body}");
-    body.lines()
-        .filter(|l| l.starts_with("nbdferry_read_zero_copy_bytes_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
+impl Cached {
+    fn serve(size: usize, seed: u64) -> Cached {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.raw");
+        let mut data = vec![0u8; size];
+        Rng::new(seed).fill(&mut data);
+        fs::write(&img, &data).unwrap();
+        let admin = dir.path().join("admin.sock");
+        let s = Server::serve(
+            dir.path(),
+            &img,
+            &["--admin-socket", admin.to_str().unwrap()],
+        );
+        Cached {
+            dir,
+            data,
+            admin,
+            s,
+        }
+    }
+
+    /// Bytes of reads the server sent from the page cache, from its
+    /// metrics.
+    fn zero_copied(&self) -> u64 {
+        let (code, body) = admin_http(&self.admin, "GET", "/metrics", "");
+        assert_eq!(code, 200, "metrics: {body}");
+        body.lines()
+            .filter(|l| l.starts_with("nbdferry_read_zero_copy_bytes_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    }
 }
 
 /// One writer rewrites blocks with patterns that name the block, the
@@ -93,22 +116,15 @@ print("checked", checked)
 #[test]
 fn zero_copy_reads_carry_exactly_the_latest_acknowledged_data() {
     require_peer("nbdsh");
-    let dir = tempfile::tempdir().unwrap();
     let size = 16 * MIB as usize;
-    let (img, _) = cached_image(dir.path(), size, 91);
-    let admin = dir.path().join("admin.sock");
-    let s = Server::serve(
-        dir.path(),
-        &img,
-        &["--admin-socket", admin.to_str().unwrap()],
-    );
-    let before = zero_copy_bytes(&admin);
+    let c = Cached::serve(size, 91);
+    let before = c.zero_copied();
     let out = nbdsh_script(
-        dir.path(),
+        c.dir.path(),
         CHANGING_SCRIPT,
         &[
-            ("TCP", s.uri()),
-            ("UNIX", s.unix_uri()),
+            ("TCP", c.s.uri()),
+            ("UNIX", c.s.unix_uri()),
             ("SIZE", size.to_string()),
             ("ROUNDS", "600".to_string()),
         ],
@@ -119,31 +135,25 @@ fn zero_copy_reads_carry_exactly_the_latest_acknowledged_data() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("script output: {out}"));
     assert!(checked >= 600 * 64 * KIB, "only {checked} bytes checked");
-    let sent = zero_copy_bytes(&admin) - before;
+    let sent = c.zero_copied() - before;
     assert!(
         sent >= checked / 2,
         "only {sent} of {checked} checked bytes went out from the page cache"
     );
-    s.stop();
+    c.s.stop();
 }
 
-/// A client that sends 48 MiB of READs and then takes the replies a few
-/// KiB at a time: the socket fills and empties again and again, so every
+/// A client that sends 96 READs of up to 1 MiB and then takes the replies
+/// a few KiB at a time: the socket fills and empties again and again, so every
 /// reply goes out in many partial sends. Each must arrive whole, in the
 /// right place, and the connection must stay usable.
 #[test]
 fn a_slow_reader_gets_whole_zero_copy_replies() {
-    let dir = tempfile::tempdir().unwrap();
     let size = 8 * MIB as usize;
-    let (img, data) = cached_image(dir.path(), size, 92);
-    let admin = dir.path().join("admin.sock");
-    let s = Server::serve(
-        dir.path(),
-        &img,
-        &["--admin-socket", admin.to_str().unwrap()],
-    );
-    let before = zero_copy_bytes(&admin);
-    let mut c = RawConn::tcp(s.addr.unwrap());
+    let srv = Cached::serve(size, 92);
+    let data = &srv.data;
+    let before = srv.zero_copied();
+    let mut c = RawConn::tcp(srv.s.addr.unwrap());
     c.start_options();
     c.go("");
     let mut rng = Rng::new(5);
@@ -170,7 +180,7 @@ fn a_slow_reader_gets_whole_zero_copy_replies() {
             "reply {cookie} ({len} bytes at {off}) differs"
         );
     }
-    let sent = zero_copy_bytes(&admin) - before;
+    let sent = srv.zero_copied() - before;
     assert!(
         sent as usize >= total / 2,
         "only {sent} of {total} bytes went out from the page cache"
@@ -180,5 +190,5 @@ fn a_slow_reader_gets_whole_zero_copy_replies() {
     let (err, cookie) = c.read_simple_reply().unwrap();
     assert_eq!((err, cookie), (0, 1000));
     assert_eq!(c.must_read(4096, "last read"), data[4096..8192]);
-    s.stop();
+    srv.s.stop();
 }

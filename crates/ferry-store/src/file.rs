@@ -188,7 +188,7 @@ impl BlockDev for FileDev {
     }
 
     fn file_span(&self, offset: u64, len: u64) -> Option<FileSpan> {
-        let inside = offset.checked_add(len).is_some_and(|end| end <= self.size);
+        let inside = self.check(offset, len).is_ok();
         (inside && crate::cache::all_cached(&self.file, offset, len)).then(|| FileSpan {
             file: self.file.clone(),
             offset,

@@ -188,52 +188,37 @@ fn poll_send_more<S: Socket>(
     })
 }
 
-impl ReplyWrite for tokio::net::tcp::OwnedWriteHalf {
-    fn sends_files(&self) -> bool {
-        true
-    }
-    fn poll_send_file(
-        &mut self,
-        cx: &mut Context<'_>,
-        file: &File,
-        offset: u64,
-        len: usize,
-    ) -> Poll<io::Result<usize>> {
-        match try_sendfile(self.as_ref(), cx, file, offset, len) {
-            Some(sent) => sent,
-            None => poll_copy_file(self, cx, file, offset, len),
+/// The writer half of a plain socket: file bytes by sendfile, headers with
+/// MSG_MORE. One body for the TCP and the Unix half, which differ only in
+/// the stream they refer to.
+macro_rules! socket_half {
+    ($half:ty) => {
+        impl ReplyWrite for $half {
+            fn sends_files(&self) -> bool {
+                true
+            }
+            fn poll_send_file(
+                &mut self,
+                cx: &mut Context<'_>,
+                file: &File,
+                offset: u64,
+                len: usize,
+            ) -> Poll<io::Result<usize>> {
+                match try_sendfile(self.as_ref(), cx, file, offset, len) {
+                    Some(sent) => sent,
+                    None => poll_copy_file(self, cx, file, offset, len),
+                }
+            }
+            fn poll_write_more(
+                &mut self,
+                cx: &mut Context<'_>,
+                bufs: &[IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                poll_send_more(self.as_ref(), cx, bufs)
+            }
         }
-    }
-    fn poll_write_more(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        poll_send_more(self.as_ref(), cx, bufs)
-    }
+    };
 }
 
-impl ReplyWrite for tokio::net::unix::OwnedWriteHalf {
-    fn sends_files(&self) -> bool {
-        true
-    }
-    fn poll_send_file(
-        &mut self,
-        cx: &mut Context<'_>,
-        file: &File,
-        offset: u64,
-        len: usize,
-    ) -> Poll<io::Result<usize>> {
-        match try_sendfile(self.as_ref(), cx, file, offset, len) {
-            Some(sent) => sent,
-            None => poll_copy_file(self, cx, file, offset, len),
-        }
-    }
-    fn poll_write_more(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        poll_send_more(self.as_ref(), cx, bufs)
-    }
-}
+socket_half!(tokio::net::tcp::OwnedWriteHalf);
+socket_half!(tokio::net::unix::OwnedWriteHalf);
