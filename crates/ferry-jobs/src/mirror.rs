@@ -8,8 +8,9 @@
 //! so a crash never forgets one. A copier sweeps the pending blocks in
 //! passes: it reads a run (noting each block's stripe version), sends it,
 //! and once a FLUSH of the destination covers the send, clears the blocks
-//! whose version did not move meanwhile (a write moves it before and
-//! after it goes down, so one in between keeps them pending). The first
+//! whose version did not move meanwhile (a write moves it, and holds the
+//! blocks' stripes from then until it is down, so the copier reads a block
+//! either before a write, which then keeps it pending, or after it). The first
 //! pass is the bulk copy: the disk's allocated data
 //! marked pending, its holes sent as zeroes unless the destination reads
 //! zeroes there already.
@@ -953,16 +954,18 @@ impl Ticket for ActiveWrite {
 }
 
 /// A background write: the copier picks its blocks up once it is down.
+/// Until then it holds their stripes, so the copier reads them either
+/// before the write (and its version check keeps them pending) or after
+/// the data landed. A copier that read them in between would send the old
+/// data under the new version, and a flush before the write landed would
+/// clear them: the write lost on the destination.
 struct Landing {
-    mirror: Arc<Mirror>,
-    blocks: std::ops::Range<u64>,
+    _held: Held,
 }
 
 impl Ticket for Landing {
     fn after(self: Box<Self>, _: Change<'_>, _: &BlockResult<()>) -> BlockResult<()> {
-        for b in self.blocks {
-            self.mirror.version(b).fetch_add(1, Ordering::AcqRel);
-        }
+        // Dropping the ticket releases the stripes.
         Ok(())
     }
 }
@@ -997,13 +1000,12 @@ impl WriteTap for Mirror {
         }
         if !active {
             self.wake.notify_one();
-            // Once the write is down, its blocks' versions move again: a
-            // copier that read them between here and there read old data.
-            return Ok(Some(Box::new(Landing {
-                mirror: self,
-                blocks,
-            })));
+            return Ok(Some(Box::new(Landing { _held: held })));
         }
         Ok(Some(Box::new(ActiveWrite::start(self, held, change))))
     }
 }
+
+#[cfg(test)]
+#[path = "mirror_tests.rs"]
+mod tests;

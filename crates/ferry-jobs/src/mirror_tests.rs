@@ -1,0 +1,122 @@
+//! The copier against a client write that is under way: the race that
+//! lost writes on the destination before background writes held their
+//! stripes until they were down.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::MirrorMode;
+use ferry_store::{Change, Disk, FileDev, Reflinks, WriteTap};
+
+use super::Mirror;
+
+const GRAN: u64 = 64 << 10;
+const SIZE: u64 = 64 * GRAN;
+
+/// qemu-nbd serving a file on a Unix socket, killed on drop.
+struct QemuNbd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl QemuNbd {
+    fn start(file: &Path, socket: PathBuf) -> Self {
+        let child = Command::new("qemu-nbd")
+            .args(["-t", "-e", "8", "-f", "raw", "-x", "dst", "-k"])
+            .arg(&socket)
+            .arg(file)
+            .spawn()
+            .expect("this test needs qemu-nbd (qemu-utils)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "qemu-nbd did not listen in 10 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        QemuNbd { child, socket }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///dst?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_under_way_is_never_cleared_with_its_old_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("img.raw");
+    std::fs::write(&image, vec![0x11u8; SIZE as usize]).unwrap();
+    let dst = dir.path().join("dst.raw");
+    std::fs::File::create(&dst).unwrap().set_len(SIZE).unwrap();
+    let nbd = QemuNbd::start(&dst, dir.path().join("nbd.sock"));
+    let file = Arc::new(FileDev::open(&image, false).unwrap());
+    let state = dir.path().join("state");
+    let disk = Disk::open("disk", file, &image, &state, GRAN, Reflinks::Never).unwrap();
+    let m = Mirror::start(
+        disk.clone(),
+        disk.device(),
+        &nbd.uri(),
+        MirrorMode::Background,
+        None,
+        Duration::from_millis(100),
+        false,
+    )
+    .await
+    .unwrap();
+    m.plan().await.unwrap();
+    assert!(m.pending.get(3), "the bulk plan marks the data pending");
+
+    // A client write to block 3 has passed the tap; its data is not down.
+    let (off, new) = (3 * GRAN, vec![0x22u8; GRAN as usize]);
+    let write = || Change::Write {
+        offset: off,
+        data: &new,
+        fua: false,
+    };
+    let ticket = m.clone().before(write()).unwrap().expect("a ticket");
+
+    // The copier sends block 3 and clears what a flush covers, meanwhile.
+    let mut copier = tokio::spawn({
+        let m = m.clone();
+        async move {
+            m.send_run(3, 4).await?;
+            m.flush_and_clear().await
+        }
+    });
+    // Room for the copier to get it wrong: unhindered it is done in a few
+    // ms. Held off by the write (the fix), it runs once the write is down.
+    let early = tokio::time::timeout(Duration::from_millis(500), &mut copier).await;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .write_all_at(&new, off)
+        .unwrap();
+    ticket.after(write(), &Ok(())).unwrap();
+    match early {
+        Ok(done) => done,
+        Err(_) => copier.await,
+    }
+    .unwrap()
+    .unwrap();
+
+    let mut on_dst = vec![0u8; GRAN as usize];
+    std::fs::File::open(&dst)
+        .unwrap()
+        .read_exact_at(&mut on_dst, off)
+        .unwrap();
+    assert!(
+        m.pending.get(3) || on_dst == new,
+        "the write is lost: block 3 is no longer pending and the destination holds its old data"
+    );
+    disk.set_tap(None);
+}
