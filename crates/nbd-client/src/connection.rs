@@ -1,9 +1,10 @@
 //! One negotiated connection in transmission: many requests in flight,
 //! replies routed by cookie.
 //!
-//! A writer task sends requests in the order they were queued: everything
-//! already queued goes out in one vectored write, headers and write payloads
-//! side by side (no copy into a staging buffer). A reader task decodes
+//! Requests go out from the task that makes them when the socket is free,
+//! else through a writer task that sends everything queued in one vectored
+//! write, headers and write payloads side by side (no copy into a staging
+//! buffer; see `sending`). A reader task decodes
 //! replies and completes the waiting request; what a reply may contain, and
 //! where its data goes, is decided by the request's `ReplyAssembler`
 //! (nbd-proto), and the reader only moves bytes: read data land directly in
@@ -16,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,23 +28,20 @@ use nbd_proto::assemble::{Failure, Next, Outcome, ReplyAssembler, reply_header_l
 use nbd_proto::consts::{cmd, cmdflag};
 use nbd_proto::reply::{Extent, ReplyHeader, ReplyMode};
 use nbd_proto::request::Request;
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadBuf};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, BufReader, ReadBuf};
+use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 
 use crate::ExportInfo;
 use crate::error::{Error, Result};
-use crate::stream::{BoxStream, ReadHalf, WriteHalf};
+use crate::sending::{Outgoing, SendError, Sender};
+use crate::stream::{BoxStream, ReadHalf};
 
 /// Read buffer for reply headers and small payloads. Small on purpose:
 /// bulk read data is read past it into the caller's buffer, and whatever
 /// sits in it when a data chunk starts is copied once more.
 const READ_BUFFER: usize = 16 * 1024;
-
-/// Most requests sent with one vectored write (two slices each, well under
-/// the kernel's IOV_MAX of 1024).
-const MAX_BATCH: usize = 256;
 
 /// A request waiting for its reply.
 struct Pending {
@@ -144,18 +141,11 @@ impl Shared {
     }
 }
 
-struct Outgoing {
-    header: BytesMut,
-    payload: Option<Bytes>,
-    /// NBD_CMD_DISC: nothing may be sent after it.
-    last: bool,
-}
-
 /// A connection in transmission phase.
 pub struct Connection {
     info: Arc<ExportInfo>,
     shared: Arc<Shared>,
-    tx: mpsc::UnboundedSender<Outgoing>,
+    sender: Sender,
     slots: Arc<Semaphore>,
     max_in_flight: u32,
     next_cookie: AtomicU64,
@@ -195,14 +185,21 @@ impl Connection {
             table: Mutex::new(Table::default()),
         });
         let (rd, wr) = stream.into_halves();
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (sender, write_loop) = Sender::new(wr);
         let rd = Watched::new(rd, shared.clone(), io_timeout);
         let reader = tokio::spawn(reader_task(rd, shared.clone(), info.clone()));
-        let writer = tokio::spawn(writer_task(wr, rx, shared.clone()));
+        let writer = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                if let Err(e) = write_loop.await {
+                    shared.fail_all(Dead::Closed(format!("write failed: {e}")));
+                }
+            }
+        });
         Connection {
             info,
             shared,
-            tx,
+            sender,
             slots: Arc::new(Semaphore::new(in_flight)),
             max_in_flight: in_flight as u32,
             next_cookie: AtomicU64::new(1),
@@ -318,9 +315,18 @@ impl Connection {
             payload,
             last: false,
         };
-        if self.tx.send(msg).is_err() {
-            self.shared.lock().remove(cookie);
-            return Err(Error::Disconnected("connection closed".into()));
+        match self.sender.send(msg) {
+            Ok(()) => {}
+            Err(SendError::Io(e)) => {
+                // Part of the request may be on the wire: nothing more can
+                // be sent on this stream.
+                self.shared
+                    .fail_all(Dead::Closed(format!("write failed: {e}")));
+            }
+            Err(SendError::Closed) => {
+                self.shared.lock().remove(cookie);
+                return Err(Error::Disconnected("connection closed".into()));
+            }
         }
         match rx.await {
             Ok(r) => r,
@@ -441,7 +447,7 @@ impl Connection {
             return Ok(());
         }
         let header = self.encode(0, cmd::DISC, 0, 0, 0, false);
-        let _ = self.tx.send(Outgoing {
+        let _ = self.sender.send(Outgoing {
             header,
             payload: None,
             last: true,
@@ -458,63 +464,6 @@ impl Connection {
         }
         Ok(())
     }
-}
-
-async fn writer_task(
-    mut w: WriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    shared: Arc<Shared>,
-) {
-    let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
-    loop {
-        let Some(first) = rx.recv().await else {
-            // Every sender is gone: the connection was dropped. Closing our
-            // side lets the server see EOF.
-            let _ = w.shutdown().await;
-            return;
-        };
-        let mut last = first.last;
-        batch.push(first);
-        // Everything already queued goes out with the same system call.
-        while !last && batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => {
-                    last = m.last;
-                    batch.push(m);
-                }
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = write_batch(&mut w, &batch).await {
-            shared.fail_all(Dead::Closed(format!("write failed: {e}")));
-            return;
-        }
-        // The payloads go back to their owners as soon as they are sent.
-        batch.clear();
-        if last {
-            let _ = w.shutdown().await;
-            return;
-        }
-    }
-}
-
-async fn write_batch(w: &mut WriteHalf, batch: &[Outgoing]) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * batch.len());
-    for m in batch {
-        slices.push(IoSlice::new(&m.header));
-        if let Some(p) = &m.payload {
-            slices.push(IoSlice::new(p));
-        }
-    }
-    let mut bufs = &mut slices[..];
-    while !bufs.is_empty() {
-        let n = w.write_vectored(bufs).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut bufs, n);
-    }
-    w.flush().await
 }
 
 /// The read half, with the I/O timeout: a read fails with `TimedOut` once

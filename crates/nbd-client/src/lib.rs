@@ -12,6 +12,7 @@ mod client;
 mod connection;
 mod error;
 mod negotiate;
+mod sending;
 mod stream;
 mod tls;
 mod uri;

@@ -74,7 +74,9 @@ impl<W: ReplyWrite + 'static> Dispatch<W> {
             let mut out = session.execute(&req, payload);
             session.metrics.finished(req.command, started);
             out.permits = Some(permits);
-            sink.queue(out);
+            // Sent from this thread when the socket is free: waking the
+            // writer task would cost a cross-thread wakeup per request.
+            sink.send_or_close(out);
         });
         Ok(())
     }

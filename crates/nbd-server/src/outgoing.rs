@@ -234,10 +234,10 @@ impl Backlog {
     }
 }
 
-/// The sending side of a connection: replies from the blocking pool queue
-/// up for the writer task; replies made on the reader's task are written
-/// directly when the socket is free, which saves waking the writer (a
-/// cross-thread wakeup per request otherwise).
+/// The sending side of a connection: a reply is written directly by the
+/// thread that made it (the reader's task or a blocking-pool thread) when
+/// the socket is free, which saves waking the writer (a cross-thread
+/// wakeup per request otherwise); else it queues for the writer task.
 pub struct ReplySink<W> {
     urgent: mpsc::UnboundedSender<Outgoing>,
     bulk: mpsc::UnboundedSender<Outgoing>,
@@ -340,6 +340,16 @@ impl<W: ReplyWrite + 'static> ReplySink<W> {
             self.queue(Outgoing::default());
         }
         Ok(())
+    }
+
+    /// [`send`](Self::send) from a thread that cannot end the connection
+    /// itself (the blocking pool): when the stream breaks, the reader is
+    /// told through [`gone`](Self::gone), as when the writer fails.
+    pub fn send_or_close(&self, out: Outgoing) {
+        if let Err(e) = self.send(out) {
+            tracing::debug!("reply failed: {e}");
+            self.backlog.closed.cancel();
+        }
     }
 }
 
