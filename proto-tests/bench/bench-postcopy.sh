@@ -32,7 +32,8 @@
 #   first    QD1 random 4 KiB reads, each in a distinct 64 KiB block of data
 #            (none in the first 4 MiB), so each is its block's first read:
 #            fresh destinations whose background pass is held (nbdferry
-#            --rate 1: one 1 MiB fetch at offset 0, then nothing; qemu: no
+#            --rate 1: the holes up to the first data, one 1 MiB fetch of
+#            it, then nothing; those reads are compared, not excluded; qemu: no
 #            stream job; nbdkit has none), against the plain source export
 #            (one round trip). Same offsets for every tool of a round. Every
 #            read is compared with the image.
@@ -54,8 +55,9 @@
 #        [--no-build] [--keep]
 #   --runs N          timed rounds (default 3), after one untimed warm-up round
 #   --reads N         timed reads per run of "first" and "present" (default 1000)
-#   --hyd-rate R      nbdferry --rate during "present" (default 48M; the pass
-#                     paces holes too, so 1 GiB takes ~21 s)
+#   --hyd-rate R      nbdferry --rate during "present" (default 24M: the
+#                     pass paces the source's data, not its holes, so the
+#                     512 MiB of data take ~21 s)
 #   --fio-runtime S   seconds of fio per "present" run (default 5)
 #   --dest-dir DIR    where destinations live (default: the temp dir on /tmp)
 #   --cases LIST      which cases to run (default "hyd first present")
@@ -72,7 +74,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUNS=3
 NREADS=1000
-HRATE=48M
+HRATE=24M
 FIO_RUNTIME=5
 DEST_DIR=""
 CASES="hyd first present"

@@ -239,6 +239,39 @@ fn a_lost_source_delays_or_fails_only_absent_reads() {
     src.stop();
 }
 
+/// `--rate` paces the data the pass moves, not the disk's size: 4 MiB of
+/// data in 64 MiB at 1 MiB/s arrive in about 3 s (the first MiB goes at
+/// once), where pacing the holes too would take a minute.
+#[test]
+fn the_rate_paces_data_not_holes() {
+    use std::os::unix::fs::FileExt;
+    let dir = tmpdir();
+    let d = dir.path();
+    let img = d.join("src.raw");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(SIZE).unwrap();
+    for (i, at) in [3 * MIB, 20 * MIB, 41 * MIB, SIZE - MIB].iter().enumerate() {
+        f.write_all_at(&vec![0x51 + i as u8; MIB as usize], *at)
+            .unwrap();
+    }
+    drop(f);
+    let src = source(d, &img, &d.join("st1"));
+    let dst = d.join("dst.raw");
+    let st2 = d.join("st2");
+    let started = Instant::now();
+    let s = destination(d, &dst, &st2, &src.uri(), &["--rate", "1M"]);
+    let st = wait_complete(&st2, Duration::from_secs(30));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "4 MiB of data at 1 MiB/s arrived in {took:?}: the data was not paced"
+    );
+    assert_eq!(json_u64(&st, "fetched_bytes"), Some(4 * MIB), "{st}");
+    assert_same_content(&dst, &img);
+    s.stop();
+    src.stop();
+}
+
 /// Another disk behind the source's address after a reconnect (same
 /// size, same export name) is refused: nothing of it is written.
 #[test]

@@ -17,6 +17,7 @@ use nbd_proto::consts::state;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::pace::Pacer;
 use crate::remote::{Lane, Remote, RemoteError};
 
 /// How the pass runs.
@@ -62,26 +63,6 @@ pub struct Hydration {
     detached: AtomicBool,
 }
 
-/// Paces the background pass: each fetch waits until the bytes before it
-/// have had their time at `rate`.
-struct Pacer {
-    rate: Option<u64>,
-    next: Instant,
-}
-
-impl Pacer {
-    async fn wait(&mut self, bytes: u64) {
-        let Some(rate) = self.rate.filter(|r| *r > 0) else {
-            return;
-        };
-        let now = Instant::now();
-        if self.next > now {
-            tokio::time::sleep_until(self.next.into()).await;
-        }
-        self.next = self.next.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
-    }
-}
-
 impl Hydration {
     pub fn new(cor: Arc<CopyOnRead>, source: Arc<Remote>, uri: String) -> Arc<Self> {
         Arc::new(Hydration {
@@ -104,10 +85,7 @@ impl Hydration {
     pub async fn run(self: Arc<Self>, opts: HydrateOptions, shutdown: CancellationToken) {
         let gran = self.cor.granularity();
         let max_blocks = (opts.request_size / gran).max(1);
-        let mut pacer = Pacer {
-            rate: opts.rate,
-            next: Instant::now(),
-        };
+        let pacer = opts.rate.filter(|r| *r > 0).map(Pacer::new);
         let mut cursor = 0u64;
         let mut wanted: VecDeque<(u64, u64)> = VecDeque::new();
         let mut tasks: JoinSet<Result<(), FetchError>> = JoinSet::new();
@@ -130,12 +108,21 @@ impl Hydration {
                         .inspect(|r| cursor = r.1),
                 };
                 let Some((a, b)) = next else { break };
+                if let Some(pacer) = &pacer {
+                    // Paced before the claim (a claim held while waiting
+                    // would hold up clients' reads of those blocks), by the
+                    // data the source holds there: holes and zeroes cross
+                    // nothing, so they cost no time at the rate.
+                    let bytes = self.data_bytes(a, b, gran).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        () = pacer.wait(bytes) => {}
+                    }
+                }
                 let claim = self.cor.claim_owned(a, b);
                 if claim.is_empty() {
                     continue;
                 }
-                let bytes: u64 = claim.runs().iter().map(|(a, b)| (b - a) * gran).sum();
-                pacer.wait(bytes).await;
                 tasks.spawn(fetch(
                     self.source.clone(),
                     claim,
@@ -176,6 +163,23 @@ impl Hydration {
                 }
                 Some(Err(e)) => self.note_error(&e),
             }
+        }
+    }
+
+    /// Bytes of blocks `[a, b)` that the source holds as data (all of them
+    /// when it cannot say: pacing then errs on the slow side).
+    async fn data_bytes(&self, a: u64, b: u64, gran: u64) -> u64 {
+        let size = self.source.identity().size;
+        let (off, end) = (a * gran, (b * gran).min(size));
+        match self.source.allocation(Lane::Bulk, off, end - off).await {
+            Ok(extents) => {
+                let zero = zero_blocks(&extents, off, a, b, gran);
+                (a..b)
+                    .filter(|i| !zero[(i - a) as usize])
+                    .map(|i| ((i + 1) * gran).min(size) - i * gran)
+                    .sum()
+            }
+            Err(_) => end - off,
         }
     }
 
