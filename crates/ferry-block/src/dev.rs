@@ -126,6 +126,18 @@ pub trait BlockDev: Send + Sync + 'static {
         let _ = (offset, len, fua);
         Err(Error::ReadOnly)
     }
+    /// Makes `[offset, offset+len)` hold the bytes `src` holds at the same
+    /// offset by sharing its blocks (a reflink, `FICLONERANGE`) instead
+    /// of writing them: a change of that range like a write, without the
+    /// data passing through. `offset` must be aligned to the file
+    /// system's block, and so must `len` unless the range ends at `src`'s
+    /// end. [`Error::Unsupported`] where it cannot be done (not a file,
+    /// no reflinks, a layer that cannot account for it): then nothing
+    /// changed and the caller writes the bytes instead.
+    fn clone_range(&self, src: &File, offset: u64, len: u64) -> Result<()> {
+        let _ = (src, offset, len);
+        Err(Error::Unsupported)
+    }
     fn flush(&self) -> Result<()>;
     /// Prefetch hint.
     fn cache(&self, offset: u64, len: u64) -> Result<()> {
@@ -147,7 +159,9 @@ pub trait BlockDev: Send + Sync + 'static {
 
 /// A layer of the block stack: one concern on top of `next`. Every method
 /// passes through unless the layer overrides it; a layer that only tracks
-/// writes, say, overrides the write methods and nothing else.
+/// writes, say, overrides the write methods and nothing else. The
+/// exception is [`clone_range`](Layer::clone_range), which a layer must
+/// take up itself.
 pub trait Layer: Send + Sync + 'static {
     /// The device below.
     fn next(&self) -> &dyn BlockDev;
@@ -186,6 +200,16 @@ pub trait Layer: Send + Sync + 'static {
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         self.next().trim(offset, len, fua)
+    }
+    /// The one method that does not pass through by default: a layer that
+    /// does something for every write (marks it dirty, preserves what it
+    /// overwrites, repeats it elsewhere) would be skipped by a clone it
+    /// never heard of. So a layer opts in by overriding it, and one that
+    /// does not refuses; the caller then writes the bytes, which every
+    /// layer sees.
+    fn clone_range(&self, src: &File, offset: u64, len: u64) -> Result<()> {
+        let _ = (src, offset, len);
+        Err(Error::Unsupported)
     }
     fn flush(&self) -> Result<()> {
         self.next().flush()
@@ -240,6 +264,9 @@ impl<L: Layer> BlockDev for L {
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
         Layer::trim(self, offset, len, fua)
+    }
+    fn clone_range(&self, src: &File, offset: u64, len: u64) -> Result<()> {
+        Layer::clone_range(self, src, offset, len)
     }
     fn flush(&self) -> Result<()> {
         Layer::flush(self)

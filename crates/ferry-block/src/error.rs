@@ -14,6 +14,13 @@ pub enum Error {
     ReadOnly,
     #[error("unknown meta context {0}")]
     UnknownContext(String),
+    /// This device cannot do this (a [`clone_range`] where a layer or the
+    /// file system has no way to share blocks): the caller does it
+    /// another way, by writing the bytes.
+    ///
+    /// [`clone_range`]: crate::BlockDev::clone_range
+    #[error("operation not supported by this device")]
+    Unsupported,
     /// The device went away under its user (a deleted snapshot, say).
     #[error("{0}")]
     Gone(String),

@@ -4,7 +4,8 @@
 //! A *device* answers requests itself (a file, a snapshot view, memory).
 //! A *layer* sits on another device (`next`) and adds one concern, the way
 //! an nbdkit filter sits on `next_ops`: it implements [`Layer`], overrides
-//! only what it changes, and every other method passes through to `next`.
+//! only what it changes, and every other method passes through to `next`
+//! (but `clone_range`, which a layer takes up or refuses).
 //! A layer never reaches for a concrete device below it: it only calls the
 //! trait.
 

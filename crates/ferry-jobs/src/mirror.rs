@@ -880,27 +880,28 @@ struct ActiveWrite {
 }
 
 impl ActiveWrite {
-    /// Starts repeating `change` on the destination.
-    fn start(mirror: Arc<Mirror>, held: Held, change: Change<'_>) -> Self {
-        let blocks = {
-            let (offset, len) = change.range();
-            mirror.blocks(offset, len)
-        };
-        let remote = mirror.remote.clone();
-        let sent = match change {
+    /// Starts repeating `change` on the destination; None for a change
+    /// whose bytes are not in hand (a revert's cloned range): that one
+    /// goes the background way, the copier reading it from the disk once
+    /// it is down.
+    fn send(
+        remote: &Arc<Remote>,
+        change: Change<'_>,
+    ) -> Option<JoinHandle<Result<(), RemoteError>>> {
+        let remote = remote.clone();
+        match change {
             Change::Write { offset, data, .. } => {
                 let data = Bytes::copy_from_slice(data);
-                tokio::spawn(async move { remote.write(Lane::Demand, offset, data).await })
+                Some(tokio::spawn(async move {
+                    remote.write(Lane::Demand, offset, data).await
+                }))
             }
             Change::Zeroes { offset, len, .. } | Change::Trim { offset, len } => {
-                tokio::spawn(async move { remote.write_zeroes(Lane::Demand, offset, len).await })
+                Some(tokio::spawn(async move {
+                    remote.write_zeroes(Lane::Demand, offset, len).await
+                }))
             }
-        };
-        ActiveWrite {
-            mirror,
-            _held: held,
-            blocks,
-            sent,
+            Change::Cloned { .. } => None,
         }
     }
 }
@@ -991,18 +992,26 @@ impl WriteTap for Mirror {
         }
         self.pending.mark(blocks.start, blocks.end)?;
         let active = current && self.active.load(Ordering::Acquire) && self.is_running();
+        let sent = active
+            .then(|| ActiveWrite::send(&self.remote, change))
+            .flatten();
         for b in blocks.clone() {
-            if active {
+            if sent.is_some() {
                 self.active_sent.set(b);
             } else {
                 self.active_sent.clear_bit(b);
             }
         }
-        if !active {
+        let Some(sent) = sent else {
             self.wake.notify_one();
             return Ok(Some(Box::new(Landing { _held: held })));
-        }
-        Ok(Some(Box::new(ActiveWrite::start(self, held, change))))
+        };
+        Ok(Some(Box::new(ActiveWrite {
+            mirror: self,
+            _held: held,
+            blocks,
+            sent,
+        })))
     }
 }
 

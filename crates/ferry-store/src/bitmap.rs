@@ -109,3 +109,15 @@ pub(crate) fn from_bytes(bytes: &[u8], nwords: usize) -> Vec<u64> {
 pub(crate) fn test_bit(words: &[u64], i: u64) -> bool {
     words[(i / 64) as usize] & (1 << (i % 64)) != 0
 }
+
+/// Runs `[a, b)` of consecutive blocks in `blocks` (sorted, distinct).
+pub(crate) fn runs_of(blocks: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some(r) if r.1 == b => r.1 += 1,
+            _ => out.push((b, b + 1)),
+        }
+    }
+    out
+}

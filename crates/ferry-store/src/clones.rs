@@ -3,7 +3,8 @@
 //! (a clone must live on the image's file system). The file system shares
 //! the blocks and copies them on write, so the live disk's write path does
 //! nothing for these snapshots, and a snapshot export reads its clone,
-//! which nothing writes.
+//! which nothing writes. A revert reflinks the changed ranges back from
+//! the clone into the image (`Disk::revert`).
 //!
 //! Crash ordering: a clone is made durable (file and directory) before the
 //! manifest names its snapshot, and a deleted snapshot leaves the manifest
@@ -32,6 +33,8 @@ pub(crate) struct Clones {
     dir: PathBuf,
     /// `.IMAGE.nbdferry`: clones are `STEM-snap.SEQ`, probes `STEM.probe*`.
     stem: String,
+    /// The file system's block: what a reflinked range is aligned to.
+    fs_block: u64,
     open: Mutex<HashMap<u64, Arc<CloneFile>>>,
 }
 
@@ -55,11 +58,13 @@ impl Clones {
         if !meta.is_file() {
             return Ok(None);
         }
+        let fs_block = rustix::fs::fstatvfs(&image)?.f_frsize;
         Ok(Some(Clones {
             image,
             size: meta.len(),
             dir: dir.to_path_buf(),
             stem: format!(".{}.nbdferry", file.to_string_lossy()),
+            fs_block,
             open: Mutex::new(HashMap::new()),
         }))
     }
@@ -68,6 +73,13 @@ impl Clones {
     /// from the file system's name).
     pub(crate) fn supported(&self) -> bool {
         reflink::probe(&self.dir, &self.stem)
+    }
+
+    /// Whether ranges of whole `gran`-byte blocks (and a short last one,
+    /// which ends at the end of the file) may be reflinked: the file
+    /// system clones whole blocks of its own only.
+    pub(crate) fn clones_blocks_of(&self, gran: u64) -> bool {
+        gran.is_multiple_of(self.fs_block)
     }
 
     fn path(&self, seq: u64) -> PathBuf {
@@ -210,6 +222,11 @@ impl CloneFile {
                 self.export
             ))),
         }
+    }
+
+    /// The clone, open for reading: what a revert reflinks ranges from.
+    pub(crate) fn file(&self) -> BlockResult<File> {
+        self.with(|_| Ok(File::open(&self.path)?))
     }
 
     /// Nothing writes a clone: its mapping is always settled.

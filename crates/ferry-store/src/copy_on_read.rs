@@ -114,7 +114,7 @@ pub struct Claim<C: Deref<Target = CopyOnRead>> {
 impl<C: Deref<Target = CopyOnRead>> Claim<C> {
     /// The claimed blocks as runs `[a, b)`, in order.
     pub fn runs(&self) -> Vec<(u64, u64)> {
-        runs_of(&self.blocks)
+        bitmap::runs_of(&self.blocks)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -144,17 +144,6 @@ impl<C: Deref<Target = CopyOnRead>> Drop for Claim<C> {
         drop(f);
         self.cor.fetched.notify_all();
     }
-}
-
-fn runs_of(blocks: &[u64]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &b in blocks {
-        match out.last_mut() {
-            Some(r) if r.1 == b => r.1 += 1,
-            _ => out.push((b, b + 1)),
-        }
-    }
-    out
 }
 
 /// What the background pass and the status report see.
@@ -470,7 +459,7 @@ impl CopyOnRead {
         covered.extend_from_slice(blocks);
         covered.sort_unstable();
         covered.dedup();
-        for (a, b) in runs_of(&covered) {
+        for (a, b) in bitmap::runs_of(&covered) {
             self.present.mark(a, b)?;
         }
         Ok(())

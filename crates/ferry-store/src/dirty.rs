@@ -375,6 +375,14 @@ impl Layer for DirtyTracker {
         self.next.trim(offset, len, fua)
     }
 
+    /// A cloned range is a change like a write: its bits are durable
+    /// before the clone is issued. (If the device below refuses it, the
+    /// caller writes the range instead: the bits are needed all the same.)
+    fn clone_range(&self, src: &std::fs::File, offset: u64, len: u64) -> Result<()> {
+        self.mark(offset, len)?;
+        self.next.clone_range(src, offset, len)
+    }
+
     fn contexts(&self) -> Vec<String> {
         let mut v = self.next.contexts();
         v.extend(

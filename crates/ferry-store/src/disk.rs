@@ -97,6 +97,36 @@ fn blocks_touched(ranges: &[(u64, u64)], gran: u64) -> Vec<u64> {
     out
 }
 
+/// Most bytes one reflinked change of a revert covers: a client's largest
+/// write (NBD's 32 MiB payload).
+const CLONE_MAX: u64 = 32 << 20;
+
+/// Copies whole blocks back onto the live disk, through a block-sized
+/// buffer: a revert where blocks cannot be reflinked.
+struct CopyBack<'a> {
+    live: &'a dyn BlockDev,
+    gran: u64,
+    buf: Vec<u8>,
+}
+
+impl<'a> CopyBack<'a> {
+    fn new(live: &'a dyn BlockDev, gran: u64) -> Self {
+        CopyBack {
+            live,
+            gran,
+            buf: vec![0u8; gran as usize],
+        }
+    }
+
+    /// Writes block `blk` (short at the end of the disk), filled by `read`.
+    fn block(&mut self, blk: u64, read: &dyn Fn(&mut [u8]) -> BlockResult<()>) -> BlockResult<()> {
+        let off = blk * self.gran;
+        let n = self.gran.min(self.live.size() - off) as usize;
+        read(&mut self.buf[..n])?;
+        self.live.write_at(&self.buf[..n], off, false)
+    }
+}
+
 struct State {
     manifest: Manifest,
     /// The state directory and its manifest exist.
@@ -561,48 +591,95 @@ impl Disk {
         })
     }
 
-    /// Puts the live disk back to snapshot `name`'s content, copying only
-    /// the blocks changed since it (preserved ones, or those the image no
-    /// longer shares with the clone). Writes wait meanwhile; the copies go
-    /// through the origin, so they are tracked as dirty and preserved for
-    /// newer snapshots.
+    /// Puts the live disk back to snapshot `name`'s content, changing only
+    /// the blocks changed since it: preserved ones are copied back; those
+    /// the image no longer shares with a reflink snapshot's clone are
+    /// reflinked back from it (see [`reflink_back`](Self::reflink_back)).
+    /// Writes wait meanwhile. Every change goes through the tap and the
+    /// origin like a write, so it is tracked as dirty, preserved for
+    /// older preserved-block snapshots and seen by a mirror.
+    ///
+    /// Crash safety: the snapshot is never written, and each change makes
+    /// its dirty bits and preserved copies durable before it goes down.
+    /// So a revert cut short (kill -9, power loss) leaves the disk a mix
+    /// of reverted and not yet reverted blocks, every snapshot intact and
+    /// every checkpoint covering what changed; reverting again finishes
+    /// the job. Success is reported only after the image is flushed.
     pub fn revert(&self, name: &str) -> Result<RevertInfo> {
         let _fence = self.fence.hold();
         let s = self.find_snapshot(&self.state(), name)?;
         // Below the fence, which this holds; through the tap, so that a
         // mirror sees the blocks change.
         let live: &dyn BlockDev = &*self.tap;
-        let size = live.size();
-        let mut buf = vec![0u8; self.gran as usize];
-        let mut copy_back = |blk: u64, read: &dyn Fn(&mut [u8]) -> BlockResult<()>| {
-            let off = blk * self.gran;
-            let n = self.gran.min(size - off) as usize;
-            read(&mut buf[..n])?;
-            live.write_at(&buf[..n], off, false)
-        };
         let blocks = match s.backend {
             SnapshotBackend::PreservedBlocks => {
                 let blocks = self.origin.preserved(s.seq);
+                let mut copy = CopyBack::new(live, self.gran);
                 for &(blk, slot) in &blocks {
-                    copy_back(blk, &|b| self.origin.read_preserved(slot, 0, b))?;
+                    copy.block(blk, &|b| self.origin.read_preserved(slot, 0, b))?;
                 }
                 blocks.len()
             }
             SnapshotBackend::Reflink => {
                 let clone = self.clone_of(&s)?;
                 let blocks = blocks_touched(&self.clones()?.changed(s.seq, true)?, self.gran);
-                for &blk in &blocks {
-                    copy_back(blk, &|b| clone.read_at(b, blk * self.gran))?;
-                }
+                self.reflink_back(live, &clone, &blocks)?;
                 blocks.len()
             }
         };
+        // Durable (reflinked ranges' new block maps too) before it is
+        // reported.
         live.flush()?;
         tracing::info!(disk = %self.name, snapshot = name, blocks, "reverted");
         Ok(RevertInfo {
             name: name.to_string(),
             blocks: blocks as u64,
         })
+    }
+
+    /// Puts `blocks` back from `clone` by reflinking runs of them
+    /// (`clone_range`): no byte moves, and the image shares the clone's
+    /// blocks again, so the space the changed blocks took is free at once.
+    /// Each run is one change through `live`, which each layer handles
+    /// as a write of the range (dirty bits, preserving first, the tap).
+    /// Where that cannot be done (a layer that cannot account for a clone,
+    /// a copy-on-read disk; a granularity finer than the file system's
+    /// blocks), the runs left are copied instead, which every layer
+    /// understands.
+    fn reflink_back(&self, live: &dyn BlockDev, clone: &CloneFile, blocks: &[u64]) -> Result<()> {
+        let size = live.size();
+        let mut src = if self.clones()?.clones_blocks_of(self.gran) {
+            Some(clone.file()?)
+        } else {
+            None
+        };
+        let mut copy = CopyBack::new(live, self.gran);
+        // Runs no longer than a client's largest write: the layers' work
+        // per change (the origin buffers the blocks it preserves) stays
+        // what it is for writes.
+        let most = (CLONE_MAX / self.gran).max(1);
+        for (a, b) in crate::bitmap::runs_of(blocks) {
+            for a in (a..b).step_by(most as usize) {
+                let b = (a + most).min(b);
+                // A short last block ends at the end of both files, where
+                // a reflink need not end on a file system block.
+                let (off, end) = (a * self.gran, (b * self.gran).min(size));
+                if let Some(from) = &src {
+                    match live.clone_range(from, off, end - off) {
+                        Ok(()) => continue,
+                        Err(ferry_block::Error::Unsupported) => {
+                            tracing::info!(disk = %self.name, "cannot reflink here: copying instead");
+                            src = None;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                for blk in a..b {
+                    copy.block(blk, &|buf| clone.read_at(buf, blk * self.gran))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     // ---- checkpoints --------------------------------------------------

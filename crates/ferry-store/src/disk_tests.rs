@@ -20,10 +20,14 @@ use crate::disk::{Disk, Reflinks};
 use crate::error::StoreError;
 use crate::file::FileDev;
 use crate::loop_xfs::LoopXfs;
+use crate::reflink;
+use crate::tap::{Change, Ticket, WriteTap};
 
 const GRAN: u64 = 64 * 1024;
 const SIZE: u64 = 4 << 20; // 64 blocks
 const XFS_SIZE: u64 = 512 << 20;
+/// The clone of a disk's first snapshot.
+const S1_CLONE: &str = ".disk.raw.nbdferry-snap.1";
 
 struct Fixture {
     backend: SnapshotBackend,
@@ -64,27 +68,51 @@ impl Fixture {
 
     /// The disk with blocks of `gran`, asserting the backend it got.
     fn open_with(&self, gran: u64) -> Arc<Disk> {
+        let v = self.open_as(gran, Reflinks::IfSupported);
+        assert_eq!(v.snapshot_backend(), self.backend);
+        v
+    }
+
+    /// The disk served as if its image could not be cloned (a disk that
+    /// arrived from elsewhere, say): new snapshots preserve blocks.
+    fn open_without_reflinks(&self) -> Arc<Disk> {
+        self.open_as(GRAN, Reflinks::Never)
+    }
+
+    fn open_as(&self, gran: u64, reflinks: Reflinks) -> Arc<Disk> {
         // A child process that another test forks (mkfs.xfs, mount) holds
         // a copy of every descriptor until it execs, the lock of a disk
         // just dropped included: give such a moment time to pass (any
         // other refusal fails all the same, a second later).
         let mut tries = 0;
-        let v = loop {
-            match open_disk("disk", &self.image, &self.state, gran) {
+        loop {
+            let file = Arc::new(FileDev::open(&self.image, false).unwrap());
+            match Disk::open("disk", file, &self.image, &self.state, gran, reflinks) {
                 Err(StoreError::BadState(_)) if tries < 50 => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                r => break r.unwrap(),
+                r => return r.unwrap(),
             }
-        };
-        assert_eq!(v.snapshot_backend(), self.backend);
-        v
+        }
     }
 
     /// A file beside the image.
     fn file(&self, name: &str) -> PathBuf {
         self.image.with_file_name(name)
+    }
+
+    /// Ranges where the image does not map the same blocks as the file
+    /// `clone` beside it (see [`reflink::differing`]): none once the image
+    /// is a reflink of it again.
+    fn unshared(&self, clone: &str) -> Vec<(u64, u64)> {
+        let map = |p: &Path| {
+            let file = File::open(p).unwrap();
+            let size = file.metadata().unwrap().len();
+            reflink::mapping(&file, size, true).unwrap()
+        };
+        let size = std::fs::metadata(&self.image).unwrap().len();
+        reflink::differing(&map(&self.file(clone)), &map(&self.image), size)
     }
 
     /// Space the snapshots hold: the preserved-block store's allocation,
@@ -368,21 +396,45 @@ fn revert_restores_and_delete_frees_space(backend: SnapshotBackend) {
     v.create_snapshot("s2", false).unwrap();
     v.write_at(&vec![7; 4 * GRAN as usize], 10 * GRAN, false)
         .unwrap();
+    v.create_checkpoint("c").unwrap();
+    let reflink = backend == SnapshotBackend::Reflink;
+    if reflink {
+        assert_eq!(f.unshared(S1_CLONE), vec![(8 * GRAN, 16 * GRAN)]);
+    }
+    let held = f.held();
     let r = v.revert("s1").unwrap();
     assert_eq!(r.blocks, 16);
     assert_eq!(all(&*v), old);
+    // The revert changed those blocks: a checkpoint reports them.
+    let reverted: Vec<u64> = (8..24).collect();
+    assert_eq!(v.dirty_blocks("c").unwrap(), reverted);
+    assert_eq!(dirty_of(&*v, "qemu:dirty-bitmap:c"), reverted);
+    if reflink {
+        // Reflinked, not copied: the image maps the clone's blocks again,
+        // and the 4 blocks only it held are free at once (a copy would
+        // have taken 12 more, where s2 shared them).
+        assert_eq!(f.unshared(S1_CLONE), vec![]);
+        let after = f.held_once(|h| held.saturating_sub(h) >= 3 * GRAN);
+        assert!(
+            held.saturating_sub(after) >= 3 * GRAN,
+            "revert freed {} bytes",
+            held as i64 - after as i64
+        );
+    }
     // s2 kept its content through the revert (which wrote to the origin).
     let s2 = v.snapshot_view("s2").unwrap();
     assert_eq!(read(&*s2, 10 * GRAN, 4), vec![6; 4]);
     let before = f.held();
     let d = v.delete_snapshot("s1").unwrap();
-    // s2 got its own copies when the revert rewrote blocks it shared.
-    assert_eq!(d.freed_blocks, 16);
-    assert_eq!(d.freed_bytes, 16 * GRAN);
+    // s2 got its own copies when the revert rewrote blocks it shared; s1's
+    // clone, reflinked back, holds nothing the image does not.
+    let freed = if reflink { 0 } else { 16 };
+    assert_eq!(d.freed_blocks, freed);
+    assert_eq!(d.freed_bytes, freed * GRAN);
     assert_eq!(v.snapshots()[0].preserved_blocks, 16);
-    let after = f.held_once(|h| before.saturating_sub(h) >= 16 * GRAN);
+    let after = f.held_once(|h| before.saturating_sub(h) >= freed * GRAN);
     assert!(
-        before.saturating_sub(after) >= 16 * GRAN,
+        before.saturating_sub(after) >= freed * GRAN,
         "freed {} bytes",
         before as i64 - after as i64
     );
@@ -512,6 +564,11 @@ fn short_last_block(backend: SnapshotBackend) {
     assert_eq!(v.dirty_blocks("s").unwrap(), vec![1, 2, 3]);
     v.revert("s").unwrap();
     assert_eq!(all(&*v), vec![7u8; size as usize]);
+    if backend == SnapshotBackend::Reflink {
+        // The last run, ending at the end of the file but not on a file
+        // system block, was reflinked too.
+        assert_eq!(f.unshared(S1_CLONE), vec![]);
+    }
     drop(s);
     crash(v);
     let v = f.open();
@@ -643,6 +700,102 @@ fn leftover_clones_go_and_missing_ones_are_refused() {
         open_disk("disk", &f.image, &f.state, GRAN),
         Err(StoreError::BadState(_))
     ));
+}
+
+/// What a tap saw of each change: its kind and range, and the byte the
+/// disk held all over it once it was down (None: not one byte).
+#[derive(Debug, PartialEq)]
+struct Seen {
+    cloned: bool,
+    offset: u64,
+    len: u64,
+    after: Option<u8>,
+}
+
+/// A tap that reads each change's range back from the image once it is
+/// down, as a tap that needs a clone's bytes does.
+struct Recorder {
+    image: File,
+    seen: std::sync::Mutex<Vec<Seen>>,
+}
+
+impl WriteTap for Recorder {
+    fn before(self: Arc<Self>, _: Change<'_>) -> ferry_block::Result<Option<Box<dyn Ticket>>> {
+        Ok(Some(Box::new(self)))
+    }
+}
+
+impl Ticket for Arc<Recorder> {
+    fn after(
+        self: Box<Self>,
+        change: Change<'_>,
+        local: &ferry_block::Result<()>,
+    ) -> ferry_block::Result<()> {
+        assert!(local.is_ok(), "{local:?}");
+        let (offset, len) = change.range();
+        let mut after = vec![0; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&self.image, &mut after, offset)?;
+        self.seen.lock().unwrap().push(Seen {
+            cloned: matches!(change, Change::Cloned { .. }),
+            offset,
+            len,
+            after: after.iter().all(|&b| b == after[0]).then_some(after[0]),
+        });
+        Ok(())
+    }
+}
+
+/// A revert to a reflink snapshot reflinks the changed blocks back, and
+/// every layer takes that as a change of them: an older preserved-block
+/// snapshot keeps its exact content (preserved first), a checkpoint
+/// reports the blocks, and a tap sees each cloned range and reads the
+/// reverted bytes back from the image once it is down.
+#[test]
+fn reflink_revert_is_a_change_every_layer_sees() {
+    let f = fixture_on(SnapshotBackend::Reflink);
+    let v = f.open();
+    v.write_at(&vec![1; SIZE as usize], 0, false).unwrap();
+    v.create_snapshot("r", false).unwrap();
+    v.write_at(&vec![2; 16 * GRAN as usize], 8 * GRAN, false)
+        .unwrap();
+    v.write_at(&vec![3; GRAN as usize], 40 * GRAN, false)
+        .unwrap();
+    drop(v);
+    // A preserved-block snapshot (and checkpoint) of the changed disk,
+    // made while it was served without reflinks.
+    let v = f.open_without_reflinks();
+    v.create_snapshot("p", true).unwrap();
+    let changed = all(&*v);
+    drop(v);
+    let v = f.open();
+    let tap = Arc::new(Recorder {
+        image: File::open(&f.image).unwrap(),
+        seen: Default::default(),
+    });
+    v.set_tap(Some(tap.clone()));
+    assert_eq!(v.revert("r").unwrap().blocks, 17);
+    v.set_tap(None);
+    assert_eq!(all(&*v), vec![1; SIZE as usize]);
+    assert_eq!(f.unshared(S1_CLONE), vec![], "not reflinked back");
+    let seen = std::mem::take(&mut *tap.seen.lock().unwrap());
+    let clone = |offset: u64, blocks: u64| Seen {
+        cloned: true,
+        offset,
+        len: blocks * GRAN,
+        after: Some(1),
+    };
+    assert_eq!(seen, [clone(8 * GRAN, 16), clone(40 * GRAN, 1)]);
+    let p = v.snapshot_view("p").unwrap();
+    assert!(all(&*p) == changed, "the older snapshot lost its content");
+    let listed: Vec<(String, u64)> = v
+        .snapshots()
+        .into_iter()
+        .map(|s| (s.name, s.preserved_blocks))
+        .collect();
+    assert_eq!(listed, [("r".to_string(), 0), ("p".to_string(), 17)]);
+    let mut reverted: Vec<u64> = (8..24).collect();
+    reverted.push(40);
+    assert_eq!(v.dirty_blocks("p").unwrap(), reverted);
 }
 
 /// Snapshots keep the backend they were made with when new ones get

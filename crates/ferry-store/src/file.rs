@@ -1,5 +1,6 @@
 //! The bottom layer: a regular file or block device, with positional I/O
-//! (no lock, no shared file offset) and sparse-aware zeroing and extents.
+//! (no lock, no shared file offset), sparse-aware zeroing and extents, and
+//! reflinked ranges where the file system has them.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -261,6 +262,27 @@ impl BlockDev for FileDev {
             let _ = self.fallocate(FallocateFlags::PUNCH_HOLE, offset, len);
         }
         if fua { self.sync() } else { Ok(()) }
+    }
+
+    /// A reflink of `src`'s range, where both files are on one file system
+    /// that has them (else Unsupported: nothing changed). Like a write it
+    /// is durable at the next flush.
+    fn clone_range(&self, src: &File, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(offset, len)?;
+        if self.block_device {
+            return Err(Error::Unsupported);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        match crate::reflink::clone_range(src, &self.file, offset, len) {
+            Ok(()) => Ok(()),
+            // No reflinks here, or not the same file system.
+            Err(e) if matches!(e.raw_os_error(), Some(95 /* EOPNOTSUPP */ | 18 /* EXDEV */)) => {
+                Err(Error::Unsupported)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn flush(&self) -> Result<()> {

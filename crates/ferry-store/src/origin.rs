@@ -395,6 +395,15 @@ impl Layer for SnapshotOrigin {
         self.prepare(offset, len)?;
         self.next.trim(offset, len, fua)
     }
+
+    /// A clone replaces the range's blocks as a write would: what the
+    /// newest snapshot still shares is preserved first, read from below
+    /// before the clone (a refused clone leaves a harmless early copy,
+    /// which the write the caller does instead would have made anyway).
+    fn clone_range(&self, src: &std::fs::File, offset: u64, len: u64) -> Result<()> {
+        self.prepare(offset, len)?;
+        self.next.clone_range(src, offset, len)
+    }
 }
 
 #[cfg(test)]

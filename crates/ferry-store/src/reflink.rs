@@ -1,5 +1,5 @@
 //! What the reflink snapshot backend asks of the file system: clone a
-//! whole file (`FICLONE`), find out whether a directory's file system can
+//! whole file (`FICLONE`) or a range of one (`FICLONERANGE`), find out whether a directory's file system can
 //! (a probe clone), and read a file's block mapping (`FS_IOC_FIEMAP`) to
 //! tell which ranges two files still share and which blocks a file holds
 //! alone.
@@ -8,11 +8,46 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::Path;
 
-use rustix::ioctl::{Opcode, Updater, ioctl, opcode};
+use std::os::fd::AsRawFd;
+
+use rustix::ioctl::{Opcode, Setter, Updater, ioctl, opcode};
 
 /// Makes `dst` (empty, open for writing) share all of `src`'s blocks.
 pub(crate) fn clone_file(src: &File, dst: &File) -> io::Result<()> {
     Ok(rustix::fs::ioctl_ficlone(dst, src)?)
+}
+
+/// Linux's `struct file_clone_range` (linux/fs.h).
+#[repr(C)]
+struct FileCloneRange {
+    src_fd: i64,
+    src_offset: u64,
+    src_length: u64,
+    dest_offset: u64,
+}
+
+/// `_IOW(0x94, 13, struct file_clone_range)`.
+const FICLONERANGE: Opcode = opcode::write::<FileCloneRange>(0x94, 13);
+const _: () = assert!(FICLONERANGE as u64 == 0x4020_940d);
+
+/// Makes `dst`'s `[offset, offset+len)` share `src`'s blocks at the same
+/// offset. `offset` and `len` aligned to the file system's block, or the
+/// range ends at `src`'s end; `len` is never 0 (which would mean "to the
+/// end"). The kernel writes back both ranges and drops `dst`'s cached
+/// pages of it first, so reads see the cloned bytes at once.
+pub(crate) fn clone_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+    debug_assert!(len > 0);
+    let arg = FileCloneRange {
+        src_fd: i64::from(src.as_raw_fd()),
+        src_offset: offset,
+        src_length: len,
+        dest_offset: offset,
+    };
+    // SAFETY: `FileCloneRange` is `struct file_clone_range`, which
+    // FICLONERANGE only reads; `src_fd` is an open descriptor borrowed
+    // for the call.
+    unsafe { ioctl(dst, Setter::<FICLONERANGE, FileCloneRange>::new(arg))? };
+    Ok(())
 }
 
 /// Whether files in `dir` can be cloned: clones a tiny probe file there.

@@ -7,7 +7,13 @@
 //! must be, e.g. "this block is not on the destination yet"), and after
 //! (to repeat it elsewhere, for an active mirror), all under the disk's
 //! write fence.
+//!
+//! A revert's reflinked ranges are changes too ([`Change::Cloned`]): the
+//! tap sees their range but not their bytes, which never pass through
+//! here; a tap that needs them reads them from the disk once the clone is
+//! down.
 
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -30,13 +36,23 @@ pub enum Change<'a> {
         offset: u64,
         len: u64,
     },
+    /// The range now shares `from`'s blocks at the same offset (a revert
+    /// to a reflink snapshot): its new bytes are on the disk once the
+    /// change is down, not in hand before.
+    Cloned {
+        offset: u64,
+        len: u64,
+        from: &'a File,
+    },
 }
 
 impl Change<'_> {
     pub fn range(&self) -> (u64, u64) {
         match *self {
             Change::Write { offset, data, .. } => (offset, data.len() as u64),
-            Change::Zeroes { offset, len, .. } | Change::Trim { offset, len } => (offset, len),
+            Change::Zeroes { offset, len, .. }
+            | Change::Trim { offset, len }
+            | Change::Cloned { offset, len, .. } => (offset, len),
         }
     }
 }
@@ -113,6 +129,7 @@ impl Tap {
             Change::Write { offset, data, fua } => self.next.write_at(data, offset, fua),
             Change::Zeroes { offset, len, mode } => self.next.write_zeroes(offset, len, mode),
             Change::Trim { offset, len } => self.next.trim(offset, len, false),
+            Change::Cloned { offset, len, from } => self.next.clone_range(from, offset, len),
         }
     }
 }
@@ -153,5 +170,9 @@ impl Layer for Tap {
             return self.next.flush();
         }
         self.change(Change::Trim { offset, len })
+    }
+
+    fn clone_range(&self, from: &File, offset: u64, len: u64) -> Result<()> {
+        self.change(Change::Cloned { offset, len, from })
     }
 }

@@ -387,7 +387,7 @@ impl Session {
 /// The NBD error for a storage failure.
 pub fn errno_of(e: &BlockError) -> u32 {
     match e {
-        BlockError::NotFast => errno::ENOTSUP,
+        BlockError::NotFast | BlockError::Unsupported => errno::ENOTSUP,
         BlockError::ReadOnly => errno::EPERM,
         BlockError::OutOfRange { .. } | BlockError::UnknownContext(_) => errno::EINVAL,
         BlockError::Gone(_) => errno::EIO,
