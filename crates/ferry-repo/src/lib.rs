@@ -84,4 +84,6 @@ pub use verify::{Problem, VerifyReport};
 pub use writer::{BackupSpec, PointWriter};
 
 #[cfg(test)]
+mod power_cut_tests;
+#[cfg(test)]
 mod tests;
