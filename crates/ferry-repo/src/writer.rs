@@ -121,7 +121,7 @@ impl PointWriter {
     /// Starts a backup, or resumes a killed run of the same one. With a
     /// bitmap, the disk's newest point becomes the parent: clean ranges
     /// are taken from it ([`PointWriter::keep`]). Without a usable parent
-    /// (none, another size, a chunk of it gone) every range must be
+    /// (none, another size, a chunk of it set aside by a prune) every range must be
     /// written: see [`PointWriter::incremental`].
     pub async fn begin(repo: &Repo, spec: BackupSpec) -> Result<PointWriter> {
         id::check_name(&spec.disk)?;
