@@ -22,11 +22,16 @@
 //! Take a backup B that commits a point naming chunk X, and a collection
 //! that set X aside in generation G. B stored X itself (then X is a new
 //! object under `chunks/`, and sweeps delete only fossils), or B trusted X
-//! from its listing or parent (read after B registered its session). Two
-//! cases:
+//! because it saw X under `chunks/` after it registered its session: in
+//! its listing of the chunks, in a lookup of X, or (an incremental) in
+//! its parent's index while X was not among the fossils B listed. That
+//! last one is the same fact: the parent existed from before B registered
+//! until B loaded it after listing the fossils, and while a point exists
+//! each chunk it names is under `chunks/` or among the fossils (this
+//! argument, by induction). Two cases:
 //! - B registered after G's mark ended: every rename of G happened before
-//!   B listed, so X was not in B's listing and B did not trust it (the
-//!   writer also refuses a parent whose chunks it cannot list).
+//!   B looked, so B saw X among the fossils or nowhere and did not trust
+//!   it (the writer refuses a parent whose chunks are not all there).
 //! - B registered before G's mark ended: B is live when `gc/G` is written,
 //!   so it is named there, and G is swept only after B stopped being live,
 //!   that is after B committed (index written before the session is
@@ -179,7 +184,7 @@ impl Repo {
                 };
                 if used.contains(&c) {
                     let home = c.key();
-                    if self.backend().get(&home).await?.is_some() {
+                    if self.backend().exists(&home).await? {
                         self.backend().delete(&f.key).await?;
                     } else {
                         self.backend().rename(&f.key, &home).await?;

@@ -22,7 +22,7 @@
 //!   nothing about contents), so equal contents are stored once, across
 //!   points and disks. Every read checks the content against the id.
 //! - **Every object** but `config` is sealed ([`seal`]): zstd when that
-//!   helps, then AES-256-GCM (encrypted repositories) or a BLAKE3 checksum,
+//!   helps (samples tell, for large objects), then AES-256-GCM (encrypted repositories) or a BLAKE3 checksum,
 //!   bound to the object's key.
 //! - **A point's index** ([`index`]) lists every slot of the disk: a chunk
 //!   id or "zeroes". It is complete: any point restores alone, and deleting
@@ -83,5 +83,7 @@ pub use seal::KeyFile;
 pub use verify::{Problem, VerifyReport};
 pub use writer::{BackupSpec, PointWriter};
 
+#[cfg(test)]
+mod power_cut_tests;
 #[cfg(test)]
 mod tests;

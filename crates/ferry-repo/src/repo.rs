@@ -1,6 +1,6 @@
 //! Opening a repository, its config, points and chunks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -123,7 +123,7 @@ impl Repo {
         Repo::with_config(backend, config, key)
     }
 
-    fn with_config(
+    pub(crate) fn with_config(
         backend: Arc<dyn Backend>,
         config: RepoConfig,
         key: Option<&KeyFile>,
@@ -244,6 +244,22 @@ impl Repo {
             }
         }
         Ok(None)
+    }
+
+    /// Whether a chunk is stored (under `chunks/`, not set aside).
+    pub(crate) async fn has_chunk(&self, id: &ChunkId) -> Result<bool> {
+        self.backend().exists(&id.key()).await
+    }
+
+    /// The chunks garbage collection has set aside (see `gc`).
+    pub(crate) async fn fossil_chunks(&self) -> Result<HashSet<ChunkId>> {
+        Ok(self
+            .backend()
+            .list(FOSSILS)
+            .await?
+            .into_iter()
+            .filter_map(|m| ChunkId::from_key(&m.key))
+            .collect())
     }
 
     /// Every stored chunk and its stored size.

@@ -97,10 +97,14 @@ impl SessionRecord {
         self.owner.gone() || self.age() >= TAKEOVER_AFTER
     }
 
+    /// Stores the record. Visible at once to garbage collection (all it
+    /// needs); durable at the session's next barrier, which comes before
+    /// its first journal segment and its index: a record lost to a power
+    /// cut loses nothing a rerun could resume.
     pub async fn save(&self, repo: &Repo) -> Result<()> {
         let raw = serde_json::to_vec(self)
             .map_err(|e| Error::Invalid(format!("cannot encode a session: {e}")))?;
-        repo.put_meta(&self.record_key(), &raw, Durability::Now)
+        repo.put_meta(&self.record_key(), &raw, Durability::Deferred)
             .await
     }
 }

@@ -165,6 +165,30 @@ async fn incremental_keeps_clean_ranges_from_the_parent() {
     );
 }
 
+#[tokio::test]
+async fn an_incremental_finds_chunks_its_parent_does_not_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path()).await;
+    let img = image();
+    full(&repo, "d", &img).await;
+    // Another disk stores a content that d is about to take.
+    let other = noise(CS as usize, 42);
+    let mut e = vec![0u8; img.len()];
+    e[..CS as usize].copy_from_slice(&other);
+    full(&repo, "e", &e).await;
+    let w = PointWriter::begin(&repo, spec("d", img.len() as u64, true))
+        .await
+        .unwrap();
+    assert!(w.incremental());
+    w.write(0, &other).await.unwrap();
+    w.keep(CS, img.len() as u64 - CS).await.unwrap();
+    let p = w.commit(CS).await.unwrap();
+    assert_eq!(p.stats.new_chunks, 0, "disk e stored it already");
+    let mut want = img.clone();
+    want[..CS as usize].copy_from_slice(&other);
+    assert_eq!(restore(&repo, "d", None).await, want);
+}
+
 /// Makes a session look like its process was killed.
 async fn orphan_sessions(repo: &Repo) {
     for mut s in session::list(repo).await.unwrap() {
@@ -261,6 +285,16 @@ async fn collection_beside_a_running_backup_never_loses_its_chunks() {
     let p2 = w.commit(0).await.unwrap();
     // Its chunks are set aside, yet the point reads.
     assert_eq!(restore(&repo, "d", Some(&p2.point)).await, img);
+    // An incremental does not trust a parent whose chunks are set aside:
+    // the collection it did not witness may delete them before it commits.
+    let w = PointWriter::begin(&repo, spec("d", img.len() as u64, true))
+        .await
+        .unwrap();
+    assert!(!w.incremental());
+    let why = w.full_reason().unwrap();
+    assert!(why.contains("are missing"), "{why}");
+    drop(w);
+    orphan_sessions(&repo).await;
     // Once the backup is done, collection puts them back.
     let gc = repo.collect_garbage().await.unwrap();
     assert_eq!((gc.restored_chunks, gc.freed_chunks), (9, 0));

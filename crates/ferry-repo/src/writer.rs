@@ -5,10 +5,11 @@
 //! writes the index and so makes the point exist.
 //!
 //! Durable-state order: a chunk is stored before the journal segment that
-//! names it (a barrier in between), every chunk before the index (a
-//! barrier), the index before the session is removed. So a killed backup
-//! is never listed, and its rerun trusts only what the journal holds and
-//! the repository still has.
+//! names it (a barrier in between), every chunk before the index (which is
+//! put `AfterAll`), the index before the session is removed. So a killed
+//! backup is never listed, and its rerun trusts only what the journal
+//! holds and the repository still has. The session record needs no sync
+//! of its own: the barrier before the first segment covers it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,8 +85,11 @@ struct Shared {
     /// could not be used.
     notes: PointNotes,
     /// Chunks known to exist: the listing taken after the session was
-    /// registered, plus what this session stored.
+    /// registered (or the parent's chunks), plus what this session stored.
     known: Mutex<HashSet<ChunkId>>,
+    /// `known` is a listing of every chunk: what it lacks is not stored.
+    /// Otherwise a chunk not in it is looked up before it is stored.
+    listed: bool,
     entries: Mutex<Vec<Option<Slot>>>,
     partial: Mutex<HashMap<u64, Partial>>,
     journal: Mutex<Journal>,
@@ -117,7 +121,7 @@ impl PointWriter {
     /// Starts a backup, or resumes a killed run of the same one. With a
     /// bitmap, the disk's newest point becomes the parent: clean ranges
     /// are taken from it ([`PointWriter::keep`]). Without a usable parent
-    /// (none, another size, a chunk of it gone) every range must be
+    /// (none, another size, a chunk of it set aside by a prune) every range must be
     /// written: see [`PointWriter::incremental`].
     pub async fn begin(repo: &Repo, spec: BackupSpec) -> Result<PointWriter> {
         id::check_name(&spec.disk)?;
@@ -173,18 +177,39 @@ impl PointWriter {
                 (record, Vec::new())
             }
         };
-        // Register (or take over) before listing chunks: garbage collection
-        // that does not see us live has finished setting chunks aside
-        // before our listing, so the listing never shows a chunk that
-        // could vanish under us (argument in `gc`).
+        // Register (or take over) before learning which chunks exist:
+        // garbage collection that does not see us live has finished setting
+        // chunks aside before we look, so we never trust a chunk that could
+        // vanish under us (argument in `gc`).
         record.owner = Owner::me();
         record.heartbeat_ms = unix_ms(SystemTime::now());
         record.save(repo).await?;
-        let known: HashSet<ChunkId> = repo.list_chunks().await?.into_keys().collect();
+        // A full backup or a resumed run lists every chunk (a rerun must
+        // know which journaled ones survived). An incremental trusts its
+        // parent's index instead, which costs nothing per chunk of the
+        // disk: it lists only the fossils, *before* loading the parent, and
+        // the parent existed since before we registered, so each chunk it
+        // names was then under `chunks/` or among these fossils (`gc`).
+        let mut listed = record.parent.is_none() || !journal.is_empty();
+        let (mut known, fossils) = if listed {
+            (
+                repo.list_chunks().await?.into_keys().collect(),
+                HashSet::new(),
+            )
+        } else {
+            (HashSet::new(), repo.fossil_chunks().await?)
+        };
+        let stored = |c: &ChunkId| {
+            if listed {
+                known.contains(c)
+            } else {
+                !fossils.contains(c)
+            }
+        };
 
         let (parent, unusable) = match &record.parent {
             Some(p) => match repo.load_point(&record.disk, p).await {
-                Ok(idx) => match parent_unusable(&idx, &spec, chunk_size, &known) {
+                Ok(idx) => match parent_unusable(&idx, &spec, chunk_size, stored) {
                     None => (Some(idx), None),
                     why => (None, why),
                 },
@@ -196,6 +221,15 @@ impl PointWriter {
                 Some(format!("disk {} has no earlier point", spec.disk)),
             ),
         };
+        match &parent {
+            Some(p) if !listed => known.extend(p.chunks()),
+            // A full point after all: one listing beats a lookup per chunk.
+            None if !listed => {
+                known = repo.list_chunks().await?.into_keys().collect();
+                listed = true;
+            }
+            _ => {}
+        }
         let mut notes = spec.notes.clone();
         if spec.bitmap.is_some() && notes.full_reason.is_none() {
             notes.full_reason = unusable;
@@ -228,6 +262,7 @@ impl PointWriter {
             parent,
             notes,
             known: Mutex::new(known),
+            listed,
             entries: Mutex::new(entries),
             partial: Mutex::new(HashMap::new()),
             journal: Mutex::new(Journal {
@@ -313,12 +348,48 @@ impl PointWriter {
         Ok(())
     }
 
-    /// The range is unchanged since the parent point.
+    /// The range is unchanged since the parent point. Whole slots take the
+    /// parent's entry in one batch (an incremental keeps most of a disk:
+    /// tens of thousands of slots); parts of slots wait for the rest.
     pub async fn keep(&self, offset: u64, len: u64) -> Result<()> {
+        let (size, cs) = (self.size(), self.chunk_size());
+        let mut whole = Vec::new();
         for (slot, a, b) in self.split(offset, len)? {
-            self.piece(slot, a, b, Piece::Keep).await?;
+            match &self.shared.parent {
+                Some(parent) if (b - a) as u64 == slot_len(size, cs, slot) => {
+                    let entry = parent.slots.get(slot as usize).copied();
+                    whole.push((slot, entry.unwrap_or(Slot::Zero)));
+                }
+                _ => self.piece(slot, a, b, Piece::Keep).await?,
+            }
         }
-        Ok(())
+        self.finish_kept(whole).await
+    }
+
+    /// Records whole slots kept from the parent (those not done already).
+    async fn finish_kept(&self, kept: Vec<(u64, Slot)>) -> Result<()> {
+        if kept.is_empty() {
+            return Ok(());
+        }
+        {
+            let partial = lock(&self.shared.partial);
+            if let Some((slot, _)) = kept.iter().find(|(s, _)| partial.contains_key(s)) {
+                return Err(Error::Invalid(format!("slot {slot} was written twice")));
+            }
+        }
+        let fresh: Vec<(u64, Slot)> = {
+            let mut entries = lock(&self.shared.entries);
+            kept.into_iter()
+                .filter(|&(slot, entry)| {
+                    let e = &mut entries[slot as usize];
+                    let fresh = e.is_none();
+                    e.get_or_insert(entry);
+                    fresh
+                })
+                .collect()
+        };
+        // Kept slots cost a rerun nothing to redo.
+        self.journal(&fresh, 0).await
     }
 
     /// (slot, start, end) within each slot the range touches.
@@ -426,7 +497,13 @@ impl PointWriter {
             return Ok(Slot::Zero);
         }
         let id = self.shared.repo.sealer().chunk_id(content);
-        let stored = lock(&self.shared.known).contains(&id);
+        let mut stored = lock(&self.shared.known).contains(&id);
+        if !stored && !self.shared.listed && self.shared.repo.has_chunk(&id).await? {
+            // Seen under `chunks/` after we registered: as safe to trust
+            // as a listing (`gc`).
+            lock(&self.shared.known).insert(id);
+            stored = true;
+        }
         if !stored {
             let n = self.shared.repo.put_chunk(&id, content).await?;
             lock(&self.shared.known).insert(id);
@@ -440,9 +517,14 @@ impl PointWriter {
     /// would read again without it.
     async fn finish_slot(&self, slot: u64, redo: u64, entry: Slot) -> Result<()> {
         lock(&self.shared.entries)[slot as usize] = Some(entry);
+        self.journal(&[(slot, entry)], redo).await
+    }
+
+    /// Journals finished slots, writing a segment when enough is pending.
+    async fn journal(&self, done: &[(u64, Slot)], redo: u64) -> Result<()> {
         let batch = {
             let mut j = lock(&self.shared.journal);
-            j.pending.push((slot, entry));
+            j.pending.extend_from_slice(done);
             j.pending_bytes += redo;
             if j.pending_bytes >= self.shared.journal_every
                 || j.last_flush.elapsed() >= JOURNAL_MAX_AGE
@@ -519,12 +601,12 @@ impl PointWriter {
             },
             slots,
         };
-        s.repo.backend().barrier().await?;
+        // Every chunk is durable before the index is visible.
         s.repo
             .put_meta(
                 &id::point_key(&record.disk, &record.point),
                 &index.encode()?,
-                Durability::Now,
+                Durability::AfterAll,
             )
             .await?;
         if let Some(h) = lock(&s.heartbeat).take() {
@@ -544,7 +626,7 @@ fn parent_unusable(
     parent: &PointIndex,
     spec: &BackupSpec,
     chunk_size: u64,
-    known: &HashSet<ChunkId>,
+    stored: impl Fn(&ChunkId) -> bool,
 ) -> Option<String> {
     let p = &parent.meta;
     if p.size != spec.size {
@@ -554,7 +636,7 @@ fn parent_unusable(
         ))
     } else if p.chunk_size != chunk_size {
         Some(format!("point {} has another chunk size", p.point))
-    } else if !parent.chunks().all(|c| known.contains(&c)) {
+    } else if !parent.chunks().all(|c| stored(&c)) {
         Some(format!("chunks of point {} are missing", p.point))
     } else {
         None

@@ -5,6 +5,8 @@
 //! would dominate a backup's time); [`Backend::barrier`] makes all of them
 //! durable with one `syncfs` before the index that names them is written,
 //! and that index (`Durability::Now`) is synced itself, then its directory.
+//! `Durability::AfterAll` does both with one `syncfs` between writing the
+//! temporary file and renaming it into place.
 
 use std::fs;
 use std::io::Write;
@@ -69,20 +71,29 @@ fn put_file(path: &Path, data: &[u8], durability: Durability) -> Result<()> {
     }
     .map_err(io("cannot create", &tmp))?;
     f.write_all(data).map_err(io("cannot write", &tmp))?;
-    if durability == Durability::Now {
-        f.sync_all().map_err(io("cannot sync", &tmp))?;
+    match durability {
+        Durability::Now => f.sync_all().map_err(io("cannot sync", &tmp))?,
+        // Makes the earlier puts and this one's content durable at once;
+        // the rename below then publishes only durable data.
+        Durability::AfterAll => sync_fs(&f).map_err(io("cannot sync", &tmp))?,
+        Durability::Deferred => {}
     }
     drop(f);
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
         return Err(io("cannot rename into place", path)(e));
     }
-    if durability == Durability::Now {
+    if durability != Durability::Deferred {
         fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io("cannot sync", dir))?;
     }
     Ok(())
+}
+
+/// `syncfs(2)` of the filesystem that holds `f`.
+fn sync_fs(f: &fs::File) -> std::io::Result<()> {
+    rustix::fs::syncfs(f).map_err(Into::into)
 }
 
 fn list_dir(root: &Path, dir: &Path, out: &mut Vec<ObjectMeta>) -> Result<()> {
@@ -132,6 +143,15 @@ impl Backend for Local {
         Box::pin(blocking(move || put_file(&path, &data, durability)))
     }
 
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, bool> {
+        let path = self.path(key);
+        Box::pin(blocking(move || match fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io("cannot stat", &path)(e)),
+        }))
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
         let path = self.path(key);
         Box::pin(blocking(move || match fs::remove_file(&path) {
@@ -170,7 +190,7 @@ impl Backend for Local {
         let root = self.root.clone();
         Box::pin(blocking(move || {
             let dir = fs::File::open(&root).map_err(io("cannot open", &root))?;
-            rustix::fs::syncfs(&dir).map_err(|e| io("cannot sync", &root)(e.into()))
+            sync_fs(&dir).map_err(io("cannot sync", &root))
         }))
     }
 

@@ -6,7 +6,8 @@
 //! - `put` is atomic: a reader sees the whole object or none of it;
 //! - `barrier` makes every `put` that has returned durable (local: one
 //!   `syncfs`; S3: a returned PUT already is);
-//! - `list` after `put` sees the object (S3 is strongly consistent);
+//! - `list` and `exists` after `put` see the object (S3 is strongly
+//!   consistent);
 //! - `rename` moves one object (local: `rename(2)`; S3: copy, then delete).
 
 mod local;
@@ -40,12 +41,18 @@ pub struct ObjectMeta {
 pub enum Durability {
     Deferred,
     Now,
+    /// Durable before it returns, and never visible before every `put`
+    /// that returned earlier is durable: a barrier and a `Now` in one
+    /// (an index after its chunks; local: one `syncfs` serves both).
+    AfterAll,
 }
 
 pub trait Backend: Send + Sync + 'static {
     /// The object's bytes, or `None` if it does not exist.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Bytes>>;
     fn put<'a>(&'a self, key: &'a str, data: Bytes, durability: Durability) -> BoxFuture<'a, ()>;
+    /// Whether the object exists, without reading it.
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, bool>;
     /// Removes an object; a missing one is not an error.
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()>;
     /// Every object whose key starts with `prefix` (a folder, ending in

@@ -91,6 +91,16 @@ impl Backend for S3 {
         })
     }
 
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            match self.store.head(&self.path(key)).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(self.err(key)(e)),
+            }
+        })
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             match self.store.delete(&self.path(key)).await {
