@@ -351,6 +351,11 @@ impl Backend for Local {
 mod tests {
     use super::*;
 
+    async fn deferred(local: &Local, key: &str) {
+        let data = Bytes::from_static(b"x");
+        local.put(key, data, Durability::Deferred).await.unwrap();
+    }
+
     fn planned(w: &Written) -> ToSync {
         std::mem::take(&mut *w.set.lock().unwrap())
     }
@@ -359,23 +364,9 @@ mod tests {
     async fn barriers_sync_what_was_written_or_found_or_everything() {
         let dir = tempfile::tempdir().unwrap();
         let local = Local::new(dir.path().to_path_buf());
-        local
-            .put(
-                "chunks/ab/one",
-                Bytes::from_static(b"1"),
-                Durability::Deferred,
-            )
-            .await
-            .unwrap();
+        deferred(&local, "chunks/ab/one").await;
         assert!(local.exists("chunks/cd/two").await.is_ok());
-        local
-            .put(
-                "chunks/cd/two",
-                Bytes::from_static(b"2"),
-                Durability::Deferred,
-            )
-            .await
-            .unwrap();
+        deferred(&local, "chunks/cd/two").await;
         assert!(local.exists("chunks/ab/one").await.unwrap());
         let root = dir.path();
         assert_eq!(
@@ -390,14 +381,7 @@ mod tests {
             ),
             "the written object and the one found"
         );
-        local
-            .put(
-                "chunks/ab/three",
-                Bytes::from_static(b"3"),
-                Durability::Deferred,
-            )
-            .await
-            .unwrap();
+        deferred(&local, "chunks/ab/three").await;
         local.barrier().await.unwrap();
         assert_eq!(
             planned(&local.written),
