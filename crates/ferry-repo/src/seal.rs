@@ -396,15 +396,7 @@ mod tests {
             checksum("k", ZSTD, &body)
         );
         // Incompressible content is stored as it is.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let noise: Vec<u8> = (0..4096)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = crate::tests::noise(4096, 1);
         let stored = s.seal("k", &noise, NonceFrom::Random).unwrap();
         assert_eq!(stored[4], 0);
         assert_eq!(&stored[5..stored.len() - SUM_LEN], noise.as_slice());
@@ -412,15 +404,7 @@ mod tests {
 
     #[test]
     fn the_probe_spares_only_incompressible_chunks() {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let noise: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let noise = crate::tests::noise(65536, 2);
         let mut half = noise.clone();
         half[32768..].fill(0);
         let mut z = zstd::bulk::Compressor::new(1).unwrap();

@@ -23,7 +23,7 @@ async fn repo(dir: &Path) -> Repo {
 }
 
 /// Distinct, incompressible-ish content per seed.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
         .map(|_| {

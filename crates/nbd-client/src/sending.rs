@@ -48,18 +48,15 @@ impl Outgoing {
         self.header.len() + self.payload_len()
     }
 
-    /// The slices of what is left to send after the first `done` bytes.
-    fn push_rest<'a>(&'a self, done: usize, slices: &mut Vec<IoSlice<'a>>) {
+    /// What is left to send after the first `done` bytes: header, then
+    /// payload (either may be empty).
+    fn rest(&self, done: usize) -> [IoSlice<'_>; 2] {
         let h = self.header.len();
-        if done < h {
-            slices.push(IoSlice::new(&self.header[done..]));
-        }
-        if let Some(p) = &self.payload {
-            let skip = done.saturating_sub(h);
-            if skip < p.len() {
-                slices.push(IoSlice::new(&p[skip..]));
-            }
-        }
+        let p = self.payload.as_deref().unwrap_or_default();
+        [
+            IoSlice::new(&self.header[done.min(h)..]),
+            IoSlice::new(&p[done.saturating_sub(h).min(p.len())..]),
+        ]
     }
 }
 
@@ -132,11 +129,8 @@ fn write_without_waiting(w: &mut WriteHalf, out: &Outgoing) -> std::io::Result<O
     let mut cx = Context::from_waker(Waker::noop());
     let total = out.wire_len();
     let mut done = 0;
-    let mut slices = Vec::with_capacity(2);
     while done < total {
-        slices.clear();
-        out.push_rest(done, &mut slices);
-        match Pin::new(&mut *w).poll_write_vectored(&mut cx, &slices) {
+        match Pin::new(&mut *w).poll_write_vectored(&mut cx, &out.rest(done)) {
             Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
             Poll::Ready(Ok(n)) => done += n,
             Poll::Ready(Err(e)) => return Err(e),
@@ -200,7 +194,8 @@ async fn write_all(w: &mut WriteHalf, batch: &[Outgoing], done: usize) -> std::i
     use tokio::io::AsyncWriteExt;
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * batch.len());
     for (i, m) in batch.iter().enumerate() {
-        m.push_rest(if i == 0 { done } else { 0 }, &mut slices);
+        let rest = m.rest(if i == 0 { done } else { 0 });
+        slices.extend(rest.into_iter().filter(|s| !s.is_empty()));
     }
     let mut bufs = &mut slices[..];
     while !bufs.is_empty() {
