@@ -1,5 +1,6 @@
 use std::fs::File;
 use std::io::IoSliceMut;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -63,6 +64,9 @@ pub struct FileSpan {
     pub offset: u64,
 }
 
+/// Brings a range's data in (see [`BlockDev::fetch_ahead`]).
+pub type Fetch = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
 /// A block device as an export sees it. Calls block (positional I/O); the
 /// server runs them on a blocking pool. All methods take `&self` so that
 /// many requests run at once without a global lock.
@@ -77,6 +81,16 @@ pub trait BlockDev: Send + Sync + 'static {
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
         let _ = (buf, offset);
         Ok(false)
+    }
+    /// When a read of `[offset, offset+len)` would wait for data that is
+    /// not here yet (a copy-on-read layer's absent blocks): a future that
+    /// brings it in, for a caller on an async runtime to await instead of
+    /// parking a thread on the fetch; afterwards the read finds it here
+    /// (unless a fetch failed or another caller's is still under way).
+    /// None: nothing to bring.
+    fn fetch_ahead(&self, offset: u64, len: u64) -> Option<Fetch> {
+        let _ = (offset, len);
+        None
     }
     /// Fills `bufs` from consecutive bytes at `offset`, as `read_at` fills
     /// one buffer. Devices that can do it in one system call override it.
@@ -178,6 +192,9 @@ pub trait Layer: Send + Sync + 'static {
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
         self.next().read_at_nowait(buf, offset)
     }
+    fn fetch_ahead(&self, offset: u64, len: u64) -> Option<Fetch> {
+        self.next().fetch_ahead(offset, len)
+    }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         self.next().read_vectored_at(bufs, offset)
     }
@@ -243,6 +260,9 @@ impl<L: Layer> BlockDev for L {
     }
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
         Layer::read_at_nowait(self, buf, offset)
+    }
+    fn fetch_ahead(&self, offset: u64, len: u64) -> Option<Fetch> {
+        Layer::fetch_ahead(self, offset, len)
     }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         Layer::read_vectored_at(self, bufs, offset)

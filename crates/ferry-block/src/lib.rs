@@ -15,7 +15,7 @@ mod extent;
 #[cfg(feature = "mem")]
 mod mem;
 
-pub use dev::{BlockDev, Caps, FileSpan, Layer, ZeroMode, check_range};
+pub use dev::{BlockDev, Caps, Fetch, FileSpan, Layer, ZeroMode, check_range};
 pub use error::{Error, Result};
 pub use extent::{Extent, block_extents};
 #[cfg(feature = "mem")]

@@ -259,7 +259,10 @@ async fn arriving(
         source.clone(),
         tokio::runtime::Handle::current(),
     ));
-    let cor = Arc::new(CopyOnRead::open(Arc::new(file), dev, gran, dir).map_err(|e| fail(&e))?);
+    let reads = dev.async_reads();
+    let cor = CopyOnRead::open(Arc::new(file), dev, gran, dir)
+        .map_err(|e| fail(&e))?
+        .with_async_reads(reads);
     let progress = cor.progress();
     tracing::info!(
         export = spec.name,

@@ -403,6 +403,21 @@ impl SourceDev {
         SourceDev { source, handle }
     }
 
+    /// The source's reads to await on the runtime instead of blocking a
+    /// thread (for [`ferry_store::CopyOnRead::with_async_reads`]).
+    pub fn async_reads(&self) -> ferry_store::AsyncRead {
+        let source = self.source.clone();
+        Arc::new(move |offset, len| {
+            let source = source.clone();
+            Box::pin(async move {
+                source
+                    .read(Lane::Demand, offset, len)
+                    .await
+                    .map_err(std::io::Error::other)
+            })
+        })
+    }
+
     fn wait<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, RemoteError>>,

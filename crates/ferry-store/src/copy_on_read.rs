@@ -27,6 +27,12 @@
 //!
 //! Two readers of one absent block wait for one fetch (`fetching`).
 //!
+//! A source that can be awaited ([`AsyncRead`], a network source) lets a
+//! server fetch a reader's absent blocks on its async runtime
+//! ([`BlockDev::fetch_ahead`]) and then answer from the local file, with
+//! no thread parked on the round trip: a first read then costs the fetch,
+//! not also two thread handoffs around it.
+//!
 //! A write that covers whole blocks needs no fetch; a partial write into
 //! an absent block fetches the rest first. TRIM and WRITE_ZEROES of whole
 //! absent blocks need no fetch (a partial TRIM of an absent block is
@@ -37,12 +43,13 @@
 use std::collections::{HashSet, VecDeque};
 use std::ops::Deref;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use ferry_block::{
-    BASE_ALLOCATION, BlockDev, Error, Extent, FileSpan, Layer, Result, ZeroMode, check_range,
+    BASE_ALLOCATION, BlockDev, Error, Extent, Fetch, FileSpan, Layer, Result, ZeroMode, check_range,
 };
 
 use crate::bitmap::{self, AtomicBitmap};
@@ -72,6 +79,15 @@ const UNMAP: ZeroMode = ZeroMode {
     fua: false,
 };
 
+/// Reads of the source to await on an async runtime: `(offset, len)` to
+/// that many bytes. What a network source offers besides its blocking
+/// [`BlockDev`].
+pub type AsyncRead = Arc<
+    dyn Fn(u64, u64) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<u8>>> + Send>>
+        + Send
+        + Sync,
+>;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -100,6 +116,9 @@ pub struct CopyOnRead {
     wanted: Mutex<VecDeque<(u64, u64)>>,
     /// Bytes read from the source because a client needed them.
     fetched_demand: AtomicU64,
+    /// The source's awaitable reads, and the layer itself for the futures
+    /// that use them ([`CopyOnRead::with_async_reads`]).
+    async_reads: Option<(AsyncRead, Weak<CopyOnRead>)>,
 }
 
 /// Blocks claimed for one fetch: nobody else fetches them meanwhile.
@@ -201,6 +220,16 @@ impl CopyOnRead {
             complete: AtomicBool::new(count == nblocks),
             wanted: Mutex::new(VecDeque::new()),
             fetched_demand: AtomicU64::new(0),
+            async_reads: None,
+        })
+    }
+
+    /// The layer, able to fetch readers' blocks on an async runtime with
+    /// `reads` (see [`BlockDev::fetch_ahead`]).
+    pub fn with_async_reads(mut self, reads: AsyncRead) -> Arc<Self> {
+        Arc::new_cyclic(|me| {
+            self.async_reads = Some((reads, me.clone()));
+            self
         })
     }
 
@@ -474,20 +503,10 @@ impl CopyOnRead {
             }
             let mut claim = self.claim(a, b);
             for (ra, rb) in claim.runs() {
-                let off = ra * self.gran;
-                let len = (rb * self.gran).min(self.size) - off;
+                let (off, len) = self.run_span(ra, rb);
                 let mut buf = vec![0u8; len as usize];
                 self.source.read_at(&mut buf, off)?;
-                self.fetched_demand.fetch_add(len, Ordering::Relaxed);
-                let zero = buf.iter().all(|&x| x == 0);
-                // The reader waits for no sync: a crash fetches it again.
-                self.install(
-                    &mut claim.blocks,
-                    ra,
-                    len,
-                    (!zero).then_some(&buf[..]),
-                    false,
-                )?;
+                self.install_for_reader(&mut claim.blocks, ra, &buf)?;
             }
             drop(claim);
             // Others are fetching the rest: wait for them, then look again
@@ -497,6 +516,41 @@ impl CopyOnRead {
                 drop(self.fetched.wait_timeout(f, WAIT_SLICE));
             }
         }
+    }
+
+    /// Byte offset and length of the blocks `[a, b)`.
+    fn run_span(&self, a: u64, b: u64) -> (u64, u64) {
+        let off = a * self.gran;
+        (off, (b * self.gran).min(self.size) - off)
+    }
+
+    /// Installs a run fetched because a client reads it: current at once,
+    /// durably present at the next sync (the reader waits for none; a
+    /// crash only fetches it again).
+    fn install_for_reader(&self, claimed: &mut Vec<u64>, a: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        self.fetched_demand.fetch_add(len, Ordering::Relaxed);
+        let zero = data.iter().all(|&x| x == 0);
+        self.install(claimed, a, len, (!zero).then_some(data), false)
+    }
+
+    /// Fetches the claimed blocks with the source's awaitable reads.
+    async fn fetch_claimed(mut claim: Claim<Arc<Self>>, reads: AsyncRead) -> Result<()> {
+        for (ra, rb) in claim.runs() {
+            let (off, len) = claim.cor.run_span(ra, rb);
+            let data = reads(off, len).await?;
+            if data.len() as u64 != len {
+                return Err(Error::Io(std::io::Error::other(format!(
+                    "the source sent {} bytes for a read of {len} at {off}",
+                    data.len()
+                ))));
+            }
+            // The file write lands in the page cache: it blocks the caller
+            // only when writeback throttles this process, which then
+            // holds up the background pass's writes as much.
+            claim.cor.install_for_reader(&mut claim.blocks, ra, &data)?;
+        }
+        Ok(())
     }
 
     /// For a write of `[offset, offset+len)`: fetches the blocks it covers
@@ -596,6 +650,22 @@ impl Layer for CopyOnRead {
             self.ensure(a, b)?;
         }
         self.local.read_at(buf, offset)
+    }
+
+    /// The absent blocks of the range that nobody is fetching yet, fetched
+    /// by a future; blocks another fetch has claimed are left to the
+    /// blocking read, which waits for that fetch.
+    fn fetch_ahead(&self, offset: u64, len: u64) -> Option<Fetch> {
+        let (reads, me) = self.async_reads.as_ref()?;
+        if self.all_here(offset, len) || check_range(self.size, offset, len).is_err() {
+            return None;
+        }
+        let (a, b) = self.blocks(offset, len);
+        let claim = me.upgrade()?.claim_owned(a, b);
+        if claim.is_empty() {
+            return None;
+        }
+        Some(Box::pin(Self::fetch_claimed(claim, reads.clone())))
     }
 
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
@@ -887,6 +957,77 @@ mod tests {
             "absent: not inline"
         );
         assert!(BlockDev::read_at_nowait(&cor, &mut b, 0).unwrap());
+    }
+
+    /// Polls `fut` once with a waker that does nothing.
+    fn poll_once(fut: &mut Fetch) -> std::task::Poll<Result<()>> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        fut.as_mut().poll(&mut cx)
+    }
+
+    impl Fixture {
+        /// The layer with awaitable reads of the source that finish only
+        /// once `gate` is open.
+        fn open_async(&self, gate: Arc<AtomicBool>) -> Arc<CopyOnRead> {
+            let source = self.source.clone();
+            let reads: AsyncRead = Arc::new(move |off, len| {
+                let (source, gate) = (source.clone(), gate.clone());
+                Box::pin(std::future::poll_fn(move |_| {
+                    if !gate.load(Ordering::SeqCst) {
+                        return std::task::Poll::Pending;
+                    }
+                    let mut buf = vec![0u8; len as usize];
+                    let r =
+                        BlockDev::read_at(&*source, &mut buf, off).map_err(std::io::Error::other);
+                    std::task::Poll::Ready(r.map(|()| buf))
+                }))
+            });
+            self.open().with_async_reads(reads)
+        }
+    }
+
+    #[test]
+    fn a_fetch_ahead_brings_a_readers_blocks_once() {
+        let f = fixture(Duration::ZERO);
+        let cor = f.open_async(Arc::new(AtomicBool::new(true)));
+        let want = source_data();
+        let mut fetch = BlockDev::fetch_ahead(&*cor, GRAN + 100, GRAN).expect("absent");
+        assert!(
+            BlockDev::fetch_ahead(&*cor, GRAN, 10).is_none(),
+            "a second fetch of claimed blocks"
+        );
+        assert!(poll_once(&mut fetch).is_ready());
+        assert_eq!(f.read_from_source(), 2 * GRAN, "blocks 1 and 2, whole");
+        assert!(
+            BlockDev::fetch_ahead(&*cor, GRAN, 2 * GRAN).is_none(),
+            "here now"
+        );
+        let mut b = vec![0u8; GRAN as usize];
+        assert!(BlockDev::read_at_nowait(&*cor, &mut b, GRAN + 100).unwrap());
+        assert_eq!(b, want[(GRAN + 100) as usize..][..GRAN as usize]);
+        assert_eq!(f.read_from_source(), 2 * GRAN);
+        assert_eq!(cor.progress().fetched_on_demand, 2 * GRAN);
+    }
+
+    #[test]
+    fn a_write_during_a_fetch_ahead_is_not_overwritten_by_it() {
+        let f = fixture(Duration::ZERO);
+        let gate = Arc::new(AtomicBool::new(false));
+        let cor = f.open_async(gate.clone());
+        let mut fetch = BlockDev::fetch_ahead(&*cor, 5 * GRAN, 2 * GRAN).expect("absent");
+        assert!(poll_once(&mut fetch).is_pending());
+        // A whole-block write needs no fetch and does not wait for this one.
+        BlockDev::write_at(&*cor, &vec![7u8; GRAN as usize], 6 * GRAN, false).unwrap();
+        gate.store(true, Ordering::SeqCst);
+        assert!(poll_once(&mut fetch).is_ready());
+        assert_eq!(
+            read(&*cor, 6 * GRAN, GRAN as usize),
+            vec![7u8; GRAN as usize]
+        );
+        assert_eq!(
+            read(&*cor, 5 * GRAN, GRAN as usize),
+            source_data()[(5 * GRAN) as usize..][..GRAN as usize]
+        );
     }
 
     #[test]

@@ -52,7 +52,7 @@ mod disk_tests;
 pub mod loop_xfs;
 
 pub use bitmap::AtomicBitmap;
-pub use copy_on_read::{Claim, CopyOnRead, HydrationProgress, PRESENT_MAP};
+pub use copy_on_read::{AsyncRead, Claim, CopyOnRead, HydrationProgress, PRESENT_MAP};
 pub use dirty::DirtyTracker;
 pub use disk::{DEFAULT_GRANULARITY, Disk, Reflinks, validate_granularity};
 pub use durable_bitmap::{DurableBitmap, Rounding};

@@ -59,7 +59,8 @@ impl<W: ReplyWrite + 'static> Dispatch<W> {
     }
 
     /// Runs a request and sends its reply: on this task when the answer is
-    /// at hand (cached data, block status), else on the blocking pool.
+    /// at hand (cached data, block status), on a task of its own when the
+    /// data must be fetched first (then at hand), else on the blocking pool.
     pub fn start(&self, req: Request, payload: Vec<u8>, permits: Permits) -> std::io::Result<()> {
         debug_assert!(req.command == cmd::WRITE || payload.is_empty());
         let started = self.session.metrics.started(req.command, req.length);
@@ -70,14 +71,26 @@ impl<W: ReplyWrite + 'static> Dispatch<W> {
         }
         let session = self.session.clone();
         let sink = self.sink.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut out = session.execute(&req, payload);
-            session.metrics.finished(req.command, started);
-            out.permits = Some(permits);
-            // Sent from this thread when the socket is free: waking the
-            // writer task would cost a cross-thread wakeup per request.
-            sink.send_or_close(out);
-        });
+        if let Some(fetch) = session.fetch_ahead(&req) {
+            tokio::spawn(async move {
+                let out = match fetch.await {
+                    Ok(()) => session.try_inline(&req),
+                    Err(e) => Some(session.fetch_failed(&req, &e)),
+                };
+                match out {
+                    Some(mut out) => {
+                        session.metrics.finished(req.command, started);
+                        out.permits = Some(permits);
+                        sink.send_or_close(out);
+                    }
+                    // Evicted already, or another fetch of the same blocks
+                    // is under way: the blocking read waits for it.
+                    None => run_blocking(session, sink, req, Vec::new(), permits, started),
+                }
+            });
+            return Ok(());
+        }
+        run_blocking(session, sink, req, payload, permits, started);
         Ok(())
     }
 
@@ -123,4 +136,23 @@ impl<W: ReplyWrite + 'static> Dispatch<W> {
         }
         Ok(())
     }
+}
+
+/// Runs a request on the blocking pool and sends its reply from there.
+fn run_blocking<W: ReplyWrite + 'static>(
+    session: Arc<Session>,
+    sink: ReplySink<W>,
+    req: Request,
+    payload: Vec<u8>,
+    permits: Permits,
+    started: std::time::Instant,
+) {
+    tokio::task::spawn_blocking(move || {
+        let mut out = session.execute(&req, payload);
+        session.metrics.finished(req.command, started);
+        out.permits = Some(permits);
+        // Sent from this thread when the socket is free: waking the
+        // writer task would cost a cross-thread wakeup per request.
+        sink.send_or_close(out);
+    });
 }

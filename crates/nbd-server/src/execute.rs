@@ -161,6 +161,21 @@ impl Session {
         }
     }
 
+    /// For a READ that [`try_inline`](Self::try_inline) could not answer:
+    /// what brings its data in without a thread (a post-copy disk's absent
+    /// blocks), after which `try_inline` can answer it.
+    pub fn fetch_ahead(&self, req: &Request) -> Option<ferry_block::Fetch> {
+        if req.command != cmd::READ || req.length > MAX_INLINE_READ {
+            return None;
+        }
+        self.dev.fetch_ahead(req.offset, req.length)
+    }
+
+    /// The reply to a READ whose data could not be brought in.
+    pub fn fetch_failed(&self, req: &Request, e: &BlockError) -> Outgoing {
+        self.store_error(req, e)
+    }
+
     fn read(&self, req: &Request) -> Outgoing {
         match self.read_with(req, false) {
             Some(out) => out,
