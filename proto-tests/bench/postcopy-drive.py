@@ -13,7 +13,7 @@ subcommand needs libnbd's module, python3-libnbd).
       block-stream of DEVICE (whole backing chain into it) over QMP;
       t_start just before the command, t_end = BLOCK_JOB_COMPLETED's stamp.
   postcopy-drive.py reads URI --image IMG --n N --seed S
-                    [--region OFF LEN [--prefetch]] [--whole-blocks]
+                    [--region OFF LEN [--prefetch]]
       QD1 4 KiB reads over one connection, each timed alone, each compared
       with the image (a mismatch counts in "bad"). Without --region: N
       distinct 64 KiB blocks of the image's data (SEEK_DATA, none in the
@@ -21,9 +21,7 @@ subcommand needs libnbd's module, python3-libnbd).
       is the first of its block; one untimed read of another data block
       first (connections the server opens at the first read). With
       --region: N random 4 KiB reads inside it, after (--prefetch) reading
-      it whole in 1 MiB requests, untimed but checked. --whole-blocks
-      (without --region): each read is its whole 64 KiB block instead, as
-      a post-copy destination fetches it from the source.
+      it whole in 1 MiB requests, untimed but checked.
       Prints n, med_us, p99_us, mean_us, max_us, bad (and prefetch_s).
 
 QMP comes from mirror-drive.py (its Qmp class and stamp), loaded by path.
@@ -136,7 +134,6 @@ def reads(a):
     rng = random.Random(a.seed)
     fd = os.open(a.image, os.O_RDONLY)
     size = os.fstat(fd).st_size
-    rsize = BLOCK if a.whole_blocks else READ
     h = nbd.NBD()
     h.connect_uri(a.uri)
     bad = 0
@@ -163,14 +160,12 @@ def reads(a):
             raise SystemExit(f"only {len(blocks)} data blocks for {a.n} first reads")
         picked = rng.sample(blocks, a.n + 1)
         offs = [b + rng.randrange(BLOCK // READ) * READ for b in picked]
-        if a.whole_blocks:
-            offs = picked
-        check(offs[0], h.pread(rsize, offs[0]))  # untimed: connections, first fetch
+        check(offs[0], h.pread(READ, offs[0]))  # untimed: connections, first fetch
         offs = offs[1:]
     lat = []
     for off in offs:
         t0 = time.perf_counter_ns()
-        buf = h.pread(rsize, off)
+        buf = h.pread(READ, off)
         lat.append((time.perf_counter_ns() - t0) / 1000)
         check(off, buf)
     h.shutdown()
@@ -200,7 +195,6 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--region", type=int, nargs=2, metavar=("OFF", "LEN"))
     p.add_argument("--prefetch", action="store_true")
-    p.add_argument("--whole-blocks", action="store_true")
     a = ap.parse_args()
     if a.cmd == "ferry-wait":
         r = ferry_wait(a)

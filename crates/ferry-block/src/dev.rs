@@ -64,8 +64,20 @@ pub struct FileSpan {
     pub offset: u64,
 }
 
-/// Brings a range's data in (see [`BlockDev::fetch_ahead`]).
-pub type Fetch = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+/// Brings a range's data in (see [`BlockDev::fetch_ahead`]). Once the
+/// range can be read it yields what is left to do, if anything (the rest
+/// of the blocks it fetches), for the caller to run to its end on its own.
+pub struct Fetch(pub Pin<Box<dyn Future<Output = Result<Option<Fetch>>> + Send>>);
+
+impl Future for Fetch {
+    type Output = Result<Option<Fetch>>;
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
 
 /// A block device as an export sees it. Calls block (positional I/O); the
 /// server runs them on a blocking pool. All methods take `&self` so that
@@ -85,9 +97,9 @@ pub trait BlockDev: Send + Sync + 'static {
     /// When a read of `[offset, offset+len)` would wait for data that is
     /// not here yet (a copy-on-read layer's absent blocks): a future that
     /// brings it in, for a caller on an async runtime to await instead of
-    /// parking a thread on the fetch; afterwards the read finds it here
-    /// (unless a fetch failed or another caller's is still under way).
-    /// None: nothing to bring.
+    /// parking a thread on the fetch; once it yields, the read finds the
+    /// data here (unless a fetch failed or another caller's is still under
+    /// way). None: nothing to bring.
     fn fetch_ahead(&self, offset: u64, len: u64) -> Option<Fetch> {
         let _ = (offset, len);
         None

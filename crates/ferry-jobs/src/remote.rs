@@ -407,11 +407,13 @@ impl SourceDev {
     /// thread (for [`ferry_store::CopyOnRead::with_async_reads`]).
     pub fn async_reads(&self) -> ferry_store::AsyncRead {
         let source = self.source.clone();
-        Arc::new(move |offset, len| {
+        Arc::new(move |offset, len, waited| {
             let source = source.clone();
+            // What no reader waits for goes the background pass's way.
+            let lane = if waited { Lane::Demand } else { Lane::Bulk };
             Box::pin(async move {
                 source
-                    .read(Lane::Demand, offset, len)
+                    .read(lane, offset, len)
                     .await
                     .map_err(std::io::Error::other)
             })

@@ -29,9 +29,11 @@
 //!
 //! A source that can be awaited ([`AsyncRead`], a network source) lets a
 //! server fetch a reader's absent blocks on its async runtime
-//! ([`BlockDev::fetch_ahead`]) and then answer from the local file, with
-//! no thread parked on the round trip: a first read then costs the fetch,
-//! not also two thread handoffs around it.
+//! ([`BlockDev::fetch_ahead`]) and then answer inline, with no thread
+//! parked on the round trip. A reader that wants a few pages of a block
+//! gets those pages fetched first and answered from memory (`staged`),
+//! then the rest of the block follows: its wait is one small read at the
+//! source, not a whole block's, and no byte is fetched twice.
 //!
 //! A write that covers whole blocks needs no fetch; a partial write into
 //! an absent block fetches the rest first. TRIM and WRITE_ZEROES of whole
@@ -79,14 +81,30 @@ const UNMAP: ZeroMode = ZeroMode {
     fua: false,
 };
 
-/// Reads of the source to await on an async runtime: `(offset, len)` to
-/// that many bytes. What a network source offers besides its blocking
-/// [`BlockDev`].
+/// Reads of the source to await on an async runtime: `(offset, len,
+/// waited)` to that many bytes; `waited`: a reader waits for them (else
+/// they complete a block behind its reader, and must not delay the next
+/// one). What a network source offers besides its blocking [`BlockDev`].
 pub type AsyncRead = Arc<
-    dyn Fn(u64, u64) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<u8>>> + Send>>
+    dyn Fn(u64, u64, bool) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<u8>>> + Send>>
         + Send
         + Sync,
 >;
+
+/// `len` bytes at `offset` from the source, exactly.
+async fn read_exact(reads: &AsyncRead, offset: u64, len: u64, waited: bool) -> Result<Vec<u8>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let data = reads(offset, len, waited).await?;
+    if data.len() as u64 != len {
+        return Err(Error::Io(std::io::Error::other(format!(
+            "the source sent {} bytes for a read of {len} at {offset}",
+            data.len()
+        ))));
+    }
+    Ok(data)
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -119,6 +137,24 @@ pub struct CopyOnRead {
     /// The source's awaitable reads, and the layer itself for the futures
     /// that use them ([`CopyOnRead::with_async_reads`]).
     async_reads: Option<(AsyncRead, Weak<CopyOnRead>)>,
+    /// Pages fetched for a reader ahead of the rest of their blocks, by
+    /// offset, until those blocks are installed. Reads of blocks that are
+    /// not current may be answered from them: the source is frozen, so
+    /// they hold the blocks' bytes.
+    staged: Mutex<Vec<(u64, Arc<[u8]>)>>,
+}
+
+/// Takes staged pages off when the fetch that staged them ends, however
+/// it ends.
+struct Unstage {
+    cor: Arc<CopyOnRead>,
+    offset: u64,
+}
+
+impl Drop for Unstage {
+    fn drop(&mut self) {
+        lock(&self.cor.staged).retain(|(o, _)| *o != self.offset);
+    }
 }
 
 /// Blocks claimed for one fetch: nobody else fetches them meanwhile.
@@ -221,6 +257,7 @@ impl CopyOnRead {
             wanted: Mutex::new(VecDeque::new()),
             fetched_demand: AtomicU64::new(0),
             async_reads: None,
+            staged: Mutex::new(Vec::new()),
         })
     }
 
@@ -534,23 +571,58 @@ impl CopyOnRead {
         self.install(claimed, a, len, (!zero).then_some(data), false)
     }
 
-    /// Fetches the claimed blocks with the source's awaitable reads.
-    async fn fetch_claimed(mut claim: Claim<Arc<Self>>, reads: AsyncRead) -> Result<()> {
+    /// Fetches the claimed blocks with the source's awaitable reads;
+    /// `have` is a piece of them fetched already (at its offset).
+    async fn fetch_claimed(
+        mut claim: Claim<Arc<Self>>,
+        reads: AsyncRead,
+        have: Option<(u64, Arc<[u8]>)>,
+    ) -> Result<()> {
         for (ra, rb) in claim.runs() {
             let (off, len) = claim.cor.run_span(ra, rb);
-            let data = reads(off, len).await?;
-            if data.len() as u64 != len {
-                return Err(Error::Io(std::io::Error::other(format!(
-                    "the source sent {} bytes for a read of {len} at {off}",
-                    data.len()
-                ))));
-            }
+            let end = off + len;
+            let data = match &have {
+                Some((h0, part)) if *h0 >= off && h0 + part.len() as u64 <= end => {
+                    let h1 = h0 + part.len() as u64;
+                    let before = read_exact(&reads, off, h0 - off, false).await?;
+                    let after = read_exact(&reads, h1, end - h1, false).await?;
+                    [&before[..], part, &after[..]].concat()
+                }
+                _ => read_exact(&reads, off, len, true).await?,
+            };
             // The file write lands in the page cache: it blocks the caller
             // only when writeback throttles this process, which then
             // holds up the background pass's writes as much.
             claim.cor.install_for_reader(&mut claim.blocks, ra, &data)?;
         }
         Ok(())
+    }
+
+    /// The page-aligned part of `[offset, offset+len)` to fetch before the
+    /// rest of the claimed blocks: when they are one run, and the part is
+    /// smaller than it.
+    fn first_part(&self, runs: &[(u64, u64)], offset: u64, len: u64) -> Option<(u64, u64)> {
+        let [(ra, rb)] = runs else { return None };
+        let (roff, rlen) = self.run_span(*ra, *rb);
+        let p0 = (offset - offset % PAGE as u64).max(roff);
+        let p1 = (offset + len)
+            .next_multiple_of(PAGE as u64)
+            .min(roff + rlen);
+        (p0 <= offset && p1 >= offset + len && p1 - p0 < rlen).then_some((p0, p1 - p0))
+    }
+
+    /// Answers a read from staged pages if they hold all of it.
+    fn read_staged(&self, buf: &mut [u8], offset: u64) -> bool {
+        let end = offset + buf.len() as u64;
+        let staged = lock(&self.staged);
+        let Some((o, data)) = staged
+            .iter()
+            .find(|(o, data)| *o <= offset && end <= o + data.len() as u64)
+        else {
+            return false;
+        };
+        buf.copy_from_slice(&data[(offset - o) as usize..][..buf.len()]);
+        true
     }
 
     /// For a write of `[offset, offset+len)`: fetches the blocks it covers
@@ -661,17 +733,37 @@ impl Layer for CopyOnRead {
             return None;
         }
         let (a, b) = self.blocks(offset, len);
-        let claim = me.upgrade()?.claim_owned(a, b);
+        let me = me.upgrade()?;
+        let claim = me.claim_owned(a, b);
         if claim.is_empty() {
             return None;
         }
-        Some(Box::pin(Self::fetch_claimed(claim, reads.clone())))
+        let first = self.first_part(&claim.runs(), offset, len);
+        let reads = reads.clone();
+        Some(Fetch(Box::pin(async move {
+            let Some((p0, plen)) = first else {
+                Self::fetch_claimed(claim, reads, None).await?;
+                return Ok(None);
+            };
+            let part: Arc<[u8]> = read_exact(&reads, p0, plen, true).await?.into();
+            lock(&me.staged).push((p0, part.clone()));
+            let unstage = Unstage {
+                cor: me,
+                offset: p0,
+            };
+            Ok(Some(Fetch(Box::pin(async move {
+                // Unstaged once the blocks are current (or released).
+                let _unstage = unstage;
+                Self::fetch_claimed(claim, reads, Some((p0, part))).await?;
+                Ok(None)
+            }))))
+        })))
     }
 
     fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
         if !self.all_here(offset, buf.len() as u64) {
             check_range(self.size, offset, buf.len() as u64)?;
-            return Ok(false);
+            return Ok(self.read_staged(buf, offset));
         }
         self.local.read_at_nowait(buf, offset)
     }
@@ -960,17 +1052,21 @@ mod tests {
     }
 
     /// Polls `fut` once with a waker that does nothing.
-    fn poll_once(fut: &mut Fetch) -> std::task::Poll<Result<()>> {
+    fn poll_once(fut: &mut Fetch) -> std::task::Poll<Result<Option<Fetch>>> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        fut.as_mut().poll(&mut cx)
+        std::pin::Pin::new(fut).poll(&mut cx)
     }
 
     impl Fixture {
         /// The layer with awaitable reads of the source that finish only
         /// once `gate` is open.
         fn open_async(&self, gate: Arc<AtomicBool>) -> Arc<CopyOnRead> {
+            self.open_async_at(gate, GRAN)
+        }
+
+        fn open_async_at(&self, gate: Arc<AtomicBool>, gran: u64) -> Arc<CopyOnRead> {
             let source = self.source.clone();
-            let reads: AsyncRead = Arc::new(move |off, len| {
+            let reads: AsyncRead = Arc::new(move |off, len, _| {
                 let (source, gate) = (source.clone(), gate.clone());
                 Box::pin(std::future::poll_fn(move |_| {
                     if !gate.load(Ordering::SeqCst) {
@@ -982,7 +1078,10 @@ mod tests {
                     std::task::Poll::Ready(r.map(|()| buf))
                 }))
             });
-            self.open().with_async_reads(reads)
+            let local = self.local.clone();
+            CopyOnRead::open(local, self.source.clone(), gran, self.dir.path())
+                .unwrap()
+                .with_async_reads(reads)
         }
     }
 
@@ -996,7 +1095,10 @@ mod tests {
             BlockDev::fetch_ahead(&*cor, GRAN, 10).is_none(),
             "a second fetch of claimed blocks"
         );
-        assert!(poll_once(&mut fetch).is_ready());
+        assert!(matches!(
+            poll_once(&mut fetch),
+            std::task::Poll::Ready(Ok(None))
+        ));
         assert_eq!(f.read_from_source(), 2 * GRAN, "blocks 1 and 2, whole");
         assert!(
             BlockDev::fetch_ahead(&*cor, GRAN, 2 * GRAN).is_none(),
@@ -1007,6 +1109,40 @@ mod tests {
         assert_eq!(b, want[(GRAN + 100) as usize..][..GRAN as usize]);
         assert_eq!(f.read_from_source(), 2 * GRAN);
         assert_eq!(cor.progress().fetched_on_demand, 2 * GRAN);
+    }
+
+    #[test]
+    fn a_small_first_read_is_answered_before_the_rest_of_its_block() {
+        let f = fixture(Duration::ZERO);
+        let big = 4 * GRAN;
+        let cor = f.open_async_at(Arc::new(AtomicBool::new(true)), big);
+        let want = source_data();
+        let off = 2 * big + PAGE as u64 + 10;
+        let mut fetch = BlockDev::fetch_ahead(&*cor, off, 100).expect("absent");
+        let std::task::Poll::Ready(Ok(Some(mut rest))) = poll_once(&mut fetch) else {
+            panic!("the reader's page first, the rest of its block after");
+        };
+        assert_eq!(f.read_from_source(), PAGE as u64, "the reader's page alone");
+        let mut b = vec![0u8; 100];
+        assert!(BlockDev::read_at_nowait(&*cor, &mut b, off).unwrap());
+        assert_eq!(b, want[off as usize..][..100]);
+        assert!(
+            !BlockDev::read_at_nowait(&*cor, &mut b, 2 * big).unwrap(),
+            "outside the page: not yet here"
+        );
+        assert!(matches!(
+            poll_once(&mut rest),
+            std::task::Poll::Ready(Ok(None))
+        ));
+        assert_eq!(f.read_from_source(), big, "the block whole, each byte once");
+        assert!(lock(&cor.staged).is_empty());
+        let mut whole = vec![0u8; big as usize];
+        assert!(BlockDev::read_at_nowait(&*cor, &mut whole, 2 * big).unwrap());
+        assert_eq!(whole, want[(2 * big) as usize..][..big as usize]);
+        assert_eq!(
+            f.local.contents()[(2 * big) as usize..][..big as usize],
+            whole
+        );
     }
 
     #[test]

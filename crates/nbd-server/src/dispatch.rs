@@ -74,7 +74,13 @@ impl<W: ReplyWrite + 'static> Dispatch<W> {
         if let Some(fetch) = session.fetch_ahead(&req) {
             tokio::spawn(async move {
                 let out = match fetch.await {
-                    Ok(()) => session.try_inline(&req),
+                    Ok(rest) => {
+                        if let Some(rest) = rest {
+                            // Queued behind this task: the reply goes first.
+                            tokio::spawn(finish_fetch(rest));
+                        }
+                        session.try_inline(&req)
+                    }
                     Err(e) => Some(session.fetch_failed(&req, &e)),
                 };
                 match out {
@@ -155,4 +161,19 @@ fn run_blocking<W: ReplyWrite + 'static>(
         // writer task would cost a cross-thread wakeup per request.
         sink.send_or_close(out);
     });
+}
+
+/// Runs what a fetch left to do once its reader could be answered. A
+/// failure leaves those blocks absent: the next read of them fetches them.
+async fn finish_fetch(rest: ferry_block::Fetch) {
+    let mut next = Some(rest);
+    while let Some(f) = next {
+        next = match f.await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("fetching the rest of a block: {e}");
+                None
+            }
+        };
+    }
 }
