@@ -2,8 +2,11 @@
 //! the absent blocks, several fetches in flight, ranges clients asked to
 //! cache first, the source's holes and zeroes recorded without moving a
 //! byte, an optional rate that paces this pass only (clients' on-demand
-//! fetches never wait for it). When every block is durably present the
-//! source is let go.
+//! fetches never wait for it). What it fetched is written at once and
+//! made durably present beside the next fetches, one sync after another,
+//! each covering what landed since the previous one began; fetching
+//! pauses while twice what may be in flight waits for a sync. When every
+//! block is durably present the source is let go.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +17,7 @@ use ferry_api::HydrationStatus;
 use ferry_block::Extent;
 use ferry_store::{Claim, CopyOnRead};
 use nbd_proto::consts::state;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +38,7 @@ pub struct HydrateOptions {
 impl Default for HydrateOptions {
     /// 8 x 1 MiB in flight, as `copy` uses: enough to fill a 1 Gbit/s link
     /// with a few ms of latency, and a crash loses (fetches again) at most
-    /// what is in flight.
+    /// twice that: what is in flight and what waits for its sync.
     fn default() -> Self {
         HydrateOptions {
             requests: 8,
@@ -89,6 +93,14 @@ impl Hydration {
         let mut cursor = 0u64;
         let mut wanted: VecDeque<(u64, u64)> = VecDeque::new();
         let mut tasks: JoinSet<Result<(), FetchError>> = JoinSet::new();
+        // Blocks fetched or landed and not durably present yet: a fetch
+        // takes its share before its claim and gives it back once its
+        // blocks are durable. A crash fetches again at most this much.
+        let window_blocks = 2 * opts.requests.max(1) * max_blocks as usize;
+        let window = Arc::new(Semaphore::new(window_blocks));
+        let settled = Arc::new(Notify::new());
+        let (landed, to_settle) = mpsc::unbounded_channel();
+        tokio::spawn(self.clone().settle(to_settle, settled.clone()));
         tracing::info!(source = %self.uri, "hydration started");
         loop {
             while let Some(w) = self.cor.take_wanted() {
@@ -119,6 +131,13 @@ impl Hydration {
                         () = pacer.wait(bytes) => {}
                     }
                 }
+                // Before the claim too, for the same reason.
+                let share = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    s = window.clone().acquire_many_owned((b - a) as u32) => {
+                        s.expect("the window is never closed")
+                    }
+                };
                 let claim = self.cor.claim_owned(a, b);
                 if claim.is_empty() {
                     continue;
@@ -128,16 +147,19 @@ impl Hydration {
                     claim,
                     gran,
                     self.fetched.clone(),
+                    (landed.clone(), share),
                 ));
             }
             if tasks.is_empty() {
                 if self.cor.next_absent(0, 1).is_none() && self.finish().await {
                     return;
                 }
-                // Blocks clients are fetching, or a rescan after failures.
+                // Landed blocks waiting for their sync, blocks clients are
+                // fetching, or a rescan after failures.
                 cursor = 0;
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
+                    () = settled.notified() => continue,
                     _ = tokio::time::sleep(IDLE_LOOK) => continue,
                 }
             }
@@ -163,6 +185,37 @@ impl Hydration {
                 }
                 Some(Err(e)) => self.note_error(&e),
             }
+        }
+    }
+
+    /// Makes what the fetches landed durably present: one sync at a time,
+    /// each for everything that landed since the previous one began. Ends
+    /// when the pass is gone and nothing is left to sync.
+    async fn settle(
+        self: Arc<Self>,
+        mut landed: mpsc::UnboundedReceiver<Landed>,
+        settled: Arc<Notify>,
+    ) {
+        while let Some(first) = landed.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = landed.try_recv() {
+                batch.push(more);
+            }
+            let (claims, shares): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let cor = self.cor.clone();
+            let synced = tokio::task::spawn_blocking(move || cor.settle_landed(claims)).await;
+            drop(shares);
+            let e = match synced {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = e {
+                // Those blocks stay absent, to be fetched again.
+                tracing::warn!(source = %self.uri, "syncing fetched blocks failed: {e}");
+                self.note_error(&e);
+            }
+            settled.notify_one();
         }
     }
 
@@ -278,14 +331,19 @@ enum FetchError {
     Local(String),
 }
 
-/// Fetches the claimed runs: the source's holes and zeroes are installed
-/// as holes; data is read in whole blocks and installed (all-zero data as
-/// a hole too, so the local file stays sparse).
+/// A fetch's claim once its blocks are written, for a sync to make them
+/// present, and its share of the pass's window.
+type Landed = (Claim<Arc<CopyOnRead>>, OwnedSemaphorePermit);
+
+/// Fetches the claimed runs: the source's holes and zeroes land as holes;
+/// data is read in whole blocks and written (all-zero data as a hole too,
+/// so the local file stays sparse).
 async fn fetch(
     source: Arc<Remote>,
     mut claim: Claim<Arc<CopyOnRead>>,
     gran: u64,
     fetched: Arc<AtomicU64>,
+    (landed, share): (mpsc::UnboundedSender<Landed>, OwnedSemaphorePermit),
 ) -> Result<(), FetchError> {
     let size = source.identity().size;
     for (a, b) in claim.runs() {
@@ -309,7 +367,7 @@ async fn fetch(
             };
             claim = tokio::task::spawn_blocking(move || {
                 let bytes = data.as_deref().filter(|d| d.iter().any(|&x| x != 0));
-                claim.install(i, e - s, bytes).map(|()| claim)
+                claim.land(i, e - s, bytes).map(|()| claim)
             })
             .await
             .map_err(|e| FetchError::Local(e.to_string()))?
@@ -317,6 +375,9 @@ async fn fetch(
             i = j;
         }
     }
+    // The settler outlives the pass's tasks: a send fails only at shutdown,
+    // and the claim then lets its blocks go, absent.
+    let _ = landed.send((claim, share));
     Ok(())
 }
 

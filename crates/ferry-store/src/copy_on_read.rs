@@ -13,12 +13,14 @@
 //!   and fetches consult this one.
 //!
 //! The rules, whatever crashes:
-//! - a block is marked present only after its data is durable: a block
-//!   the background pass fetched is written, the local file synced, then
-//!   the bit made durable; a block a client wrote, or one fetched because
-//!   a client read it, becomes present at the next sync (a client's FLUSH
-//!   or FUA write, or the pass's next install). A reader does not wait for
-//!   two syncs: until then a crash only fetches that block again;
+//! - a block is marked present only after its data is durable: blocks
+//!   the background pass fetched are written ([`Claim::land`]), and a
+//!   sync for many of them ([`CopyOnRead::settle_landed`]) syncs the local
+//!   file, makes their bits durable, and only then makes them current; a
+//!   block a client wrote, or one fetched because a client read it, is
+//!   current at once and becomes present at the next sync (a client's
+//!   FLUSH or FUA write, or the pass's next one). A reader does not wait
+//!   for a sync: until then a crash only fetches that block again;
 //! - data a client wrote is never overwritten by a fetch: a fetch writes a
 //!   block only under its stripe lock and only if it is not current, and a
 //!   client write makes it current under the same lock. After a crash a
@@ -179,11 +181,21 @@ impl<C: Deref<Target = CopyOnRead>> Claim<C> {
     /// Installs fetched data for the claimed run starting at block `a`:
     /// `data` holds the run's `len` bytes, or None when the source reads
     /// zeroes there (the local range is then deallocated, not written).
-    /// Blocks a client made current meanwhile are left as they are.
-    /// Returns once the installed blocks are durably present.
+    /// Blocks a client made current meanwhile are left as they are. The
+    /// installed blocks are current at once and durably present after the
+    /// next sync.
     pub fn install(&mut self, a: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
         let cor: &CopyOnRead = &self.cor;
-        cor.install(&mut self.blocks, a, len, data, true)
+        cor.install(&mut self.blocks, a, len, data)
+    }
+
+    /// Like [`install`](Self::install), but the written blocks stay
+    /// claimed and absent until [`CopyOnRead::settle_landed`] makes them
+    /// durably present: a crash fetches them again, and nobody sees them
+    /// here before they are durable.
+    pub fn land(&mut self, a: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        let cor: &CopyOnRead = &self.cor;
+        cor.write_run(&mut self.blocks, a, len, data).map(drop)
     }
 }
 
@@ -420,23 +432,77 @@ impl CopyOnRead {
 
     /// [`Claim::install`]: writes what `claimed` still holds of the run
     /// at block `a`, makes it current, and takes it off `claimed`; durably
-    /// present before it returns if `durable`, else at the next sync.
-    fn install(
+    /// present at the next sync.
+    fn install(&self, claimed: &mut Vec<u64>, a: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
+        let done = self.write_run(claimed, a, len, data)?;
+        // Queued before a client can see it current: a client's write to
+        // it, then its FLUSH, must make it present.
+        lock(&self.unsynced).extend_from_slice(&done);
+        for &blk in &done {
+            self.set_current(blk);
+        }
+        self.release(claimed, &done);
+        Ok(())
+    }
+
+    /// Makes the blocks the claims landed durably present (one sync for
+    /// all of them, which covers what clients wrote before it too), then
+    /// current, then lets the claims go. On failure they stay absent.
+    pub fn settle_landed<C: Deref<Target = CopyOnRead>>(
+        &self,
+        claims: Vec<Claim<C>>,
+    ) -> Result<()> {
+        let blocks: Vec<u64> = claims
+            .iter()
+            .flat_map(|c| c.blocks.iter().copied())
+            .collect();
+        self.make_present(&blocks)?;
+        for &blk in &blocks {
+            self.set_current(blk);
+        }
+        // Dropping the claims lets whoever waits for these blocks go on.
+        drop(claims);
+        Ok(())
+    }
+
+    /// Takes `blocks` off `claimed` and off the blocks being fetched, and
+    /// wakes whoever waits for them.
+    fn release(&self, claimed: &mut Vec<u64>, blocks: &[u64]) {
+        if blocks.is_empty() {
+            return;
+        }
+        let mut f = lock(&self.fetching);
+        claimed.retain(|x| {
+            let gone = blocks.contains(x);
+            if gone {
+                f.remove(x);
+            }
+            !gone
+        });
+        drop(f);
+        self.fetched.notify_all();
+    }
+
+    /// Writes the blocks of the run at block `a` that `claimed` holds,
+    /// and returns them (still claimed, not current). Blocks a client made
+    /// current meanwhile are not written and are taken off `claimed`.
+    fn write_run(
         &self,
         claimed: &mut Vec<u64>,
         a: u64,
         len: u64,
         data: Option<&[u8]>,
-        durable: bool,
-    ) -> Result<()> {
+    ) -> Result<Vec<u64>> {
         let b = (a * self.gran + len).div_ceil(self.gran).min(self.nblocks);
         let mut done = Vec::new();
+        let mut theirs = Vec::new();
         for blk in a..b {
             if !claimed.contains(&blk) {
                 continue;
             }
             let _s = lock(&self.stripes[(blk % STRIPES) as usize]);
             if self.current.get(blk) {
+                theirs.push(blk);
                 continue;
             }
             let off = blk * self.gran;
@@ -450,27 +516,8 @@ impl CopyOnRead {
             }
             done.push(blk);
         }
-        if durable {
-            self.make_present(&done)?;
-        } else {
-            // Queued before a client can see it current: a client's write
-            // to it, then its FLUSH, must make it present.
-            lock(&self.unsynced).extend_from_slice(&done);
-        }
-        for &blk in &done {
-            self.set_current(blk);
-        }
-        let mut f = lock(&self.fetching);
-        claimed.retain(|&x| {
-            let here = x >= a && x < b;
-            if here {
-                f.remove(&x);
-            }
-            !here
-        });
-        drop(f);
-        self.fetched.notify_all();
-        Ok(())
+        self.release(claimed, &theirs);
+        Ok(done)
     }
 
     /// Writes `data` at `off`, its all-zero pages as holes: the local file
@@ -568,7 +615,7 @@ impl CopyOnRead {
         let len = data.len() as u64;
         self.fetched_demand.fetch_add(len, Ordering::Relaxed);
         let zero = data.iter().all(|&x| x == 0);
-        self.install(claimed, a, len, (!zero).then_some(data), false)
+        self.install(claimed, a, len, (!zero).then_some(data))
     }
 
     /// Fetches the claimed blocks with the source's awaitable reads;
@@ -677,7 +724,7 @@ impl CopyOnRead {
             for (ra, rb) in claim.runs() {
                 let off = ra * self.gran;
                 let n = (rb * self.gran).min(self.size) - off;
-                if let Err(e) = self.install(&mut claim.blocks, ra, n, None, false) {
+                if let Err(e) = self.install(&mut claim.blocks, ra, n, None) {
                     tracing::debug!("recording zeroes at {off}: {e}");
                     return;
                 }
@@ -1230,6 +1277,38 @@ mod tests {
         assert_eq!(
             read(&cor, 5 * GRAN, GRAN as usize),
             vec![9u8; GRAN as usize]
+        );
+    }
+
+    #[test]
+    fn landed_blocks_stay_absent_until_their_sync_makes_them_present() {
+        let f = fixture(Duration::ZERO);
+        let cor = f.open();
+        let want = source_data();
+        let run = |a: u64, b: u64| want[(a * GRAN) as usize..(b * GRAN) as usize].to_vec();
+        let mut claim = cor.claim(3, 5);
+        claim.land(3, 2 * GRAN, Some(&run(3, 5))).unwrap();
+        let mut b = vec![0u8; 10];
+        assert!(
+            !BlockDev::read_at_nowait(&cor, &mut b, 3 * GRAN).unwrap(),
+            "here before its sync"
+        );
+        assert!(cor.claim(3, 5).is_empty(), "let go before its sync");
+        cor.settle_landed(vec![claim]).unwrap();
+        assert!(BlockDev::read_at_nowait(&cor, &mut b, 3 * GRAN).unwrap());
+        // Landed, then a crash before the sync.
+        let mut claim = cor.claim(7, 8);
+        claim.land(7, GRAN, Some(&run(7, 8))).unwrap();
+        drop(claim);
+        drop(cor);
+        let cor = f.open();
+        assert_eq!(read(&cor, 3 * GRAN, 2 * GRAN as usize), run(3, 5));
+        assert_eq!(f.read_from_source(), 0, "synced blocks survive");
+        assert_eq!(read(&cor, 7 * GRAN, GRAN as usize), run(7, 8));
+        assert_eq!(
+            f.read_from_source(),
+            GRAN,
+            "an unsynced one is fetched again"
         );
     }
 
