@@ -3,7 +3,7 @@
 //! The local device (a sparse file of the source's size) holds the blocks
 //! that have arrived; the others are fetched from the source (a read-only
 //! device, a remote NBD export in practice) when a reader needs them, or
-//! by a background pass ([`CopyOnRead::claim`], [`CopyOnRead::install`]).
+//! by a background pass ([`CopyOnRead::claim`], [`Claim::land`]).
 //!
 //! Two maps, at the disk's granularity:
 //! - `present` (durable, `hydrate/present.bits`): the local block holds
@@ -178,21 +178,14 @@ impl<C: Deref<Target = CopyOnRead>> Claim<C> {
         self.blocks.is_empty()
     }
 
-    /// Installs fetched data for the claimed run starting at block `a`:
+    /// Writes fetched data for the claimed run starting at block `a`:
     /// `data` holds the run's `len` bytes, or None when the source reads
     /// zeroes there (the local range is then deallocated, not written).
     /// Blocks a client made current meanwhile are left as they are. The
-    /// installed blocks are current at once and durably present after the
-    /// next sync.
-    pub fn install(&mut self, a: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
-        let cor: &CopyOnRead = &self.cor;
-        cor.install(&mut self.blocks, a, len, data)
-    }
-
-    /// Like [`install`](Self::install), but the written blocks stay
-    /// claimed and absent until [`CopyOnRead::settle_landed`] makes them
-    /// durably present: a crash fetches them again, and nobody sees them
-    /// here before they are durable.
+    /// written blocks stay claimed and absent until
+    /// [`CopyOnRead::settle_landed`] makes them durably present: a crash
+    /// fetches them again, and nobody sees them here before they are
+    /// durable.
     pub fn land(&mut self, a: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
         let cor: &CopyOnRead = &self.cor;
         cor.write_run(&mut self.blocks, a, len, data).map(drop)
@@ -430,9 +423,9 @@ impl CopyOnRead {
         lock(&self.wanted).pop_front()
     }
 
-    /// [`Claim::install`]: writes what `claimed` still holds of the run
-    /// at block `a`, makes it current, and takes it off `claimed`; durably
-    /// present at the next sync.
+    /// Writes what `claimed` still holds of the run at block `a` (fetched
+    /// for a reader, or zeroes the source reported), makes it current, and
+    /// takes it off `claimed`; durably present at the next sync.
     fn install(&self, claimed: &mut Vec<u64>, a: u64, len: u64, data: Option<&[u8]>) -> Result<()> {
         let done = self.write_run(claimed, a, len, data)?;
         // Queued before a client can see it current: a client's write to
@@ -1273,7 +1266,8 @@ mod tests {
         // …a client overwrites the whole block meanwhile…
         BlockDev::write_at(&cor, &vec![9u8; GRAN as usize], 5 * GRAN, false).unwrap();
         // …and the fetched data must not land on it.
-        claim.install(5, GRAN, Some(&fetched)).unwrap();
+        claim.land(5, GRAN, Some(&fetched)).unwrap();
+        cor.settle_landed(vec![claim]).unwrap();
         assert_eq!(
             read(&cor, 5 * GRAN, GRAN as usize),
             vec![9u8; GRAN as usize]
@@ -1369,7 +1363,8 @@ mod tests {
         // The source says 40..48 is a hole; a background install of it
         // writes nothing.
         let mut claim = cor.claim(40, 48);
-        claim.install(40, 8 * GRAN, None).unwrap();
+        claim.land(40, 8 * GRAN, None).unwrap();
+        cor.settle_landed(vec![claim]).unwrap();
         assert_eq!(f.read_from_source(), 0);
         let e = BlockDev::extents(&cor, BASE_ALLOCATION, 36 * GRAN, 16 * GRAN, 10).unwrap();
         let runs: Vec<(u64, u32)> = e.iter().map(|e| (e.length, e.flags)).collect();
@@ -1413,7 +1408,8 @@ mod tests {
             let len = (b * GRAN).min(SIZE) - off;
             let mut buf = vec![0u8; len as usize];
             BlockDev::read_at(&*f.source, &mut buf, off).unwrap();
-            claim.install(a, len, Some(&buf)).unwrap();
+            claim.land(a, len, Some(&buf)).unwrap();
+            cor.settle_landed(vec![claim]).unwrap();
             from = b;
         }
         assert!(cor.is_complete());
