@@ -50,7 +50,15 @@ impl AtomicBitmap {
 
     #[inline]
     pub fn set(&self, i: u64) {
-        self.words[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::SeqCst);
+        self.test_and_set(i);
+    }
+
+    /// Sets bit `i`; whether it was set already (one atomic step, so of
+    /// two threads setting it, exactly one sees it was not).
+    #[inline]
+    pub fn test_and_set(&self, i: u64) -> bool {
+        let bit = 1 << (i % 64);
+        self.words[(i / 64) as usize].fetch_or(bit, Ordering::SeqCst) & bit != 0
     }
 
     /// Clears bit `i`.
@@ -120,4 +128,25 @@ pub(crate) fn runs_of(blocks: &[u64]) -> Vec<(u64, u64)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn of_threads_setting_one_bit_exactly_one_sees_it_unset() {
+        let map = std::sync::Arc::new(AtomicBitmap::new(256));
+        let firsts: usize = (0..4)
+            .map(|_| {
+                let map = map.clone();
+                std::thread::spawn(move || (0..256).filter(|&i| !map.test_and_set(i)).count())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum();
+        assert_eq!(firsts, 256);
+        assert!(map.all_set(0, 256));
+    }
 }

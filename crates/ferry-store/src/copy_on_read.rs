@@ -366,13 +366,15 @@ impl CopyOnRead {
         self.gran.min(self.size - b * self.gran)
     }
 
+    /// Counts each block once, whoever sets it (a client's write and an
+    /// install may race for the same block): an over-count would call the
+    /// disk complete while a block is still absent.
     fn set_current(&self, b: u64) {
-        if !self.current.get(b) {
-            self.current.set(b);
-            if self.current_count.fetch_add(1, Ordering::AcqRel) + 1 == self.nblocks {
-                self.complete.store(true, Ordering::Release);
-                tracing::info!("every block has arrived: hydration complete");
-            }
+        if !self.current.test_and_set(b)
+            && self.current_count.fetch_add(1, Ordering::AcqRel) + 1 == self.nblocks
+        {
+            self.complete.store(true, Ordering::Release);
+            tracing::info!("every block has arrived: hydration complete");
         }
     }
 
