@@ -99,10 +99,19 @@ impl Hydration {
         let window_blocks = 2 * opts.requests.max(1) * max_blocks as usize;
         let window = Arc::new(Semaphore::new(window_blocks));
         let settled = Arc::new(Notify::new());
+        let broken = Arc::new(AtomicBool::new(false));
         let (landed, to_settle) = mpsc::unbounded_channel();
-        tokio::spawn(self.clone().settle(to_settle, settled.clone()));
+        tokio::spawn(
+            self.clone()
+                .settle(to_settle, settled.clone(), broken.clone()),
+        );
         tracing::info!(source = %self.uri, "hydration started");
         loop {
+            if broken.load(Ordering::Acquire) {
+                // Every fetch would be lost again: stop, and say why.
+                tracing::error!(source = %self.uri, "hydration stopped: fetched blocks cannot be made durable");
+                return;
+            }
             while let Some(w) = self.cor.take_wanted() {
                 wanted.push_back(w);
             }
@@ -190,11 +199,13 @@ impl Hydration {
 
     /// Makes what the fetches landed durably present: one sync at a time,
     /// each for everything that landed since the previous one began. Ends
-    /// when the pass is gone and nothing is left to sync.
+    /// when the pass is gone and nothing is left to sync. A failed sync
+    /// sets `broken` (the local image's syncs fail from then on).
     async fn settle(
         self: Arc<Self>,
         mut landed: mpsc::UnboundedReceiver<Landed>,
         settled: Arc<Notify>,
+        broken: Arc<AtomicBool>,
     ) {
         while let Some(first) = landed.recv().await {
             let mut batch = vec![first];
@@ -211,9 +222,10 @@ impl Hydration {
                 Err(e) => Some(e.to_string()),
             };
             if let Some(e) = e {
-                // Those blocks stay absent, to be fetched again.
+                // Those blocks stay absent.
                 tracing::warn!(source = %self.uri, "syncing fetched blocks failed: {e}");
                 self.note_error(&e);
+                broken.store(true, Ordering::Release);
             }
             settled.notify_one();
         }

@@ -75,6 +75,10 @@ pub const PRESENT_MAP: &str = "present.bits";
 const ZERO_FLAG: u32 = 0b10;
 /// Blocks claimed at a time when a source's zeroes are recorded.
 const ZERO_RECORD_BLOCKS: u64 = 256;
+/// Most bytes a [`BlockDev::fetch_ahead`] fetches: it writes them from the
+/// caller's async thread, which must not be held up long. Larger reads
+/// take the blocking path.
+const MAX_FETCH_AHEAD: u64 = 1 << 20;
 /// Fetched data is written page by page, so zero pages stay holes.
 const PAGE: usize = 4096;
 const UNMAP: ZeroMode = ZeroMode {
@@ -125,6 +129,8 @@ pub struct CopyOnRead {
     /// Blocks made current (written by a client, or fetched for a reader)
     /// that are not yet durably present.
     unsynced: Mutex<Vec<u64>>,
+    /// Held through [`present_after`](CopyOnRead::present_after).
+    presenting: Mutex<()>,
     /// Blocks being fetched (on demand or by the background pass).
     fetching: Mutex<HashSet<u64>>,
     fetched: Condvar,
@@ -254,6 +260,7 @@ impl CopyOnRead {
             current: AtomicBitmap::from_words(&words),
             current_count: AtomicU64::new(count),
             unsynced: Mutex::new(Vec::new()),
+            presenting: Mutex::new(()),
             fetching: Mutex::new(HashSet::new()),
             fetched: Condvar::new(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -558,19 +565,28 @@ impl CopyOnRead {
     /// Runs `sync` (which makes the local data durable), then makes
     /// durable the present bits of `blocks` and of every block made
     /// current before it ran: the sync covered their data too.
+    ///
+    /// One at a time: a FLUSH that ran while another call held blocks it
+    /// had taken, but not yet marked, would answer before those blocks
+    /// (maybe a client's) are present, and a crash would fetch them over
+    /// flushed data.
     fn present_after(&self, blocks: &[u64], sync: impl FnOnce() -> Result<()>) -> Result<()> {
-        let mut covered = std::mem::take(&mut *lock(&self.unsynced));
-        if let Err(e) = sync() {
-            lock(&self.unsynced).extend(covered);
-            return Err(e);
+        let _alone = lock(&self.presenting);
+        let taken = std::mem::take(&mut *lock(&self.unsynced));
+        let marked = sync().and_then(|()| {
+            let mut covered = [&taken[..], blocks].concat();
+            covered.sort_unstable();
+            covered.dedup();
+            bitmap::runs_of(&covered)
+                .into_iter()
+                .try_for_each(|(a, b)| self.present.mark(a, b))
+                .map_err(Error::from)
+        });
+        if marked.is_err() {
+            // Marked by the next sync that succeeds.
+            lock(&self.unsynced).extend(taken);
         }
-        covered.extend_from_slice(blocks);
-        covered.sort_unstable();
-        covered.dedup();
-        for (a, b) in bitmap::runs_of(&covered) {
-            self.present.mark(a, b)?;
-        }
-        Ok(())
+        marked
     }
 
     /// Makes blocks `[a, b)` current: fetches those nobody is fetching,
@@ -653,9 +669,16 @@ impl CopyOnRead {
         (p0 <= offset && p1 >= offset + len && p1 - p0 < rlen).then_some((p0, p1 - p0))
     }
 
-    /// Answers a read from staged pages if they hold all of it.
+    /// Answers a read from staged pages if they hold all of it and none
+    /// of its blocks is current: a client's whole-block write makes a
+    /// block current without waiting for its fetch, and a read after that
+    /// write must see it.
     fn read_staged(&self, buf: &mut [u8], offset: u64) -> bool {
         let end = offset + buf.len() as u64;
+        let (a, b) = self.blocks(offset, buf.len() as u64);
+        if (a..b).any(|blk| self.current.get(blk)) {
+            return false;
+        }
         let staged = lock(&self.staged);
         let Some((o, data)) = staged
             .iter()
@@ -775,6 +798,9 @@ impl Layer for CopyOnRead {
             return None;
         }
         let (a, b) = self.blocks(offset, len);
+        if (b - a) * self.gran > MAX_FETCH_AHEAD {
+            return None;
+        }
         let me = me.upgrade()?;
         let claim = me.claim_owned(a, b);
         if claim.is_empty() {
@@ -1185,6 +1211,32 @@ mod tests {
             f.local.contents()[(2 * big) as usize..][..big as usize],
             whole
         );
+    }
+
+    #[test]
+    fn staged_pages_are_not_served_over_a_later_whole_block_write() {
+        let f = fixture(Duration::ZERO);
+        let big = 4 * GRAN;
+        let cor = f.open_async_at(Arc::new(AtomicBool::new(true)), big);
+        // Pages across the boundary of blocks 1 and 2 are staged.
+        let off = 2 * big - 100;
+        let mut fetch = BlockDev::fetch_ahead(&*cor, off, 200).expect("absent");
+        let std::task::Poll::Ready(Ok(Some(mut rest))) = poll_once(&mut fetch) else {
+            panic!("the reader's pages first");
+        };
+        // A whole-block write needs no fetch: block 2 is the client's now.
+        BlockDev::write_at(&*cor, &vec![7u8; big as usize], 2 * big, false).unwrap();
+        let mut b = vec![0u8; 200];
+        if BlockDev::read_at_nowait(&*cor, &mut b, off).unwrap() {
+            assert_eq!(b[100..], [7u8; 100], "staged source bytes over the write");
+        }
+        assert!(matches!(
+            poll_once(&mut rest),
+            std::task::Poll::Ready(Ok(None))
+        ));
+        let got = read(&*cor, off, 200);
+        assert_eq!(got[..100], source_data()[off as usize..][..100]);
+        assert_eq!(got[100..], [7u8; 100]);
     }
 
     #[test]
