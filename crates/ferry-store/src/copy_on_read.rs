@@ -200,15 +200,7 @@ impl<C: Deref<Target = CopyOnRead>> Claim<C> {
 
 impl<C: Deref<Target = CopyOnRead>> Drop for Claim<C> {
     fn drop(&mut self) {
-        if self.blocks.is_empty() {
-            return;
-        }
-        let mut f = lock(&self.cor.fetching);
-        for b in &self.blocks {
-            f.remove(b);
-        }
-        drop(f);
-        self.cor.fetched.notify_all();
+        self.cor.unclaim(&self.blocks);
     }
 }
 
@@ -470,17 +462,20 @@ impl CopyOnRead {
     /// Takes `blocks` off `claimed` and off the blocks being fetched, and
     /// wakes whoever waits for them.
     fn release(&self, claimed: &mut Vec<u64>, blocks: &[u64]) {
+        claimed.retain(|x| !blocks.contains(x));
+        self.unclaim(blocks);
+    }
+
+    /// Nobody fetches `blocks` any more: whoever waits for them looks
+    /// again.
+    fn unclaim(&self, blocks: &[u64]) {
         if blocks.is_empty() {
             return;
         }
         let mut f = lock(&self.fetching);
-        claimed.retain(|x| {
-            let gone = blocks.contains(x);
-            if gone {
-                f.remove(x);
-            }
-            !gone
-        });
+        for b in blocks {
+            f.remove(b);
+        }
         drop(f);
         self.fetched.notify_all();
     }
@@ -740,8 +735,7 @@ impl CopyOnRead {
             let stop = (blk + ZERO_RECORD_BLOCKS).min(b);
             let mut claim = self.claim(blk, stop);
             for (ra, rb) in claim.runs() {
-                let off = ra * self.gran;
-                let n = (rb * self.gran).min(self.size) - off;
+                let (off, n) = self.run_span(ra, rb);
                 if let Err(e) = self.install(&mut claim.blocks, ra, n, None) {
                     tracing::debug!("recording zeroes at {off}: {e}");
                     return;

@@ -1,8 +1,8 @@
 //! What the reflink snapshot backend asks of the file system: clone a
-//! whole file (`FICLONE`) or a range of one (`FICLONERANGE`), find out whether a directory's file system can
-//! (a probe clone), and read a file's block mapping (`FS_IOC_FIEMAP`) to
-//! tell which ranges two files still share and which blocks a file holds
-//! alone.
+//! whole file (`FICLONE`) or a range of one (`FICLONERANGE`), find out
+//! whether a directory's file system can (a probe clone), and read a
+//! file's block mapping (`FS_IOC_FIEMAP`) to tell which ranges two files
+//! still share and which blocks a file holds alone.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

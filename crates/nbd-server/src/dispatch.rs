@@ -81,14 +81,10 @@ impl<W: ReplyWrite + 'static> Dispatch<W> {
                         }
                         session.try_inline(&req)
                     }
-                    Err(e) => Some(session.fetch_failed(&req, &e)),
+                    Err(e) => Some(session.store_error(&req, &e)),
                 };
                 match out {
-                    Some(mut out) => {
-                        session.metrics.finished(req.command, started);
-                        out.permits = Some(permits);
-                        sink.send_or_close(out);
-                    }
+                    Some(out) => deliver(&session, &sink, &req, out, permits, started),
                     // Evicted already, or another fetch of the same blocks
                     // is under way: the blocking read waits for it.
                     None => run_blocking(session, sink, req, Vec::new(), permits, started),
@@ -154,13 +150,25 @@ fn run_blocking<W: ReplyWrite + 'static>(
     started: std::time::Instant,
 ) {
     tokio::task::spawn_blocking(move || {
-        let mut out = session.execute(&req, payload);
-        session.metrics.finished(req.command, started);
-        out.permits = Some(permits);
-        // Sent from this thread when the socket is free: waking the
-        // writer task would cost a cross-thread wakeup per request.
-        sink.send_or_close(out);
+        let out = session.execute(&req, payload);
+        deliver(&session, &sink, &req, out, permits, started);
     });
+}
+
+/// Sends a reply made away from the reader's task, from the thread that
+/// made it when the socket is free: waking the writer task would cost a
+/// cross-thread wakeup per request.
+fn deliver<W: ReplyWrite + 'static>(
+    session: &Session,
+    sink: &ReplySink<W>,
+    req: &Request,
+    mut out: crate::outgoing::Outgoing,
+    permits: Permits,
+    started: std::time::Instant,
+) {
+    session.metrics.finished(req.command, started);
+    out.permits = Some(permits);
+    sink.send_or_close(out);
 }
 
 /// Runs what a fetch left to do once its reader could be answered. A

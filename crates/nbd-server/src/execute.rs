@@ -135,7 +135,7 @@ impl Session {
         }
     }
 
-    fn store_error(&self, req: &Request, e: &BlockError) -> Outgoing {
+    pub fn store_error(&self, req: &Request, e: &BlockError) -> Outgoing {
         let code = errno_of(e);
         if code == errno::EIO {
             tracing::warn!(
@@ -169,11 +169,6 @@ impl Session {
             return None;
         }
         self.dev.fetch_ahead(req.offset, req.length)
-    }
-
-    /// The reply to a READ whose data could not be brought in.
-    pub fn fetch_failed(&self, req: &Request, e: &BlockError) -> Outgoing {
-        self.store_error(req, e)
     }
 
     fn read(&self, req: &Request) -> Outgoing {
