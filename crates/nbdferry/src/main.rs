@@ -28,6 +28,11 @@ fn main() -> std::process::ExitCode {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }
+    if matches!(cli.command, cmd::Command::Serve(_)) {
+        // A daemon hands memory back after a burst; before any thread
+        // exists, so that none gets an arena of its own.
+        nbd_server::use_one_arena();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
