@@ -23,8 +23,10 @@
 #                     (MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_), same for all
 #   qemu-convert      qemu-img convert (qemu's own NBD client) into null-co
 #
-# Usage: proto-tests/bench/bench-tls.sh [--runs N] [--no-extents] [--no-build] [--keep]
+# Usage: proto-tests/bench/bench-tls.sh [--runs N] [--no-extents] [--compare OLD_BIN] [--no-build] [--keep]
 #   --runs N       timed runs per server and workload (default 3, after 1 warm-up)
+#   --compare OLD_BIN  also serve TLS with OLD_BIN (say, the previous build) in
+#                  every round and report new/old for every workload
 #   --no-extents   also time `nbdcopy --no-extents` (all 4 GiB through TLS)
 #   --no-build     use the existing target/release/nbdferry
 #   --keep         keep the temp dir (image, certificates, logs)
@@ -37,7 +39,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUNS=3
 NOEXT=0
-bench_parse_args 32 --no-extents+NOEXT -- "$@"
+bench_parse_args 34 --no-extents+NOEXT --compare=BIN_OLD -- "$@"
 [ "$RUNS" -ge 1 ] 2>/dev/null || { echo "--runs needs a positive number" >&2; exit 2; }
 bench_need_tools qemu-nbd qemu-img nbdkit nbdcopy python3 ss cmp
 bench_build
@@ -61,6 +63,12 @@ TLSQ="?tls-certificates=$PKI"
 start_ferry ferry-tls --tls=require --tls-creds "$PKI"
 URI[ferry-tls]="nbds://127.0.0.1:$PORT/$TLSQ"
 SPID[ferry-tls]=$SERVER_PID
+
+if [ -n "$BIN_OLD" ]; then
+    BIN=$BIN_OLD start_ferry ferry-tls-old --tls=require --tls-creds "$PKI"
+    URI[ferry-tls-old]="nbds://127.0.0.1:$PORT/$TLSQ"
+    SPID[ferry-tls-old]=$SERVER_PID
+fi
 
 start_ferry ferry-plain
 URI[ferry-plain]="nbd://127.0.0.1:$PORT/"
@@ -89,6 +97,8 @@ wait_listen "$KPORT" "$!"
 URI[nbdkit-plain]="nbd://127.0.0.1:$KPORT/"
 
 SERVERS=(ferry-tls qemu-tls nbdkit-tls ferry-plain nbdkit-plain)
+REPORTED=("${SERVERS[@]}")
+if [ -n "$BIN_OLD" ]; then SERVERS=(ferry-tls-old "${SERVERS[@]}"); fi
 
 # Sanity: every server hands out the image, byte for byte (over TLS where
 # it is a TLS server), before anything is timed.
@@ -150,10 +160,10 @@ done
 ARGS=("$VSIZE" "$DSIZE" "$RUNS")
 for w in "${WORKLOADS[@]}"; do
     ARGS+=("$w")
-    for s in "${SERVERS[@]}"; do ARGS+=("${RESULT[$w,$s]}" "${CPU[$w,$s]}"); done
+    for s in "${REPORTED[@]}"; do ARGS+=("${RESULT[$w,$s]}" "${CPU[$w,$s]}"); done
 done
 ARGS+=(--)
-for s in "${SERVERS[@]}"; do ARGS+=("$(hwm "${SPID[$s]}")"); done
+for s in "${REPORTED[@]}"; do ARGS+=("$(hwm "${SPID[$s]}")"); done
 
 python3 - "${ARGS[@]}" <<'EOF'
 import sys
@@ -187,3 +197,14 @@ print(f"{'peak RSS (VmHWM)':30} " + " ".join(f"{x:>18}" for x in rest))
 print("goal (copy-null): >= 1.1x nbdkit-tls, faster than qemu-tls, server cpu per GiB below both: "
       + ("MET" if ok else "NOT MET"))
 EOF
+
+if [ -n "$BIN_OLD" ]; then
+    rows=()
+    for w in "${WORKLOADS[@]}"; do
+        rows+=("$w (TLS)|s|${SAMPLES[$w,ferry-tls-old]}|${SAMPLES[$w,ferry-tls]}")
+    done
+    bench_compare_table "${rows[@]}"
+    for w in "${WORKLOADS[@]}"; do
+        echo "server cpu s per run, $w: old ${CPU[$w,ferry-tls-old]}, new ${CPU[$w,ferry-tls]}"
+    done
+fi

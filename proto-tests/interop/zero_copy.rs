@@ -1,7 +1,7 @@
 //! Read replies sent straight from the page cache (sendfile on plain
-//! sockets): they must carry exactly the bytes a copied reply would, while
-//! the data under them changes, and go out whole to a client that takes
-//! them slowly.
+//! sockets, a mapping of the file handed to the encryption over TLS): they
+//! must carry exactly the bytes a copied reply would, while the data under
+//! them changes, and go out whole to a client that takes them slowly.
 
 use std::collections::HashMap;
 use std::fs;
@@ -16,26 +16,50 @@ struct Cached {
     data: Vec<u8>,
     admin: PathBuf,
     s: Server,
+    /// The credentials of a TLS server (its clients use them too).
+    certs: Option<PathBuf>,
 }
 
 impl Cached {
     fn serve(size: usize, seed: u64) -> Cached {
+        Cached::serve_with(size, seed, false)
+    }
+
+    fn serve_with(size: usize, seed: u64, tls: bool) -> Cached {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.raw");
         let mut data = vec![0u8; size];
         Rng::new(seed).fill(&mut data);
         fs::write(&img, &data).unwrap();
         let admin = dir.path().join("admin.sock");
-        let s = Server::serve(
-            dir.path(),
-            &img,
-            &["--admin-socket", admin.to_str().unwrap()],
-        );
+        let certs = tls.then(|| {
+            let d = dir.path().join("pki");
+            run(nbdferry().args(["certs", "init"]).arg(&d));
+            d
+        });
+        let mut args = vec!["--admin-socket", admin.to_str().unwrap()];
+        if let Some(c) = &certs {
+            args.extend(["--tls=require", "--tls-creds", c.to_str().unwrap()]);
+        }
+        let s = Server::serve(dir.path(), &img, &args);
         Cached {
             dir,
             data,
             admin,
             s,
+            certs,
+        }
+    }
+
+    /// The server's TCP and Unix socket URIs, `nbds` ones for TLS.
+    fn uris(&self) -> (String, String) {
+        let (tcp, unix) = (self.s.uri(), self.s.unix_uri());
+        match &self.certs {
+            None => (tcp, unix),
+            Some(c) => (
+                format!("nbds{}?tls-certificates={}", &tcp[3..], c.display()),
+                format!("nbds{}&tls-certificates={}", &unix[3..], c.display()),
+            ),
         }
     }
 
@@ -65,6 +89,14 @@ nblocks = size // BLK
 rng = random.Random(7)
 gen = [0] * nblocks
 
+def connect(uri, structured=True):
+    h = nbd.NBD()
+    h.set_uri_allow_local_file(True)  # tls-certificates= names a directory
+    h.set_request_structured_replies(structured)
+    h.connect_uri(uri)
+    assert h.get_tls_negotiated() == (os.environ["TLS"] == "1"), uri
+    return h
+
 def pattern(b, g):
     out = bytearray()
     for s in range(BLK // 4096):
@@ -72,16 +104,11 @@ def pattern(b, g):
         out += head + bytes([(b * 31 + g * 7 + s) & 255]) * (4096 - len(head))
     return bytes(out)
 
-w = nbd.NBD()
-w.connect_uri(os.environ["TCP"])
+w = connect(os.environ["TCP"])
 for b in range(nblocks):
     w.pwrite(pattern(b, 0), b * BLK)
-readers = []
-for uri, structured in [(os.environ["TCP"], True), (os.environ["UNIX"], True), (os.environ["TCP"], False)]:
-    r = nbd.NBD()
-    r.set_request_structured_replies(structured)
-    r.connect_uri(uri)
-    readers.append(r)
+readers = [connect(uri, structured) for uri, structured in
+           [(os.environ["TCP"], True), (os.environ["UNIX"], True), (os.environ["TCP"], False)]]
 
 checked = 0
 for rnd in range(int(os.environ["ROUNDS"])):
@@ -115,16 +142,27 @@ print("checked", checked)
 
 #[test]
 fn zero_copy_reads_carry_exactly_the_latest_acknowledged_data() {
+    reads_carry_the_latest_data(false);
+}
+
+#[test]
+fn mapped_reads_over_tls_carry_exactly_the_latest_acknowledged_data() {
+    reads_carry_the_latest_data(true);
+}
+
+fn reads_carry_the_latest_data(tls: bool) {
     require_peer("nbdsh");
     let size = 16 * MIB as usize;
-    let c = Cached::serve(size, 91);
+    let c = Cached::serve_with(size, 91, tls);
     let before = c.zero_copied();
+    let (tcp, unix) = c.uris();
     let out = nbdsh_script(
         c.dir.path(),
         CHANGING_SCRIPT,
         &[
-            ("TCP", c.s.uri()),
-            ("UNIX", c.s.unix_uri()),
+            ("TCP", tcp),
+            ("UNIX", unix),
+            ("TLS", u8::from(tls).to_string()),
             ("SIZE", size.to_string()),
             ("ROUNDS", "600".to_string()),
         ],

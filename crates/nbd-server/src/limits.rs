@@ -22,8 +22,9 @@ pub struct Limits {
     /// for this long is disconnected; None keeps idle clients forever.
     pub idle_timeout: Option<Duration>,
     /// Cached read data goes from the file to a plain socket without a
-    /// copy through a buffer (`zero_copy.rs`). Not a limit, but a server
-    /// setting like them; off is for comparison.
+    /// copy through a buffer, and to TLS from a mapping of the file
+    /// (`zero_copy.rs`). Not a limit, but a server setting like them; off
+    /// is for comparison.
     pub zero_copy: bool,
 }
 

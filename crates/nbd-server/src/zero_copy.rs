@@ -3,8 +3,9 @@
 //! from the page cache (the two copies file → buffer → socket become
 //! none), and writes a reply's header with `MSG_MORE` so that it leaves in
 //! one segment with the data behind it. Over TLS the bytes must pass
-//! through user space to be encrypted, so there the file is read into a
-//! buffer and written as before.
+//! through user space to be encrypted: there the file is mapped and the
+//! encryption copies from the mapping, one copy instead of a read into a
+//! buffer and a second copy into the TLS record.
 
 use std::fs::File;
 use std::io::{self, IoSlice};
@@ -21,8 +22,10 @@ const COPY_STEP: usize = 256 << 10;
 
 /// A connection's writer half, as the reply writer uses it.
 pub trait ReplyWrite: AsyncWrite + Send + Unpin {
-    /// Whether file bytes go to the socket without passing through user
-    /// space (plain sockets); otherwise they are read and written.
+    /// Whether file bytes are better sent from the file at send time than
+    /// read into a buffer first: without passing through user space (plain
+    /// sockets), or from a mapping (TLS). Otherwise they are read and
+    /// written.
     fn sends_files(&self) -> bool {
         false
     }
@@ -71,10 +74,89 @@ impl<T: ReplyWrite + ?Sized> ReplyWrite for Box<T> {
     }
 }
 
-/// The TLS writer: file bytes take the buffered path.
+/// The TLS writer: file bytes go to rustls straight from a mapping of the
+/// page cache, and its copy into the record it encrypts is the only one
+/// (a read into a buffer first would be a second).
 impl<S: tokio::io::AsyncRead + AsyncWrite + Unpin + Send> ReplyWrite
     for tokio::io::WriteHalf<nbd_tls::server::TlsStream<S>>
 {
+    fn sends_files(&self) -> bool {
+        true
+    }
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        file: &File,
+        offset: u64,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        match Mapped::new(file, offset, len.min(COPY_STEP)) {
+            Some(map) => Pin::new(self).poll_write(cx, map.bytes()),
+            None => poll_copy_file(self, cx, file, offset, len),
+        }
+    }
+}
+
+/// A read-only shared mapping of part of a file, unmapped on drop.
+struct Mapped {
+    base: *mut std::ffi::c_void,
+    map_len: usize,
+    lead: usize,
+    len: usize,
+}
+
+impl Mapped {
+    /// Maps `[offset, offset + len)`; None where it cannot be mapped, or
+    /// where the range is no longer inside a regular file (a page past the
+    /// end of a file that shrank under us would fault: SIGBUS).
+    fn new(file: &File, offset: u64, len: usize) -> Option<Mapped> {
+        let page = rustix::param::page_size() as u64;
+        let start = offset - offset % page;
+        let lead = (offset - start) as usize;
+        let stat = rustix::fs::fstat(file).ok()?;
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile
+            && offset + len as u64 > stat.st_size as u64
+        {
+            return None;
+        }
+        let map_len = lead + len;
+        // SAFETY: a fresh mapping at an address the kernel picks, of a file
+        // we hold open; nothing else refers to that address range. POPULATE
+        // maps the (cached) pages at once instead of faulting them in.
+        let base = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                rustix::mm::ProtFlags::READ,
+                rustix::mm::MapFlags::SHARED | rustix::mm::MapFlags::POPULATE,
+                file,
+                start,
+            )
+        }
+        .ok()?;
+        Some(Mapped {
+            base,
+            map_len,
+            lead,
+            len,
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the range lies inside the mapping, which lives as long as
+        // `self`. Another connection's write can change these bytes while
+        // they are copied, as it could during a pread: the reply rules
+        // already let a READ racing a WRITE see either.
+        unsafe { std::slice::from_raw_parts(self.base.cast::<u8>().add(self.lead), self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; no slice of it
+        // outlives `self`.
+        let _ = unsafe { rustix::mm::munmap(self.base, self.map_len) };
+    }
 }
 
 /// Reads a piece of the file and writes it (the path for streams that

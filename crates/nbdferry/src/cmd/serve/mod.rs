@@ -318,8 +318,9 @@ struct LimitArgs {
     /// an error that says why.
     #[arg(long, default_value_t = Limits::default().max_connections)]
     max_connections: usize,
-    /// Copy every read reply through a buffer, as over TLS, instead of
-    /// sending cached data from the page cache to the socket (sendfile).
+    /// Copy every read reply through a buffer instead of sending cached
+    /// data from the page cache (sendfile on plain sockets, a mapping of
+    /// the file over TLS).
     #[arg(long)]
     no_zero_copy: bool,
     #[command(flatten)]
