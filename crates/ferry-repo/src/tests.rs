@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use crate::seal::NonceFrom;
 use crate::session::{self, Owner};
 use crate::*;
 
@@ -342,8 +343,12 @@ async fn a_flipped_checksum_fails_verify_but_the_proven_content_restores() {
     let Slot::Chunk(victim) = repo.load_point("a", &p.point).await.unwrap().slots[0] else {
         panic!("slot 0 holds data");
     };
+    // Chunks are stored bare now; one stored before that has a checksum.
     let path = dir.path().join(victim.key());
-    let mut raw = std::fs::read(&path).unwrap();
+    let mut raw = repo
+        .sealer()
+        .seal(&victim.key(), &img[..CS as usize], NonceFrom::Random)
+        .unwrap();
     let last = raw.len() - 1;
     raw[last] ^= 1;
     std::fs::write(&path, raw).unwrap();
