@@ -79,6 +79,19 @@ impl Setup {
     }
 }
 
+/// `backup-TAG-` of a run's checkpoint: the names its repository's runs
+/// give their snapshots and checkpoints.
+fn own_prefix(run: &serde_json::Value) -> String {
+    let cp = text(run, "checkpoint");
+    let tag = cp.strip_prefix("backup-").and_then(|r| r.get(..9));
+    match tag {
+        Some(t) if t.ends_with('-') && t[..8].chars().all(|c| c.is_ascii_hexdigit()) => {
+            format!("backup-{t}")
+        }
+        _ => panic!("checkpoint {cp} is not named backup-TAG-POINT"),
+    }
+}
+
 fn text<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
@@ -135,6 +148,7 @@ fn backup_run_takes_incrementals_and_falls_back_to_full_when_state_is_lost() {
     );
     points.push((text(&full, "point").into(), s.reference(&server)));
     assert_tidy(&s, &full);
+    let own = own_prefix(&full);
 
     for round in 0..2 {
         write_some(&server, &mut rng);
@@ -154,8 +168,8 @@ fn backup_run_takes_incrementals_and_falls_back_to_full_when_state_is_lost() {
     // A run killed after taking its snapshot leaves it behind: the next
     // run reads it (the disk as it was then), not the disk as it is now.
     write_some(&server, &mut rng);
-    let stale = "backup-20261201T000000.000Z-dead";
-    s.cli(&["snapshot", "create", "disk", stale, "--checkpoint"]);
+    let stale = format!("{own}20261201T000000.000Z-dead");
+    s.cli(&["snapshot", "create", "disk", &stale, "--checkpoint"]);
     let at_snapshot = s.reference(&server);
     write_some(&server, &mut rng);
     let reread = s.backup_run(&server);
@@ -187,6 +201,67 @@ fn backup_run_takes_incrementals_and_falls_back_to_full_when_state_is_lost() {
 
     for (point, want) in &points {
         assert_eq!(s.restore_hash(point), *want, "point {point}");
+    }
+    server.stop();
+}
+
+/// A disk backed up into two repositories (a local and an offsite one):
+/// each keeps its own checkpoint on the host, so every run after the first
+/// into either is an incremental that reads only what changed.
+#[test]
+fn two_repositories_of_one_disk_keep_their_own_chains() {
+    let tmp = tmpdir();
+    let setup = |repo: &str| Setup {
+        dir: tmp.path().to_path_buf(),
+        state: tmp.path().join("state"),
+        repo: tmp.path().join(repo),
+    };
+    let (a, b) = (setup("repo-a"), setup("repo-b"));
+    let img = a.dir.join("disk.raw");
+    make_sparse_image(&img, SIZE, 1202);
+    let mut rng = Rng::new(13);
+    let server = Server::live(&a.dir, &img, &a.state);
+    let first = [a.backup_run(&server), b.backup_run(&server)];
+    assert_ne!(
+        own_prefix(&first[0]),
+        own_prefix(&first[1]),
+        "the repositories name their checkpoints apart"
+    );
+    let mut want = Vec::new();
+    for round in 0..2 {
+        write_some(&server, &mut rng);
+        let at = a.reference(&server);
+        for s in [&a, &b] {
+            let inc = s.backup_run(&server);
+            eprintln!("round {round}, {}: {inc}", s.repo.display());
+            assert_eq!(text(&inc, "kind"), "incremental", "{inc}");
+            assert!(
+                num(&inc, "bytes_read") <= 9 * 64 * KIB,
+                "reads only the dirty blocks: {inc}"
+            );
+            want.push((s, text(&inc, "point").to_string(), at));
+        }
+        // One checkpoint per repository, the one its newest point needs.
+        let (mut checkpoints, snapshots) = a.host_state();
+        checkpoints.sort();
+        let mut newest: Vec<String> = want[want.len() - 2..]
+            .iter()
+            .map(|(s, p, _)| {
+                let list = run(nbdferry()
+                    .args(["backup", "list", "--json", "--repo"])
+                    .arg(&s.repo));
+                let v: serde_json::Value = serde_json::from_str(&list).expect("list JSON");
+                let last = v.as_array().and_then(|a| a.last()).expect("a point");
+                assert_eq!(text(last, "point"), p);
+                text(last, "checkpoint").to_string()
+            })
+            .collect();
+        newest.sort();
+        assert_eq!(checkpoints, newest);
+        assert!(snapshots.is_empty(), "snapshots left: {snapshots:?}");
+    }
+    for (s, point, hash) in &want {
+        assert_eq!(s.restore_hash(point), *hash, "{} {point}", s.repo.display());
     }
     server.stop();
 }

@@ -5,6 +5,11 @@
 //! still has it); the point records the new checkpoint; then the snapshot
 //! and the older checkpoints go.
 //!
+//! Names carry the repository's tag (`backup-TAG-POINT`): a disk backed up
+//! into two repositories (a local one and an offsite one, say) keeps one
+//! checkpoint per repository, and neither run deletes, or reads again,
+//! what the other took.
+//!
 //! Crash reasoning: the checkpoint the newest point records is deleted
 //! only by a later run, after that run's own point (recording a newer
 //! checkpoint) is committed, and commits are durable and atomic
@@ -29,8 +34,14 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 
 /// Snapshots and checkpoints named so belong to `backup run`: it deletes
-/// the ones it no longer needs.
+/// the ones it no longer needs, of its own repository (see [`own_prefix`]).
 pub const PREFIX: &str = "backup-";
+
+/// The names a run into `repo` gives its snapshots and checkpoints start
+/// so.
+fn own_prefix(repo: &Repo) -> String {
+    format!("{PREFIX}{}-", repo.tag())
+}
 
 /// How long a snapshot may stay busy after our reads end: the daemon
 /// notices our NBD connections closing a moment after we close them.
@@ -77,7 +88,8 @@ pub async fn run(
         .collect();
     probe(api, disk, nbd, opts).await?;
 
-    let plan = plan(latest.as_ref(), &snapshots, &checkpoints);
+    let own = own_prefix(repo);
+    let plan = plan(latest.as_ref(), &snapshots, &checkpoints, &own);
     for name in &plan.stale {
         tracing::info!(disk, "deleting the snapshot {name} of an earlier run");
         delete_snapshot(api, disk, name).await?;
@@ -92,7 +104,7 @@ pub async fn run(
             (s.info, s.export, true)
         }
         None => {
-            let name = format!("{PREFIX}{}", ferry_repo::new_point_id(SystemTime::now())?);
+            let name = format!("{own}{}", ferry_repo::new_point_id(SystemTime::now())?);
             let req = CreateSnapshot {
                 name,
                 checkpoint: true,
@@ -140,7 +152,8 @@ pub async fn run(
     if let Err(e) = delete_snapshot(api, disk, &snap.name).await {
         warnings.push(format!("cannot delete the snapshot {}: {e}", snap.name));
     }
-    for old in checkpoints_to_delete(&checkpoints, &snap.name) {
+    let previous = latest.as_ref().and_then(|p| p.checkpoint.as_deref());
+    for old in checkpoints_to_delete(&checkpoints, &snap.name, &own, previous) {
         match api.delete_checkpoint(disk, old).await {
             Ok(_) | Err(ClientError::Api { status: 404, .. }) => {}
             Err(e) => warnings.push(format!("cannot delete the checkpoint {old}: {e}")),
@@ -201,9 +214,15 @@ struct Plan {
 /// stored, its checkpoint still exists (else the next run could not build
 /// on it) and it is newer than the newest point's checkpoint (else the
 /// point would go back in time). Of those, the newest; all others go.
-fn plan(latest: Option<&PointMeta>, snapshots: &[SnapshotEntry], checkpoints: &[String]) -> Plan {
+/// Only snapshots named with `own` are looked at.
+fn plan(
+    latest: Option<&PointMeta>,
+    snapshots: &[SnapshotEntry],
+    checkpoints: &[String],
+    own: &str,
+) -> Plan {
     let prev = latest.and_then(|p| p.checkpoint.as_deref());
-    let ours = snapshots.iter().filter(|s| s.info.name.starts_with(PREFIX));
+    let ours = snapshots.iter().filter(|s| s.info.name.starts_with(own));
     let reusable = |s: &SnapshotEntry| {
         Some(s.info.name.as_str()) != prev
             && checkpoints.contains(&s.info.name)
@@ -247,12 +266,19 @@ fn base(latest: Option<&PointMeta>, snap: &SnapshotInfo) -> Base {
     }
 }
 
-/// Every `backup-*` checkpoint but the one the new point records.
-fn checkpoints_to_delete<'a>(checkpoints: &'a [String], keep: &str) -> Vec<&'a str> {
+/// Every checkpoint named with `own` but the one the new point records,
+/// and the one the previous point recorded (whatever its name: an older
+/// build named them `backup-TIME`, and a moved repository has another tag).
+fn checkpoints_to_delete<'a>(
+    checkpoints: &'a [String],
+    keep: &str,
+    own: &str,
+    previous: Option<&str>,
+) -> Vec<&'a str> {
     checkpoints
         .iter()
         .map(String::as_str)
-        .filter(|c| c.starts_with(PREFIX) && *c != keep)
+        .filter(|c| (c.starts_with(own) || Some(*c) == previous) && *c != keep)
         .collect()
 }
 
@@ -304,7 +330,7 @@ mod tests {
             snap("mine", 4, &["backup-1"]),
         ];
         let cps = names(&["backup-1", "backup-2", "backup-3"]);
-        let p = plan(Some(&latest), &snaps, &cps);
+        let p = plan(Some(&latest), &snaps, &cps, PREFIX);
         assert_eq!(p.reuse.unwrap().info.name, "backup-3");
         assert_eq!(p.stale, names(&["backup-1", "backup-2"]), "not 'mine'");
     }
@@ -316,11 +342,11 @@ mod tests {
         // checkpoint is gone.
         let snaps = [snap("backup-4", 4, &[]), snap("backup-6", 6, &["backup-5"])];
         let cps = names(&["backup-4", "backup-5"]);
-        let p = plan(Some(&latest), &snaps, &cps);
+        let p = plan(Some(&latest), &snaps, &cps, PREFIX);
         assert_eq!(p.reuse, None);
         assert_eq!(p.stale, names(&["backup-4", "backup-6"]));
         // With no point yet, any leftover with its checkpoint will do.
-        let p = plan(None, &snaps[..1], &cps);
+        let p = plan(None, &snaps[..1], &cps, PREFIX);
         assert_eq!(p.reuse.unwrap().info.name, "backup-4");
         assert!(p.stale.is_empty());
     }
@@ -339,8 +365,28 @@ mod tests {
     }
 
     #[test]
+    fn another_repositorys_snapshots_are_neither_read_nor_deleted() {
+        let latest = point(Some("backup-aa-1"));
+        let snaps = [
+            snap("backup-aa-0", 0, &[]),
+            snap("backup-bb-2", 2, &["backup-aa-1"]),
+        ];
+        let cps = names(&["backup-aa-1", "backup-bb-2"]);
+        let p = plan(Some(&latest), &snaps, &cps, "backup-aa-");
+        assert_eq!(p.reuse, None);
+        assert_eq!(p.stale, names(&["backup-aa-0"]));
+    }
+
+    #[test]
     fn only_our_other_checkpoints_are_deleted() {
-        let cps = names(&["backup-1", "backup-2", "vm-cp"]);
-        assert_eq!(checkpoints_to_delete(&cps, "backup-2"), vec!["backup-1"]);
+        let cps = names(&["backup-aa-1", "backup-aa-2", "backup-bb-1", "vm-cp"]);
+        let del = |prev| checkpoints_to_delete(&cps, "backup-aa-2", "backup-aa-", prev);
+        assert_eq!(del(None), vec!["backup-aa-1"]);
+        // The previous point's checkpoint, even named otherwise (an older
+        // build's, or the repository's under another path).
+        let cps = names(&["backup-1", "backup-aa-2", "backup-bb-1"]);
+        let del = |prev| checkpoints_to_delete(&cps, "backup-aa-2", "backup-aa-", prev);
+        assert_eq!(del(Some("backup-1")), vec!["backup-1"]);
+        assert!(del(Some("backup-aa-2")).is_empty());
     }
 }
