@@ -262,6 +262,7 @@ async fn arriving(
     let reads = dev.async_reads();
     let cor = CopyOnRead::open(Arc::new(file), dev, gran, dir)
         .map_err(|e| fail(&e))?
+        .with_wait_limit(src.timeout)
         .with_async_reads(reads);
     let progress = cor.progress();
     tracing::info!(

@@ -50,7 +50,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_block::{
     BASE_ALLOCATION, BlockDev, Error, Extent, Fetch, FileSpan, Layer, Result, ZeroMode, check_range,
@@ -145,6 +145,10 @@ pub struct CopyOnRead {
     /// The source's awaitable reads, and the layer itself for the futures
     /// that use them ([`CopyOnRead::with_async_reads`]).
     async_reads: Option<(AsyncRead, Weak<CopyOnRead>)>,
+    /// How long a reader waits for another fetch of its blocks (the
+    /// source's timeout: a reader's wait is bounded by it, however long
+    /// the fetch it waits for takes); None: as long as that fetch takes.
+    wait_limit: Option<Duration>,
     /// Pages fetched for a reader ahead of the rest of their blocks, by
     /// offset, until those blocks are installed. Reads of blocks that are
     /// not current may be answered from them: the source is frozen, so
@@ -261,8 +265,16 @@ impl CopyOnRead {
             wanted: Mutex::new(VecDeque::new()),
             fetched_demand: AtomicU64::new(0),
             async_reads: None,
+            wait_limit: None,
             staged: Mutex::new(Vec::new()),
         })
+    }
+
+    /// A reader waits at most `limit` for blocks another fetch brings,
+    /// then fails (EIO), as it would waiting for the source itself.
+    pub fn with_wait_limit(mut self, limit: Duration) -> Self {
+        self.wait_limit = Some(limit);
+        self
     }
 
     /// The layer, able to fetch readers' blocks on an async runtime with
@@ -587,9 +599,18 @@ impl CopyOnRead {
     /// Makes blocks `[a, b)` current: fetches those nobody is fetching,
     /// waits for the others.
     fn ensure(&self, a: u64, b: u64) -> Result<()> {
+        let deadline = self.wait_limit.map(|d| Instant::now() + d);
         loop {
             if (a..b).all(|blk| self.current.get(blk)) {
                 return Ok(());
+            }
+            // Past it, a fetch of our own would wait for the source again.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "another fetch of these blocks from the source did not end in time",
+                )
+                .into());
             }
             let mut claim = self.claim(a, b);
             for (ra, rb) in claim.runs() {
@@ -603,7 +624,10 @@ impl CopyOnRead {
             // (their fetch may have failed, and this one then tries).
             let f = lock(&self.fetching);
             if (a..b).any(|blk| f.contains(&blk)) {
-                drop(self.fetched.wait_timeout(f, WAIT_SLICE));
+                let slice = deadline.map_or(WAIT_SLICE, |d| {
+                    d.saturating_duration_since(Instant::now()).min(WAIT_SLICE)
+                });
+                drop(self.fetched.wait_timeout(f, slice));
             }
         }
     }
@@ -1127,8 +1151,17 @@ mod tests {
         }
 
         fn open_async_at(&self, gate: Arc<AtomicBool>, gran: u64) -> Arc<CopyOnRead> {
+            let local = self.local.clone();
+            CopyOnRead::open(local, self.source.clone(), gran, self.dir.path())
+                .unwrap()
+                .with_async_reads(self.gated_reads(gate))
+        }
+
+        /// Awaitable reads of the source that finish only once `gate` is
+        /// open.
+        fn gated_reads(&self, gate: Arc<AtomicBool>) -> AsyncRead {
             let source = self.source.clone();
-            let reads: AsyncRead = Arc::new(move |off, len, _| {
+            Arc::new(move |off, len, _| {
                 let (source, gate) = (source.clone(), gate.clone());
                 Box::pin(std::future::poll_fn(move |_| {
                     if !gate.load(Ordering::SeqCst) {
@@ -1139,11 +1172,7 @@ mod tests {
                         BlockDev::read_at(&*source, &mut buf, off).map_err(std::io::Error::other);
                     std::task::Poll::Ready(r.map(|()| buf))
                 }))
-            });
-            let local = self.local.clone();
-            CopyOnRead::open(local, self.source.clone(), gran, self.dir.path())
-                .unwrap()
-                .with_async_reads(reads)
+            })
         }
     }
 
@@ -1171,6 +1200,34 @@ mod tests {
         assert_eq!(b, want[(GRAN + 100) as usize..][..GRAN as usize]);
         assert_eq!(f.read_from_source(), 2 * GRAN);
         assert_eq!(cor.progress().fetched_on_demand, 2 * GRAN);
+    }
+
+    #[test]
+    fn a_reader_waits_for_another_fetch_no_longer_than_its_limit() {
+        let f = fixture(Duration::ZERO);
+        let gate = Arc::new(AtomicBool::new(false));
+        let limit = Duration::from_millis(300);
+        let cor = CopyOnRead::open(f.local.clone(), f.source.clone(), GRAN, f.dir.path())
+            .unwrap()
+            .with_wait_limit(limit)
+            .with_async_reads(f.gated_reads(gate));
+        // A fetch that claimed block 3 and never ends (its source is stuck).
+        let _stuck = BlockDev::fetch_ahead(&*cor, 3 * GRAN, GRAN).expect("absent");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = cor.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let mut b = vec![0u8; 10];
+            let r = BlockDev::read_at(&*reader, &mut b, 3 * GRAN + 5);
+            let _ = tx.send((r.map_err(|e| e.to_string()), t.elapsed()));
+        });
+        let (r, waited) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reader still waits, past its limit");
+        let e = r.expect_err("blocks another fetch holds cannot be read");
+        assert!(e.contains("did not end in time"), "{e}");
+        assert!(waited >= limit, "gave up after {waited:?}");
+        assert_eq!(f.read_from_source(), 0);
     }
 
     #[test]
