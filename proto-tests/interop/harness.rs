@@ -330,15 +330,24 @@ pub fn terminate_pid(pid: u32, deadline: Duration) {
 }
 
 /// Poll `cond` until true or the deadline passes.
-pub fn wait_until(deadline: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(deadline: Duration, what: &str, cond: impl FnMut() -> bool) {
+    assert!(
+        wait_for(deadline, cond),
+        "timed out after {deadline:?} waiting for {what}"
+    );
+}
+
+/// Poll `cond` until true (true) or the deadline passes (false), for a
+/// caller that says more than "timed out" when it does.
+pub fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
     while !cond() {
-        assert!(
-            Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
+        if Instant::now() >= end {
+            return false;
+        }
         thread::sleep(Duration::from_millis(10));
     }
+    true
 }
 
 /// True when some socket in LISTEN state is bound to 127.0.0.1:port or

@@ -163,19 +163,11 @@ impl Repo {
     }
 
     /// Eight hex digits that tell this repository from others, the same
-    /// however its location is written (a directory's canonical path, an
-    /// S3 location without trailing slashes): `backup run` names the
-    /// snapshots and checkpoints it takes for this repository with it.
+    /// however its location is written: `backup run` names the snapshots
+    /// and checkpoints it takes for this repository with it.
     pub fn tag(&self) -> String {
-        let loc = self.location();
-        let canonical = if loc.starts_with("s3://") {
-            loc.trim_end_matches('/').to_string()
-        } else {
-            std::fs::canonicalize(&loc)
-                .map(|p| p.display().to_string())
-                .unwrap_or(loc)
-        };
-        crate::seal::hex(&blake3::hash(canonical.as_bytes()).as_bytes()[..4])
+        let identity = self.inner.backend.identity();
+        crate::seal::hex(&blake3::hash(identity.as_bytes()).as_bytes()[..4])
     }
 
     pub(crate) fn backend(&self) -> &dyn Backend {

@@ -453,3 +453,13 @@ async fn concurrent_backups_into_one_repository() {
     let v = repo.verify(true).await.unwrap();
     assert!(v.problems.is_empty(), "{:?}", v.problems);
 }
+
+#[tokio::test]
+async fn a_repository_has_one_tag_however_its_path_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = repo(&dir.path().join("r")).await.tag();
+    assert_eq!(a.len(), 8);
+    assert_eq!(repo(&dir.path().join("r/")).await.tag(), a);
+    assert_eq!(repo(&dir.path().join("x/../r")).await.tag(), a);
+    assert_ne!(repo(&dir.path().join("other")).await.tag(), a);
+}

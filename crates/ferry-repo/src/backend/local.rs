@@ -345,6 +345,12 @@ impl Backend for Local {
     fn describe(&self) -> String {
         self.root.display().to_string()
     }
+
+    /// The canonical path: a relative path, a symlink or a trailing slash
+    /// name the same directory.
+    fn identity(&self) -> String {
+        fs::canonicalize(&self.root).map_or_else(|_| self.describe(), |p| p.display().to_string())
+    }
 }
 
 #[cfg(test)]

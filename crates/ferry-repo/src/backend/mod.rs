@@ -64,6 +64,11 @@ pub trait Backend: Send + Sync + 'static {
     fn barrier(&self) -> BoxFuture<'_, ()>;
     /// Where the objects are, for messages.
     fn describe(&self) -> String;
+    /// Where the objects are, written one way however the location was
+    /// given (it names the repository in `backup run`'s checkpoints).
+    fn identity(&self) -> String {
+        self.describe()
+    }
 }
 
 /// Opens a repository location: `s3://bucket/prefix` or a local directory.

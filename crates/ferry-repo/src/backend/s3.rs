@@ -151,4 +151,9 @@ impl Backend for S3 {
     fn describe(&self) -> String {
         self.location.clone()
     }
+
+    /// Keys are built without the location's trailing slashes.
+    fn identity(&self) -> String {
+        self.location.trim_end_matches('/').to_string()
+    }
 }
