@@ -596,7 +596,7 @@ impl Ctx {
                 .await
                 .map_err(nbd_err(uri))?,
             Dest::File(f) => f.write(offset, data).await?,
-            Dest::Repo(w) => w.write(offset, &data).await?,
+            Dest::Repo(w) => w.write(offset, data).await?,
             Dest::Compare { client, uri } => {
                 let theirs = client
                     .read(offset, vec![0u8; data.len()])

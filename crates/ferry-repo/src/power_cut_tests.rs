@@ -41,7 +41,13 @@ impl Backend for Volatile {
         Box::pin(async move { Ok(v) })
     }
 
-    fn put<'a>(&'a self, key: &'a str, data: Bytes, durability: Durability) -> BoxFuture<'a, ()> {
+    fn put_parts<'a>(
+        &'a self,
+        key: &'a str,
+        parts: Vec<Bytes>,
+        durability: Durability,
+    ) -> BoxFuture<'a, ()> {
+        let data = Bytes::from(parts.concat());
         self.with(|s| {
             s.visible.insert(key.to_string(), data.clone());
             match durability {
@@ -137,7 +143,7 @@ async fn points_that_survive_a_power_cut_have_all_their_chunks() {
     let w = PointWriter::begin(&repo, spec(img.len() as u64, true))
         .await
         .unwrap();
-    w.write(0, &img).await.unwrap();
+    w.write(0, Bytes::copy_from_slice(&img)).await.unwrap();
     let p = w.commit(img.len() as u64).await.unwrap();
     backend.cut_power();
     assert!(restore(&repo, &p).await == img, "the full point");
@@ -148,7 +154,9 @@ async fn points_that_survive_a_power_cut_have_all_their_chunks() {
         .await
         .unwrap();
     assert!(w.incremental());
-    w.write(0, &img[..CS as usize]).await.unwrap();
+    w.write(0, Bytes::copy_from_slice(&img[..CS as usize]))
+        .await
+        .unwrap();
     w.keep(CS, img.len() as u64 - CS).await.unwrap();
     let p = w.commit(CS).await.unwrap();
     backend.cut_power();

@@ -203,12 +203,12 @@ impl Repo {
     // ---- chunks --------------------------------------------------------
 
     /// Stores a chunk under its id; returns the stored size.
-    pub(crate) async fn put_chunk(&self, id: &ChunkId, data: &[u8]) -> Result<u64> {
+    pub(crate) async fn put_chunk(&self, id: &ChunkId, data: Bytes) -> Result<u64> {
         let key = id.key();
-        let sealed = self.sealer().seal(&key, data, NonceFrom::Chunk(id))?;
-        let n = sealed.len() as u64;
+        let sealed = self.sealer().seal_parts(&key, data, NonceFrom::Chunk(id))?;
+        let n = sealed.iter().map(Bytes::len).sum::<usize>() as u64;
         self.backend()
-            .put(&key, Bytes::from(sealed), Durability::Deferred)
+            .put_parts(&key, sealed, Durability::Deferred)
             .await?;
         Ok(n)
     }

@@ -115,7 +115,30 @@ impl Sealer {
     }
 
     pub fn seal(&self, key: &str, plain: &[u8], nonce: NonceFrom<'_>) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(plain.len() + 64);
+        let (mut out, plain_follows) = self.seal_head(key, plain, nonce)?;
+        if plain_follows {
+            out.extend_from_slice(plain);
+        }
+        Ok(out)
+    }
+
+    /// [`seal`](Self::seal) in parts to store one after the other: a bare
+    /// chunk that does not compress is its header and then `plain` itself,
+    /// not a copy of it (a copy cost 5% of a full backup's CPU).
+    pub fn seal_parts(&self, key: &str, plain: Bytes, nonce: NonceFrom<'_>) -> Result<Vec<Bytes>> {
+        let (out, plain_follows) = self.seal_head(key, &plain, nonce)?;
+        Ok(if plain_follows {
+            vec![Bytes::from(out), plain]
+        } else {
+            vec![Bytes::from(out)]
+        })
+    }
+
+    /// The sealed object, or only its header when it is a bare chunk that
+    /// does not compress (`true`: `plain` follows the header as it is).
+    fn seal_head(&self, key: &str, plain: &[u8], nonce: NonceFrom<'_>) -> Result<(Vec<u8>, bool)> {
+        let bare = self.cipher.is_none() && matches!(nonce, NonceFrom::Chunk(_));
+        let mut out = Vec::with_capacity(if bare { 64 } else { plain.len() + 64 });
         out.extend_from_slice(MAGIC);
         out.push(0); // the flags, known below
         let mut n = [0u8; NONCE_LEN];
@@ -129,9 +152,13 @@ impl Sealer {
             out.extend_from_slice(&n);
         }
         let start = out.len();
-        let bare = self.cipher.is_none() && matches!(nonce, NonceFrom::Chunk(_));
         let mut flags = match self.zstd {
             Some(level) if compress_into(level, plain, &mut out) => ZSTD,
+            _ if bare => {
+                out.truncate(start);
+                out[MAGIC.len()] = BARE;
+                return Ok((out, true));
+            }
             _ => {
                 out.truncate(start);
                 out.extend_from_slice(plain);
@@ -158,7 +185,7 @@ impl Sealer {
             }
         }
         out[MAGIC.len()] = flags;
-        Ok(out)
+        Ok((out, false))
     }
 
     /// Checks a stored object's integrity (tag or checksum) and returns its
@@ -329,10 +356,12 @@ fn worth_compressing(z: &mut zstd::bulk::Compressor<'static>, plain: &[u8]) -> b
     if step < 2 * PROBE_PIECE {
         return true;
     }
-    let sample: Vec<u8> = (0..PROBE_PIECES)
-        .flat_map(|i| &plain[i * step..i * step + PROBE_PIECE])
-        .copied()
-        .collect();
+    // Slice by slice: a byte-wise iterator here cost 6% of a full
+    // backup's CPU (perf, 64 KiB chunks).
+    let mut sample = Vec::with_capacity(PROBE_PIECES * PROBE_PIECE);
+    for i in 0..PROBE_PIECES {
+        sample.extend_from_slice(&plain[i * step..i * step + PROBE_PIECE]);
+    }
     let mut out = vec![0u8; sample.len() - sample.len() / 32];
     z.compress_to_buffer(&sample, &mut out).is_ok()
 }
@@ -459,6 +488,37 @@ mod tests {
         stored[last / 2] ^= 1;
         let r = s.open_chunk("k", Bytes::from(stored), data.len(), Envelope::ContentOnly);
         assert!(matches!(r, Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn sealing_in_parts_stores_the_same_bytes() {
+        let mut random = vec![0u8; 70_000];
+        blake3::Hasher::new().finalize_xof().fill(&mut random);
+        let pattern: Vec<u8> = (0..70_000u32).map(|i| (i % 13) as u8).collect();
+        let k = key();
+        for key_file in [None, Some(&k)] {
+            for z in [None, Some(1)] {
+                let s = Sealer::new(key_file, z).unwrap();
+                for data in [&random, &pattern] {
+                    let id = s.chunk_id(data);
+                    let key = id.key();
+                    let whole = s.seal(&key, data, NonceFrom::Chunk(&id)).unwrap();
+                    let parts = s
+                        .seal_parts(&key, Bytes::from(data.clone()), NonceFrom::Chunk(&id))
+                        .unwrap();
+                    assert_eq!(
+                        parts.concat(),
+                        whole,
+                        "key {} zstd {z:?}",
+                        key_file.is_some()
+                    );
+                    // The plain bytes are handed on, not copied, only where
+                    // they are stored as they are.
+                    let as_is = key_file.is_none() && (z.is_none() || data == &random);
+                    assert_eq!(parts.len(), if as_is { 2 } else { 1 });
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use bytes::Bytes;
+
 use crate::seal::NonceFrom;
 use crate::session::{self, Owner};
 use crate::*;
@@ -56,7 +58,7 @@ async fn full(repo: &Repo, disk: &str, img: &[u8]) -> PointMeta {
         if block.iter().all(|&b| b == 0) {
             w.zero(off, block.len() as u64).await.unwrap();
         } else {
-            w.write(off, block).await.unwrap();
+            w.write(off, Bytes::copy_from_slice(block)).await.unwrap();
         }
     }
     w.commit(img.len() as u64).await.unwrap()
@@ -144,7 +146,7 @@ async fn incremental_keeps_clean_ranges_from_the_parent() {
     img[5000..5100].copy_from_slice(&new);
     img[7 * CS as usize..7 * CS as usize + 2048].fill(0);
     w.keep(0, 5000).await.unwrap();
-    w.write(5000, &new).await.unwrap();
+    w.write(5000, Bytes::copy_from_slice(&new)).await.unwrap();
     w.keep(5100, 7 * CS - 5100).await.unwrap();
     w.zero(7 * CS, 2048).await.unwrap();
     w.keep(7 * CS + 2048, img.len() as u64 - 7 * CS - 2048)
@@ -181,7 +183,7 @@ async fn an_incremental_finds_chunks_its_parent_does_not_name() {
         .await
         .unwrap();
     assert!(w.incremental());
-    w.write(0, &other).await.unwrap();
+    w.write(0, Bytes::copy_from_slice(&other)).await.unwrap();
     w.keep(CS, img.len() as u64 - CS).await.unwrap();
     let p = w.commit(CS).await.unwrap();
     assert_eq!(p.stats.new_chunks, 0, "disk e stored it already");
@@ -212,7 +214,9 @@ async fn a_killed_backup_is_not_listed_and_its_rerun_resumes() {
         .await
         .unwrap();
     for i in 0..512u64 {
-        w.write(i * CS, slot(i)).await.unwrap();
+        w.write(i * CS, Bytes::copy_from_slice(slot(i)))
+            .await
+            .unwrap();
     }
     // Killed: never committed.
     drop(w);
@@ -226,7 +230,9 @@ async fn a_killed_backup_is_not_listed_and_its_rerun_resumes() {
     assert!(w.slot_done(0) && w.slot_done(511) && !w.slot_done(512));
     for i in 0..1024u64 {
         // Writes to done slots are ignored: the caller need not know.
-        w.write(i * CS, slot(i)).await.unwrap();
+        w.write(i * CS, Bytes::copy_from_slice(slot(i)))
+            .await
+            .unwrap();
     }
     let p = w.commit(0).await.unwrap();
     assert_eq!(
@@ -371,8 +377,12 @@ async fn pieces_of_any_size_make_the_same_point() {
         .await
         .unwrap();
     let cut = 2 * CS as usize + 100;
-    w.write(0, &img[..cut]).await.unwrap();
-    w.write(cut as u64, &img[cut..]).await.unwrap();
+    w.write(0, Bytes::copy_from_slice(&img[..cut]))
+        .await
+        .unwrap();
+    w.write(cut as u64, Bytes::copy_from_slice(&img[cut..]))
+        .await
+        .unwrap();
     let b = w.commit(img.len() as u64).await.unwrap();
     assert_eq!(
         repo.load_point("a", &a.point).await.unwrap().slots,

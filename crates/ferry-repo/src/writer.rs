@@ -11,6 +11,7 @@
 //! holds and the repository still has. The session record needs no sync
 //! of its own: the barrier before the first segment covers it.
 
+use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -38,9 +39,9 @@ pub struct BackupSpec {
 }
 
 /// A piece of one slot.
-#[derive(Clone, Copy)]
-enum Piece<'a> {
-    Data(&'a [u8]),
+#[derive(Clone)]
+enum Piece {
+    Data(Bytes),
     Zero,
     Keep,
 }
@@ -329,11 +330,11 @@ impl PointWriter {
             .is_some_and(Option::is_some)
     }
 
-    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
         let mut pos = 0usize;
         for (slot, a, b) in self.split(offset, data.len() as u64)? {
             let n = b - a;
-            self.piece(slot, a, b, Piece::Data(&data[pos..pos + n]))
+            self.piece(slot, a, b, Piece::Data(data.slice(pos..pos + n)))
                 .await?;
             pos += n;
         }
@@ -410,18 +411,18 @@ impl PointWriter {
         Ok(out)
     }
 
-    async fn piece(&self, slot: u64, a: usize, b: usize, piece: Piece<'_>) -> Result<()> {
+    async fn piece(&self, slot: u64, a: usize, b: usize, piece: Piece) -> Result<()> {
         if self.slot_done(slot) {
             return Ok(());
         }
         let len = slot_len(self.size(), self.chunk_size(), slot);
         // A piece that is the whole slot (most of a full backup) is stored
         // straight from the caller's buffer: no staging copy.
-        if let Piece::Data(d) = piece
+        if let Piece::Data(d) = &piece
             && d.len() as u64 == len
             && !lock(&self.shared.partial).contains_key(&slot)
         {
-            let entry = self.store(d).await?;
+            let entry = self.store(d.clone()).await?;
             return self.finish_slot(slot, len, entry).await;
         }
         let complete = {
@@ -429,7 +430,7 @@ impl PointWriter {
             let p = partial.entry(slot).or_default();
             match piece {
                 Piece::Data(d) => {
-                    p.buf.get_or_insert_with(|| vec![0u8; len as usize])[a..b].copy_from_slice(d);
+                    p.buf.get_or_insert_with(|| vec![0u8; len as usize])[a..b].copy_from_slice(&d);
                 }
                 Piece::Zero => {}
                 Piece::Keep => {
@@ -481,7 +482,7 @@ impl PointWriter {
                             })?);
                         }
                     }
-                    self.store(&buf).await?
+                    self.store(Bytes::from(buf)).await?
                 }
             };
         self.finish_slot(slot, len - kept, entry).await
@@ -489,14 +490,14 @@ impl PointWriter {
 
     /// The entry for a slot's whole content, storing it as a chunk unless
     /// the repository has it already.
-    async fn store(&self, content: &[u8]) -> Result<Slot> {
+    async fn store(&self, content: Bytes) -> Result<Slot> {
         // Data pieces may carry zeroes (the caller decides its pieces); a
         // slot that is all zeroes is no chunk. Real data ends this scan at
         // its first bytes.
         if content.iter().all(|&b| b == 0) {
             return Ok(Slot::Zero);
         }
-        let id = self.shared.repo.sealer().chunk_id(content);
+        let id = self.shared.repo.sealer().chunk_id(&content);
         let mut stored = lock(&self.shared.known).contains(&id);
         if !stored && !self.shared.listed && self.shared.repo.has_chunk(&id).await? {
             // Seen under `chunks/` after we registered: as safe to trust

@@ -50,7 +50,17 @@ pub enum Durability {
 pub trait Backend: Send + Sync + 'static {
     /// The object's bytes, or `None` if it does not exist.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Bytes>>;
-    fn put<'a>(&'a self, key: &'a str, data: Bytes, durability: Durability) -> BoxFuture<'a, ()>;
+    fn put<'a>(&'a self, key: &'a str, data: Bytes, durability: Durability) -> BoxFuture<'a, ()> {
+        self.put_parts(key, vec![data], durability)
+    }
+    /// [`put`](Self::put) of the parts one after the other, as one object
+    /// (a chunk's header and its bytes, without joining them in memory).
+    fn put_parts<'a>(
+        &'a self,
+        key: &'a str,
+        parts: Vec<Bytes>,
+        durability: Durability,
+    ) -> BoxFuture<'a, ()>;
     /// Whether the object exists, without reading it.
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, bool>;
     /// Removes an object; a missing one is not an error.

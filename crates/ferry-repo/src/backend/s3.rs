@@ -81,10 +81,15 @@ impl Backend for S3 {
         })
     }
 
-    fn put<'a>(&'a self, key: &'a str, data: Bytes, _: Durability) -> BoxFuture<'a, ()> {
+    fn put_parts<'a>(
+        &'a self,
+        key: &'a str,
+        parts: Vec<Bytes>,
+        _: Durability,
+    ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             self.store
-                .put(&self.path(key), PutPayload::from(data))
+                .put(&self.path(key), PutPayload::from_iter(parts))
                 .await
                 .map(|_| ())
                 .map_err(self.err(key))
