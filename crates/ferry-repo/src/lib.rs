@@ -37,27 +37,34 @@
 //!   deletes them once no backup that might have trusted them still runs.
 //!
 //! # Chunk size
-//! 64 KiB by default (chosen per repository when it is created, a power of
-//! two from 4 KiB to 16 MiB). It matches qemu's default bitmap granularity
-//! and qcow2 cluster: a dirty 64 KiB block is one new chunk, with no
-//! read-modify-write of a larger chunk. Measured on the 4 GiB image of
-//! `proto-tests/bench/mk-image.py` (1 GiB of data) from qemu-nbd, release
-//! build, then 1% of the disk changed (656 random 64 KiB writes) and an
-//! incremental pulled with the bitmap:
+//! 256 KiB by default (chosen per repository when it is created, a power of
+//! two from 4 KiB to 16 MiB). Every chunk is one object, and on a local
+//! file system each costs an inode, a rename and a few system calls
+//! whatever its size (about 70 µs on the benchmark VM): small chunks make
+//! full backups slow. Large ones make incrementals slow: a dirty block
+//! rewrites its whole chunk (the rest read back from the parent point),
+//! and the repository grows by whole chunks. Measured with
+//! `proto-tests/bench/bench-backup.sh --chunk-size SIZE` (release build,
+//! source qemu-nbd, medians, nbdcopy of the same export alongside):
 //!
-//! | chunk | full | objects | incremental | unchanged incr. | growth |
+//! | chunk | full, 1 GiB data | full / nbdcopy speed | incr., 4 GiB data, 1% dirty | incr. / full | repo growth |
 //! |---|---|---|---|---|---|
-//! | 64 KiB | 5.9-12.4 s | 16634 | 0.35 s | 0.18 s | 0.6 MB |
-//! | 256 KiB | 5.6-10.7 s | 4668 | 0.82 s | 0.16 s | 33.6 MB |
-//! | 1 MiB | 5.6-12.7 s | 1613 | 1.77 s | 0.42 s | 157.7 MB |
+//! | 64 KiB | 2.84 s | 0.49× | 0.14 s | 1.7% | 2.2 MB |
+//! | 256 KiB | 1.59 s | 0.69× | 0.10 s | 1.4% | 0.6 MB |
+//! | 1 MiB | 1.54 s | 0.87× | 0.31 s | 4.2% | 124 MB |
+//! | 4 MiB | 3.15 s | 0.33× | 0.90 s (1 GiB data) | 27% | |
 //!
-//! (Full backups swing with this shared machine's load. perf shows them
-//! CPU-bound on its 2 cores rather than disk-bound: BLAKE3, zstd, and the
-//! creation of one file per chunk; the pattern writes compress to almost
-//! nothing, hence 64 KiB's small growth.)
-//! The price of small chunks is the index: 33 bytes per chunk per point
-//! (2 MB for a 4 GiB disk, 0.05% of the disk) and more objects, i.e. more
-//! requests on S3; choose a larger `--chunk-size` for very large disks.
+//! (The full column is on the 4 GiB image with 1 GiB of data, `--cases
+//! full`; the incremental on a fully allocated one, `--data-mib 4096
+//! --cases incr`, where 1% of the disk is 1% of the data: 164 random
+//! 256 KiB writes of compressible patterns, hence the small growth. Full
+//! backups swing 20-40% between runs on this VM. Measured before chunks
+//! were written without a copy, which made all sizes faster alike.)
+//! 256 KiB keeps most of 1 MiB's full-backup speed and 64 KiB's
+//! incrementals. The price of
+//! small chunks is also the index: 33 bytes per chunk per point (0.5 MB
+//! for a 4 GiB disk) and more objects, i.e. more requests on S3; choose
+//! a larger `--chunk-size` for very large disks.
 
 pub mod backend;
 mod error;

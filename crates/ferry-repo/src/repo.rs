@@ -16,7 +16,7 @@ use crate::seal::{Envelope, KeyFile, NonceFrom, Sealer};
 const FORMAT: u32 = 1;
 
 /// Chunk size of new repositories: see the crate docs for the measurement.
-pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u64 = 256 * 1024;
 /// zstd level of new repositories that compress: level 1 keeps compression
 /// well ahead of a disk or network (several hundred MB/s per core).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;

@@ -344,7 +344,7 @@ fn compress_into(level: i32, plain: &[u8], out: &mut Vec<u8>) -> bool {
 
 /// Pieces of a large object compressed first, to tell incompressible
 /// content (encrypted or already compressed disk data) cheaply: zstd would
-/// spend as long failing on a whole 64 KiB chunk as on compressing it
+/// spend as long failing on a whole chunk as on compressing it
 /// (measured: 7% of a full backup's CPU on the benchmark's random data).
 const PROBE_PIECES: usize = 8;
 const PROBE_PIECE: usize = 512;

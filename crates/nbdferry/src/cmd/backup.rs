@@ -127,15 +127,15 @@ pub(super) struct CreateArgs {
     #[arg(long, value_enum, default_value_t = Compression::Zstd)]
     compression: Compression,
     /// Chunk size of a repository this backup creates (a power of two,
-    /// 4K to 16M).
-    #[arg(long, value_parser = super::size::parse_bytes, default_value = "64K")]
-    chunk_size: u64,
+    /// 4K to 16M; default 256K).
+    #[arg(long, value_parser = super::size::parse_bytes)]
+    chunk_size: Option<u64>,
 }
 
 impl CreateArgs {
     fn options(&self) -> CreateOptions {
         CreateOptions {
-            chunk_size: self.chunk_size,
+            chunk_size: self.chunk_size.unwrap_or(ferry_repo::DEFAULT_CHUNK_SIZE),
             zstd: match self.compression {
                 Compression::Zstd => CreateOptions::default().zstd,
                 Compression::None => None,
