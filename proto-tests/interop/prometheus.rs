@@ -165,5 +165,39 @@ fn prometheus_scrapes_request_and_byte_counters_over_mutual_tls() {
     ] {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
+
+    // A snapshot's gauge lives as long as the snapshot: after its deletion
+    // no scrape reports it.
+    let series = r#"nbdferry_snapshot_preserved_bytes{disk="disk",snapshot="s1"}"#;
+    let metrics = || admin_http(&state.join("admin.sock"), "GET", "/metrics", "").1;
+    let (status, body) = admin_http(
+        &state.join("admin.sock"),
+        "POST",
+        "/v1/disks/disk/snapshots",
+        r#"{"name":"s1"}"#,
+    );
+    assert!(status < 300, "{status} {body}");
+    let text = metrics();
+    assert!(text.contains(series), "{series} missing from:\n{text}");
+    assert!(
+        text.contains(r#"nbdferry_disk_snapshots{disk="disk"} 1"#),
+        "{text}"
+    );
+    let (status, body) = admin_http(
+        &state.join("admin.sock"),
+        "DELETE",
+        "/v1/disks/disk/snapshots/s1",
+        "",
+    );
+    assert!(status < 300, "{status} {body}");
+    let text = metrics();
+    assert!(
+        !text.contains(series),
+        "a deleted snapshot is still reported:\n{text}"
+    );
+    assert!(
+        text.contains(r#"nbdferry_disk_snapshots{disk="disk"} 0"#),
+        "{text}"
+    );
     s.stop();
 }
