@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Backup benchmark: `nbdferry backup pull` / `restore` (release build)
 # against nbdcopy, restic and borg, on the 4 GiB sparse image of
-# mk-image.py (1 GiB of data in 1 MiB runs), in one run, alternating.
+# mk-image.py (1 GiB of data in 1 MiB runs, or --data-mib), in one run,
+# alternating.
 #
 # Cases (each timed RUNS times, medians):
 #   full      nbdferry backup pull from qemu-nbd (-r) into a new local
@@ -30,7 +31,8 @@
 #   --runs N             timed runs per case and tool (default 3)
 #   --chunk-size SIZE    chunk size of nbdferry's repositories (default:
 #                        nbdferry's own); run once per size to choose it
-#   --cases LIST         comma-separated, of full,restore,incr (default all)
+#   --cases LIST         comma-separated, of full,restore,incr (default all;
+#                        restore restores full's point, so runs full too)
 #   --data-mib N         MiB of data in the 4 GiB image (default 1024;
 #                        4096: every block allocated, so that 1% of the
 #                        disk is 1% of the data; needs ~16 GB free for incr)
@@ -44,13 +46,14 @@ RUNS=3
 CHUNK=""
 CASES=full,restore,incr
 DATA_MIB=1024
-bench_parse_args 37 --chunk-size=CHUNK --cases=CASES --data-mib=DATA_MIB -- "$@"
+bench_parse_args 39 --chunk-size=CHUNK --cases=CASES --data-mib=DATA_MIB -- "$@"
 CHUNK_ARGS=()
 [ -z "$CHUNK" ] || CHUNK_ARGS=(--chunk-size "$CHUNK")
 for c in ${CASES//,/ }; do
     case "$c" in full|restore|incr) ;; *) echo "unknown case: $c" >&2; exit 2 ;; esac
 done
 want() { [[ ",$CASES," == *",$1,"* ]]; }
+CHANGED=$((164 * 262144)) # what the incr case writes (before overlaps)
 # restore restores the full case's last point.
 if want restore && ! want full; then CASES="full,$CASES"; fi
 bench_need_tools qemu-nbd qemu-img qemu-io nbdcopy restic borg python3 ss
@@ -80,7 +83,7 @@ declare -A T=()
 add() { T[$1]="${T[$1]:-} $2"; }
 
 # Each nbdferry repository stays until the end of the script: deleting
-# one's 16k chunk files just before the next run makes every file creation
+# one's thousands of chunk files just before the next run makes every file creation
 # of that run scan the freshly freed inodes (ext4 without a journal, as on
 # this VM's root, skips inodes deleted in the last minute; measured: 40%
 # of the backup's CPU in ext4_create). Steady use never deletes a whole
@@ -161,7 +164,7 @@ if want incr; then
         after=$(du -sb "$WORK/irepo.$r" | cut -f1)
         add incr,nbdferry "$incr"; add incrfull,nbdferry "$full"
         add incr,restic "$rincr"; add incrfull,restic "$rfull"
-        echo "   incr run $r: nbdferry full ${full}s incr ${incr}s; restic full ${rfull}s second ${rincr}s; repo grew $((after - before)) bytes for 41943040 changed" >&2
+        echo "   incr run $r: nbdferry full ${full}s incr ${incr}s; restic full ${rfull}s second ${rincr}s; repo grew $((after - before)) bytes for $CHANGED changed" >&2
         rm -f "$WORK/changed.raw"
     done
 fi
@@ -184,11 +187,11 @@ fi
 if want incr; then
     printf '%-10s %10s %10s %10s\n' "incr" "$(m incr,nbdferry)" "-" "$(m incr,restic)"
     python3 - "$(m incr,nbdferry)" "$(m incrfull,nbdferry)" "$(m incr,restic)" "$(m incrfull,restic)" \
-        "$DSIZE" <<'EOF'
+        "$DSIZE" "$CHANGED" <<'EOF'
 import sys
-i, ifull, ri, rifull, data = map(float, sys.argv[1:])
+i, ifull, ri, rifull, data, changed = map(float, sys.argv[1:])
 print(f"incr:    nbdferry incremental / its full {100 * i / ifull:.1f}% "
-      f"(the changed 40 MiB are {100 * 41943040 / data:.1f}% of the full's data; "
+      f"(the changed {changed / 2**20:.0f} MiB are {100 * changed / data:.1f}% of the full's data; "
       f"restic second / its first {100 * ri / rifull:.1f}%; nbdferry vs restic second {ri / i:.2f}x)")
 EOF
 fi

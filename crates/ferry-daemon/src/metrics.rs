@@ -53,14 +53,14 @@ impl Daemon {
 struct Gauge {
     name: &'static str,
     labels: Vec<(&'static str, String)>,
-    value: f64,
+    value: u64,
 }
 
 fn gauge(name: &'static str, labels: &[(&'static str, &str)], value: u64) -> Gauge {
     Gauge {
         name,
         labels: labels.iter().map(|&(k, v)| (k, v.to_string())).collect(),
-        value: value as f64,
+        value,
     }
 }
 

@@ -39,7 +39,6 @@ pub struct BackupSpec {
 }
 
 /// A piece of one slot.
-#[derive(Clone)]
 enum Piece {
     Data(Bytes),
     Zero,

@@ -104,7 +104,9 @@ impl Written {
 
 /// Whether the system's dirty page cache holds much more than `ours`
 /// bytes (`Dirty:` in /proc/meminfo): a `syncfs` would then mostly wait
-/// for other writers' data. Unknown counts as no.
+/// for other writers' data. Unknown counts as no. (Our own chunks leave
+/// `Dirty:` early, their writeback started: this errs towards `syncfs`,
+/// which then has little left to wait for.)
 fn mostly_others(ours: u64) -> bool {
     let Ok(info) = fs::read_to_string("/proc/meminfo") else {
         return false;

@@ -475,3 +475,19 @@ async fn delete(a: DeleteArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The help states the default in words; it must be the real one.
+    #[test]
+    fn the_chunk_size_help_names_the_default() {
+        let want = format!("default {}K", ferry_repo::DEFAULT_CHUNK_SIZE / 1024);
+        let cmd = <super::CreateArgs as clap::Args>::augment_args(clap::Command::new("t"));
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "chunk_size")
+            .expect("a --chunk-size argument");
+        let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+        assert!(help.contains(&want), "{help:?} does not say {want}");
+    }
+}

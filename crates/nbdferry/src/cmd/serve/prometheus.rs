@@ -3,7 +3,9 @@
 //! (escaping, histogram buckets, `# TYPE` lines), and its handles are
 //! lock-free, so the NBD server's hot path records through the facade
 //! with atomic adds. Its own HTTP listener is off: the admin API serves
-//! the text, with its roles and mutual TLS.
+//! the text, with its roles and mutual TLS, and appends the disks' and
+//! jobs' gauges, which it samples at each scrape (`ferry_daemon`'s
+//! metrics module: a recorder would keep the label sets of deleted ones).
 
 use std::time::Duration;
 
