@@ -18,7 +18,7 @@ mod stack;
 
 pub use error::ServiceError;
 pub use ferry_jobs::HydrateOptions;
-pub use metrics::Render;
+pub use metrics::{Gauge, Render};
 pub use phase::Phase;
 pub use reload::ReloadRequest;
 pub use service::{Daemon, TIGHTEN_EVERY};

@@ -61,10 +61,10 @@
 //! backups swing 20-40% between runs on this VM. Measured before chunks
 //! were written without a copy, which made all sizes faster alike.)
 //! 256 KiB keeps most of 1 MiB's full-backup speed and 64 KiB's
-//! incrementals. The price of
-//! small chunks is also the index: 33 bytes per chunk per point (0.5 MB
-//! for a 4 GiB disk) and more objects, i.e. more requests on S3; choose
-//! a larger `--chunk-size` for very large disks.
+//! incrementals. The price of small chunks is also the index: 33 bytes
+//! per chunk per point (0.5 MB for a 4 GiB disk) and more objects, i.e.
+//! more requests on S3; choose a larger `--chunk-size` for very large
+//! disks.
 
 pub mod backend;
 mod error;

@@ -11,11 +11,12 @@
 //! holds and the repository still has. The session record needs no sync
 //! of its own: the barrier before the first segment covers it.
 
-use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
 
 use crate::backend::Durability;
 use crate::error::{Error, Result};

@@ -406,7 +406,7 @@ mod tests {
             let (status, body) = call(&app, who("ops"), method, path).await;
             assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
         }
-        daemon.set_metrics(Box::new(|| "# EOF\n".into()));
+        daemon.set_metrics(Box::new(|_| "# EOF\n".into()));
         let (status, body) = call(&app, Caller::Local, "GET", "/metrics").await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "# EOF\n"));
     }
