@@ -77,7 +77,6 @@ start_qcow() {
 }
 
 timed() { local t0 t1; t0=$(now); "$@" >/dev/null 2>>"$LOG"; t1=$(now); elapsed "$t0" "$t1"; }
-sync_drop() { sync; }
 
 declare -A T=()
 add() { T[$1]="${T[$1]:-} $2"; }
