@@ -25,6 +25,9 @@
 #          to active (nbdferry `mirror set --mode active`, qemu
 #          block-job-change copy-mode=write-blocking) and time to ready
 #   lat    no mirror: the 10 MiB/s writer alone for HOLD s (latency baseline)
+#   dst    the same writer straight at the destination (qemu-nbd), no
+#          source: one destination round trip per write, the most an
+#          active mirror may add (tool column "dest")
 #   copy   `nbdferry copy --flush IMG nbd://dest` (nbdferry only): the bulk
 #          phase's reference
 # Downtime: nbdferry's downtime_ms (daemon held client writes) and the
@@ -57,7 +60,7 @@ LINK=$((32 << 20))
 OVER=$((48 << 20))
 BGWAIT=30
 SLOW=$((10 << 20))
-CASES_ARG="bg0 act0 bg10 act10 over lat copy"
+CASES_ARG="bg0 act0 bg10 act10 over lat dst copy"
 SHAPE=""
 DST_NS=""
 ARGS=("$@")
@@ -159,14 +162,15 @@ start_src() {
     SRC_URI="nbd://127.0.0.1:$PORT/disk"
 }
 
-# start_writer RATE SEED: the guest, if RATE > 0. Sets WRITER_PID, WLOG.
+# start_writer RATE SEED [URI]: the guest, if RATE > 0, writing to URI
+# (default: the source). Sets WRITER_PID, WLOG.
 start_writer() {
     WRITER_PID=""
     WLOG=""
     [ "$1" -gt 0 ] || return 0
     WLOG="$WORK/writer.log"
     rm -f "$WLOG"
-    /usr/bin/python3 "$HERE/mirror-writer.py" "$SRC_URI" "$1" "$2" "$WLOG" &
+    /usr/bin/python3 "$HERE/mirror-writer.py" "${3:-$SRC_URI}" "$1" "$2" "$WLOG" &
     WRITER_PID=$!
     PIDS+=("$WRITER_PID")
     sleep 0.5 # connected and writing before the job starts
@@ -219,6 +223,19 @@ run_case() {
     fi
 }
 
+# dst_case REP: the writer straight at the destination, for HOLD s.
+dst_case() {
+    SEED=$((SEED + 1))
+    start_dst
+    start_writer "$SLOW" "$SEED" "$DST_URI"
+    sleep "$HOLD"
+    bench_stop "$WRITER_PID"
+    bench_stop "$DST_PID"
+    python3 "$HERE/mirror-check.py" --case lat --tool dest --rep "$1" --hold 0 \
+        --writer-log "$WLOG" --seed "$SEED" >>"$RESULTS"
+    echo "   dst run $1: $(tail -n1 "$RESULTS")" >&2
+}
+
 # copy_case REP: nbdferry copy of the image file to the same destination.
 copy_case() {
     local t0 t1
@@ -241,6 +258,7 @@ for r in $(seq "$RUNS"); do
     for c in "${CASES[@]}"; do
         case "$c" in
             copy) copy_case "$r" ;;
+            dst) dst_case "$r" ;;
             bg0 | act0 | bg10 | act10 | over | lat)
                 for i in 0 1; do
                     run_case "$c" "${TOOLS[$(((i + r - 1) % 2))]}" "$r"
@@ -313,9 +331,9 @@ for label, case, tool in [("nbdferry mirror bg0 (start -> ready)", "bg0", "nbdfe
 print(f"\nQD1 64 KiB write latency at {int(slow)//MIB} MiB/s, ms, while the mirror is ready"
       f" (hold window minus 0.5 s each end; per-run median/p99, then median (min-max) over runs)")
 print(f"{'tool':8} {'state':24} {'median ms':>22} {'p99 ms':>22} {'samples/run':>12}")
-for tool in ["nbdferry", "qemu"]:
-    for case, state in [("lat", "no mirror"), ("bg10", "background mirror"),
-                        ("act10", "active / write-blocking")]:
+for tool in ["dest", "nbdferry", "qemu"]:
+    states = [("lat", "no mirror"), ("bg10", "background mirror"), ("act10", "active / write-blocking")]
+    for case, state in [("lat", "destination alone")] if tool == "dest" else states:
         print(f"{tool:8} {state:24} {cell(vals(case, tool, 'lat_med_ms'), '{:.3f}'):>22}"
               f" {cell(vals(case, tool, 'lat_p99_ms'), '{:.3f}'):>22}"
               f" {cell(vals(case, tool, 'lat_n'), '{:.0f}'):>12}")
