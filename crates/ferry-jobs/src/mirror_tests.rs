@@ -120,3 +120,83 @@ async fn a_write_under_way_is_never_cleared_with_its_old_data() {
     );
     disk.set_tap(None);
 }
+
+/// The pending map's marks are written, not synced: within one boot the
+/// file is trusted, after a host restart it is not, and the mirror plans
+/// the whole disk again rather than skip a block whose mark was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_in_another_boot_sends_the_whole_disk_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("img.raw");
+    std::fs::write(&image, vec![0x11u8; SIZE as usize]).unwrap();
+    let dst = dir.path().join("dst.raw");
+    std::fs::File::create(&dst).unwrap().set_len(SIZE).unwrap();
+    let nbd = QemuNbd::start(&dst, dir.path().join("nbd.sock"));
+    let file = Arc::new(FileDev::open(&image, false).unwrap());
+    let state = dir.path().join("state");
+    let disk = Disk::open("disk", file, &image, &state, GRAN, Reflinks::Never).unwrap();
+    let m = Mirror::start(
+        disk.clone(),
+        disk.device(),
+        &nbd.uri(),
+        MirrorMode::Background,
+        None,
+        Duration::from_millis(100),
+        false,
+    )
+    .await
+    .unwrap();
+    m.plan().await.unwrap();
+    m.send_run(0, SIZE / GRAN).await.unwrap();
+    m.flush_and_clear().await.unwrap();
+    assert_eq!(m.pending.count(), 0, "everything is on the destination");
+    disk.set_tap(None);
+    drop(m);
+    let saved = Mirror::saved(&disk).expect("a mirror to resume");
+
+    // A write whose mark a host crash lost: the data is down, no bit says so.
+    let new = vec![0x22u8; GRAN as usize];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .write_all_at(&new, 5 * GRAN)
+        .unwrap();
+
+    // The same boot: the map is trusted, nothing is pending.
+    let m = Mirror::resume(disk.clone(), disk.device(), &saved)
+        .await
+        .unwrap();
+    assert!(m.planned.load(std::sync::atomic::Ordering::Acquire));
+    assert_eq!(m.pending.count(), 0);
+    disk.set_tap(None);
+    drop(m);
+
+    // Another boot: the map is not trusted; the plan marks all the data.
+    let record = saved.join(super::RECORD);
+    let text = std::fs::read_to_string(&record).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["boot_id"] = "an-earlier-boot".into();
+    std::fs::write(&record, json.to_string()).unwrap();
+    let m = Mirror::resume(disk.clone(), disk.device(), &saved)
+        .await
+        .unwrap();
+    assert!(!m.planned.load(std::sync::atomic::Ordering::Acquire));
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_eq!(
+        again["planned"], false,
+        "a restart now would plan again too"
+    );
+    assert_ne!(again["boot_id"], "an-earlier-boot");
+    m.plan().await.unwrap();
+    assert!(m.pending.get(5), "the block whose mark was lost is pending");
+    m.send_run(0, SIZE / GRAN).await.unwrap();
+    m.flush_and_clear().await.unwrap();
+    disk.set_tap(None);
+    assert_eq!(
+        std::fs::read(&dst).unwrap(),
+        std::fs::read(&image).unwrap(),
+        "the destination holds the write"
+    );
+}

@@ -41,6 +41,17 @@ pub struct Rounding {
     pub max_ahead: u64,
 }
 
+/// How far a mark's bits must outlive what comes after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persist {
+    /// Synced before the mark returns: they survive a host crash.
+    Synced,
+    /// Written to the file (the page cache) before the mark returns, not
+    /// synced: they survive the process dying, not the host. For a map
+    /// whose owner notices a host crash (the boot id) and rebuilds it.
+    Written,
+}
+
 /// Reads the bits of a bitmap file (little-endian words).
 pub(crate) fn read_bits(path: &Path, nbits: u64) -> io::Result<Vec<u64>> {
     let nwords = bitmap::words_for(nbits);
@@ -53,6 +64,7 @@ pub(crate) fn read_bits(path: &Path, nbits: u64) -> io::Result<Vec<u64>> {
 pub struct DurableBitmap {
     file: File,
     nbits: u64,
+    persist: Persist,
     rounding: Rounding,
     exact: AtomicBitmap,
     ondisk: AtomicBitmap,
@@ -84,10 +96,16 @@ impl DurableBitmap {
         Ok(Self::with(file, nbits, rounding, &words))
     }
 
+    /// The same bitmap, its marks made as durable as `persist` asks.
+    pub fn persist(self, persist: Persist) -> Self {
+        DurableBitmap { persist, ..self }
+    }
+
     fn with(file: File, nbits: u64, rounding: Rounding, words: &[u64]) -> Self {
         DurableBitmap {
             file,
             nbits,
+            persist: Persist::Synced,
             rounding: Rounding {
                 window: rounding.window.max(1),
                 ..rounding
@@ -145,7 +163,8 @@ impl DurableBitmap {
     }
 
     /// Leader work of a group sync: write every queued word (its current
-    /// value holds all bits set before it was queued), then one fdatasync.
+    /// value holds all bits set before it was queued), then one fdatasync
+    /// (if the bits must survive a host crash).
     fn write_pending(&self) -> io::Result<()> {
         let mut words =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
@@ -161,7 +180,14 @@ impl DurableBitmap {
             pwrite_all(&self.file, &bitmap::to_bytes(&vals), words[i] as u64 * 8)?;
             i = j;
         }
-        datasync(&self.file)
+        self.sync_file()
+    }
+
+    fn sync_file(&self) -> io::Result<()> {
+        match self.persist {
+            Persist::Synced => datasync(&self.file),
+            Persist::Written => Ok(()),
+        }
     }
 
     /// Drops from the file the bits that rounding added and that no write
@@ -208,7 +234,7 @@ impl DurableBitmap {
     /// mark is in flight: the exact bits then cover every one made.
     pub fn write_exact(&self) -> io::Result<()> {
         pwrite_all(&self.file, &bitmap::to_bytes(&self.exact.snapshot()), 0)?;
-        datasync(&self.file)
+        self.sync_file()
     }
 
     /// Whether bit `i` is set.
@@ -273,21 +299,27 @@ mod tests {
 
     #[test]
     fn marks_are_durable_and_reloaded() {
-        let d = tempfile::tempdir().unwrap();
-        let path = d.path().join("3.bits");
-        let g = DurableBitmap::create(&path, 1000, DIRTY).unwrap();
-        g.mark(10, 12).unwrap();
-        g.mark(500, 501).unwrap();
-        g.mark(13, 14).unwrap(); // inside a durable window: no I/O
-        assert_eq!(set(&g.words(), 1000), vec![10, 11, 13, 500]);
-        drop(g); // no write_exact: a crash
-        let g = DurableBitmap::open(&path, 1000, DIRTY).unwrap();
-        let mut want: Vec<u64> = (0..16).collect();
-        want.extend(496..512);
-        assert_eq!(set(&g.words(), 1000), want, "after a crash: whole windows");
-        g.write_exact().unwrap();
-        let g = DurableBitmap::open(&path, 1000, DIRTY).unwrap();
-        assert_eq!(set(&g.words(), 1000), want);
+        // Written-only marks are in the file as well (what a killed
+        // process leaves); only a host crash tells the two apart.
+        for persist in [Persist::Synced, Persist::Written] {
+            let d = tempfile::tempdir().unwrap();
+            let path = d.path().join("3.bits");
+            let g = DurableBitmap::create(&path, 1000, DIRTY)
+                .unwrap()
+                .persist(persist);
+            g.mark(10, 12).unwrap();
+            g.mark(500, 501).unwrap();
+            g.mark(13, 14).unwrap(); // inside a durable window: no I/O
+            assert_eq!(set(&g.words(), 1000), vec![10, 11, 13, 500]);
+            drop(g); // no write_exact: a crash
+            let g = DurableBitmap::open(&path, 1000, DIRTY).unwrap();
+            let mut want: Vec<u64> = (0..16).collect();
+            want.extend(496..512);
+            assert_eq!(set(&g.words(), 1000), want, "after a crash: whole windows");
+            g.write_exact().unwrap();
+            let g = DurableBitmap::open(&path, 1000, DIRTY).unwrap();
+            assert_eq!(set(&g.words(), 1000), want);
+        }
     }
 
     #[test]

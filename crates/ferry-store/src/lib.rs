@@ -55,7 +55,7 @@ pub use bitmap::AtomicBitmap;
 pub use copy_on_read::{AsyncRead, Claim, CopyOnRead, HydrationProgress, PRESENT_MAP};
 pub use dirty::DirtyTracker;
 pub use disk::{DEFAULT_GRANULARITY, Disk, Reflinks, validate_granularity};
-pub use durable_bitmap::{DurableBitmap, Rounding};
+pub use durable_bitmap::{DurableBitmap, Persist, Rounding};
 pub use error::{Result, StoreError};
 pub use fence::WriteFence;
 pub use file::FileDev;
