@@ -134,6 +134,9 @@ start_dst() {
 start_src() {
     rm -f "$SRC"
     cp --sparse=always "$BASE" "$SRC"
+    # The copy's writeback would otherwise run under the timed writes
+    # (for ~30 s: the kernel's dirty expiry), and under a flush of it.
+    sync
     case "$1" in
         nbdferry)
             ST="$WORK/state"
