@@ -35,8 +35,11 @@
 #            --rate 1: the holes up to the first data, one 1 MiB fetch of
 #            it, then nothing; those reads are compared, not excluded; qemu: no
 #            stream job; nbdkit has none), against the plain source export
-#            (one round trip). Same offsets for every tool of a round. Every
-#            read is compared with the image.
+#            (one round trip), and against the floor of any design that
+#            serves from a second server: nbdkit's nbd plugin alone, a
+#            pass-through proxy (two round trips, nothing stored). Same
+#            offsets for every tool of a round. Every read is compared
+#            with the image.
 #   present  nbdferry only: the last 128 MiB pre-read (so present), then QD1
 #            4 KiB reads and fio randread 4k QD32 inside it while the
 #            background pass runs at --hyd-rate, against the plain export.
@@ -172,10 +175,15 @@ start_plain_rw() {
 
 # start_nbdkit: the cow filter, cow-on-read, over the nbd plugin; its
 # overlay (a temp file) in $DW. Sets NK_PID, NK_URI.
+# start_nbdkit [proxy]: nbdkit's cow filter with cow-on-read over its nbd
+# plugin; with "proxy", the nbd plugin alone (no filter, nothing stored).
 start_nbdkit() {
+    local filter=(--filter=cow)
+    local args=(cow-on-read=true)
+    if [ "${1:-}" = proxy ]; then filter=(); args=(); fi
     PORT=$(free_port)
     TMPDIR="$DW" nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$PORT" \
-        --filter=cow nbd uri="$SRC_URI" cow-on-read=true 2>>"$WORK/nbdkit.log" &
+        "${filter[@]}" nbd uri="$SRC_URI" "${args[@]}" 2>>"$WORK/nbdkit.log" &
     NK_PID=$!
     PIDS+=("$NK_PID")
     wait_listen "$PORT" "$NK_PID"
@@ -287,6 +295,12 @@ first_run() {
             bench_stop "$NK_PID"
             emit case=first tool=nbdkit rep="$rep" @"$out"
             ;;
+        proxy)
+            start_nbdkit proxy
+            "${DRIVE[@]}" "${reads[@]}" "$NK_URI" >"$out"
+            bench_stop "$NK_PID"
+            emit case=first tool=proxy rep="$rep" @"$out"
+            ;;
         qemu)
             start_qsd
             "${DRIVE[@]}" "${reads[@]}" "$QSD_URI" >"$out"
@@ -358,7 +372,7 @@ for r in $(seq 0 "$RUNS"); do
         for t in $(rotated "$r" nbdferry copy copy-flush nbdkit qemu); do hyd_run "$t" "$r"; done
     fi
     if [[ " $CASES " == *" first "* ]]; then
-        for t in $(rotated "$r" plain nbdferry nbdkit qemu); do first_run "$t" "$r" $((100 + r)); done
+        for t in $(rotated "$r" plain nbdferry nbdkit qemu proxy); do first_run "$t" "$r" $((100 + r)); done
     fi
     if [[ " $CASES " == *" present "* ]]; then
         for t in $(rotated "$r" plain nbdferry nbdferry-held plain-rw); do
@@ -435,7 +449,8 @@ P = (med(vals("first", "plain", lambda r: r["med_us"])), med(vals("first", "plai
 for label, tool in [("plain nbdferry export of the source", "plain"),
                     ("nbdferry serve --source --rate 1", "nbdferry"),
                     ("nbdkit --filter=cow cow-on-read=true nbd", "nbdkit"),
-                    ("qemu-storage-daemon qcow2 + copy-on-read", "qemu")]:
+                    ("qemu-storage-daemon qcow2 + copy-on-read", "qemu"),
+                    ("two hops, nothing stored: nbdkit nbd plugin", "proxy")]:
     m = vals("first", tool, lambda r: r["med_us"])
     p = vals("first", tool, lambda r: r["p99_us"])
     mark = goal(med(m) / P[0] <= 2.0) if tool == "nbdferry" else ""
@@ -443,6 +458,10 @@ for label, tool in [("plain nbdferry export of the source", "plain"),
           f" {med(p) / P[1]:9.2f} {okcount('first', tool):>9}{mark}")
 print("goal: nbdferry median <= 2x plain (a first read costs a plain read here and one at the source:"
       " the reader's pages are fetched first, the rest of their block after the answer)")
+X = med(vals("first", "proxy", lambda r: r["med_us"]))
+print(f"ceiling: a pass-through proxy (the reader's request relayed to the source, its answer relayed back,"
+      f" nothing stored) takes {X / P[0]:.2f}x plain; nbdferry / proxy = "
+      f"{med(vals('first', 'nbdferry', lambda r: r['med_us'])) / X:.2f}")
 fr = [r for r in timed if r["case"] == "first" and r["tool"] == "nbdferry"]
 if fr:
     od = med([r["status"]["fetched_on_demand_bytes"] for r in fr])
