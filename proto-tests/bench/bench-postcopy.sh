@@ -173,10 +173,9 @@ start_plain_rw() {
     DST_URI="nbd://127.0.0.1:$PORT/disk"
 }
 
-# start_nbdkit: the cow filter, cow-on-read, over the nbd plugin; its
-# overlay (a temp file) in $DW. Sets NK_PID, NK_URI.
 # start_nbdkit [proxy]: nbdkit's cow filter with cow-on-read over its nbd
-# plugin; with "proxy", the nbd plugin alone (no filter, nothing stored).
+# plugin, its overlay (a temp file) in $DW; with "proxy", the nbd plugin
+# alone (no filter, nothing stored). Sets NK_PID, NK_URI.
 start_nbdkit() {
     local filter=(--filter=cow)
     local args=(cow-on-read=true)
