@@ -234,6 +234,7 @@ dst_case() {
     sleep "$HOLD"
     bench_stop "$WRITER_PID"
     bench_stop "$DST_PID"
+    [ -s "$WLOG" ] || { echo "!!! dst run $1: the writer logged nothing" >&2; return 0; }
     python3 "$HERE/mirror-check.py" --case lat --tool dest --rep "$1" --hold 0 \
         --writer-log "$WLOG" --seed "$SEED" >>"$RESULTS"
     echo "   dst run $1: $(tail -n1 "$RESULTS")" >&2
@@ -245,6 +246,7 @@ copy_case() {
     start_dst
     rm -f "$SRC"
     cp --sparse=always "$BASE" "$SRC"
+    sync
     t0=$(now)
     "$BIN" copy --flush --progress=none "$SRC" "$DST_URI"
     t1=$(now)

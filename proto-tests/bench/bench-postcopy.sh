@@ -458,7 +458,7 @@ for label, tool in [("plain nbdferry export of the source", "plain"),
 print("goal: nbdferry median <= 2x plain (a first read costs a plain read here and one at the source:"
       " the reader's pages are fetched first, the rest of their block after the answer)")
 X = med(vals("first", "proxy", lambda r: r["med_us"]))
-print(f"ceiling: a pass-through proxy (the reader's request relayed to the source, its answer relayed back,"
+print(f"floor: a pass-through proxy (the reader's request relayed to the source, its answer relayed back,"
       f" nothing stored) takes {X / P[0]:.2f}x plain; nbdferry / proxy = "
       f"{med(vals('first', 'nbdferry', lambda r: r['med_us'])) / X:.2f}")
 fr = [r for r in timed if r["case"] == "first" and r["tool"] == "nbdferry"]

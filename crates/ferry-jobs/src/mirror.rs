@@ -96,16 +96,31 @@ pub struct MirrorRecord {
     /// The bulk pass's plan (pending data, zeroed holes) is done.
     pub planned: bool,
     /// The host's boot the pending map was written in (its marks are not
-    /// synced). None in records of versions that synced every mark.
+    /// synced). None: its marks were synced (a version before this field,
+    /// or a boot id the kernel did not give).
     #[serde(default)]
     pub boot_id: Option<String>,
 }
 
 /// This boot of the host: marks written, not synced, hold only within it.
-fn boot_id() -> Result<String, MirrorError> {
-    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map_err(|e| state_err(format!("cannot read the boot id: {e}")))?;
-    Ok(id.trim().to_string())
+/// None when the kernel does not say; the marks are then synced.
+fn boot_id() -> Option<String> {
+    match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        Ok(id) => Some(id.trim().to_string()),
+        Err(e) => {
+            tracing::warn!("cannot read the boot id ({e}): the mirror syncs every mark");
+            None
+        }
+    }
+}
+
+/// How durable the pending map's marks must be in a boot that is known
+/// (written: the boot id tells a host crash) or not (synced).
+fn persist_for(boot: Option<&str>) -> Persist {
+    match boot {
+        Some(_) => Persist::Written,
+        None => Persist::Synced,
+    }
 }
 
 /// Stripe locks that can be held by a value (a write's ticket carries
@@ -246,7 +261,7 @@ impl Mirror {
             max_downtime_ms: max_downtime.as_millis() as u64,
             auto_active,
             planned: false,
-            boot_id: Some(boot_id()?),
+            boot_id: boot_id(),
         };
         if record.identity.size != dev.size() {
             return Err(MirrorError::Size {
@@ -259,7 +274,7 @@ impl Mirror {
         let nblocks = dev.size().div_ceil(disk.granularity());
         let pending = DurableBitmap::create(&dir.join(PENDING), nblocks, ROUNDING)
             .map_err(state_err)?
-            .persist(Persist::Written);
+            .persist(persist_for(record.boot_id.as_deref()));
         let m = Mirror::new(disk, dev, remote, dir, record, pending);
         m.save()?;
         m.disk.set_tap(Some(m.clone()));
@@ -278,11 +293,14 @@ impl Mirror {
         let mut record: MirrorRecord = serde_json::from_slice(&text).map_err(state_err)?;
         let remote = connect(&record.destination, Some(record.identity.clone())).await?;
         let nblocks = dev.size().div_ceil(disk.granularity());
+        let now = boot_id();
         let pending = DurableBitmap::open(&dir.join(PENDING), nblocks, ROUNDING)
             .map_err(state_err)?
-            .persist(Persist::Written);
-        let now = boot_id()?;
-        let rebooted = record.boot_id.as_ref().is_some_and(|b| *b != now);
+            .persist(persist_for(now.as_deref()));
+        // A record without a boot id had its marks synced: trusted. One
+        // written in another boot (or in a boot that cannot be told now)
+        // may have lost marks.
+        let rebooted = record.boot_id.is_some() && record.boot_id != now;
         if rebooted {
             // Marks of the last boot may never have reached the disk: the
             // plan marks all the data again (and zeroes the holes).
@@ -292,9 +310,12 @@ impl Mirror {
             );
             record.planned = false;
         }
-        record.boot_id = Some(now);
+        // Saved before any mark of this boot goes unsynced into the map: a
+        // host crash from now on is seen at the next resume.
+        let changed = record.boot_id != now;
+        record.boot_id = now;
         let m = Mirror::new(disk, dev, remote, dir.to_path_buf(), record, pending);
-        if rebooted {
+        if changed {
             m.save()?;
         }
         m.disk.set_tap(Some(m.clone()));

@@ -172,18 +172,32 @@ async fn a_resume_in_another_boot_sends_the_whole_disk_again() {
     disk.set_tap(None);
     drop(m);
 
-    // Another boot: the map is not trusted; the plan marks all the data.
+    // A record with no boot id (its marks were synced) is trusted, and
+    // gets this boot's id at once: unsynced marks follow.
     let record = saved.join(super::RECORD);
-    let text = std::fs::read_to_string(&record).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let read_record = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap()
+    };
+    let mut json = read_record();
+    json.as_object_mut().unwrap().remove("boot_id");
+    std::fs::write(&record, json.to_string()).unwrap();
+    let m = Mirror::resume(disk.clone(), disk.device(), &saved)
+        .await
+        .unwrap();
+    assert!(m.planned.load(std::sync::atomic::Ordering::Acquire));
+    assert!(read_record()["boot_id"].is_string(), "the boot is recorded");
+    disk.set_tap(None);
+    drop(m);
+
+    // Another boot: the map is not trusted; the plan marks all the data.
+    let mut json = read_record();
     json["boot_id"] = "an-earlier-boot".into();
     std::fs::write(&record, json.to_string()).unwrap();
     let m = Mirror::resume(disk.clone(), disk.device(), &saved)
         .await
         .unwrap();
     assert!(!m.planned.load(std::sync::atomic::Ordering::Acquire));
-    let again: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    let again = read_record();
     assert_eq!(
         again["planned"], false,
         "a restart now would plan again too"

@@ -36,8 +36,9 @@
 //! gets those pages fetched first and answered from memory (`staged`),
 //! then the rest of the block follows in one request: its wait is one
 //! small read at the source, not a whole block's (the block's request
-//! carries the reader's pages again when there are bytes on both sides:
-//! a few KiB more on the wire cost less than a second request).
+//! carries the reader's pages again when there are bytes on both sides
+//! and they are at most an eighth of it: a few KiB more on the wire cost
+//! less than a second request).
 //!
 //! A write that covers whole blocks needs no fetch; a partial write into
 //! an absent block fetches the rest first. TRIM and WRITE_ZEROES of whole
@@ -663,11 +664,12 @@ impl CopyOnRead {
             let data = match &have {
                 Some((h0, part)) if *h0 >= off && h0 + part.len() as u64 <= end => {
                     let h1 = h0 + part.len() as u64;
-                    if *h0 > off && h1 < end {
+                    if *h0 > off && h1 < end && part.len() as u64 <= len / 8 {
                         // Bytes on both sides: one request for the whole
                         // run costs the source and this side less than
-                        // two (the part crosses again, small against its
-                        // block). The reader saw `part`: it stays.
+                        // two (the part crosses again: small against its
+                        // run, or it goes the two-request way). The reader
+                        // saw `part`: it stays.
                         let mut data = read_exact(&reads, off, len, false).await?;
                         data[(h0 - off) as usize..][..part.len()].copy_from_slice(part);
                         data
@@ -1245,40 +1247,42 @@ mod tests {
 
     #[test]
     fn a_small_first_read_is_answered_before_the_rest_of_its_block() {
-        let f = fixture(Duration::ZERO);
-        let big = 4 * GRAN;
-        let cor = f.open_async_at(Arc::new(AtomicBool::new(true)), big);
-        let want = source_data();
-        let off = 2 * big + PAGE as u64 + 10;
-        let mut fetch = BlockDev::fetch_ahead(&*cor, off, 100).expect("absent");
-        let std::task::Poll::Ready(Ok(Some(mut rest))) = poll_once(&mut fetch) else {
-            panic!("the reader's page first, the rest of its block after");
-        };
-        assert_eq!(f.read_from_source(), PAGE as u64, "the reader's page alone");
-        let mut b = vec![0u8; 100];
-        assert!(BlockDev::read_at_nowait(&*cor, &mut b, off).unwrap());
-        assert_eq!(b, want[off as usize..][..100]);
-        assert!(
-            !BlockDev::read_at_nowait(&*cor, &mut b, 2 * big).unwrap(),
-            "outside the page: not yet here"
-        );
-        assert!(matches!(
-            poll_once(&mut rest),
-            std::task::Poll::Ready(Ok(None))
-        ));
-        assert_eq!(
-            f.read_from_source(),
-            big + PAGE as u64,
-            "the block whole in one request after the page"
-        );
-        assert!(lock(&cor.staged).is_empty());
-        let mut whole = vec![0u8; big as usize];
-        assert!(BlockDev::read_at_nowait(&*cor, &mut whole, 2 * big).unwrap());
-        assert_eq!(whole, want[(2 * big) as usize..][..big as usize]);
-        assert_eq!(
-            f.local.contents()[(2 * big) as usize..][..big as usize],
-            whole
-        );
+        // The rest of a 4-page block comes in two requests around the page
+        // (each byte once); of a 16-page block in one, the page again.
+        // Block 1 either way: data at the source (blocks 40..48 are not).
+        for (pages, rest_crosses) in [(4, 4 * GRAN - PAGE as u64), (16, 16 * GRAN)] {
+            let f = fixture(Duration::ZERO);
+            let big = pages * GRAN;
+            let cor = f.open_async_at(Arc::new(AtomicBool::new(true)), big);
+            let want = source_data();
+            let off = big + PAGE as u64 + 10;
+            let mut fetch = BlockDev::fetch_ahead(&*cor, off, 100).expect("absent");
+            let std::task::Poll::Ready(Ok(Some(mut rest))) = poll_once(&mut fetch) else {
+                panic!("the reader's page first, the rest of its block after");
+            };
+            assert_eq!(f.read_from_source(), PAGE as u64, "the reader's page alone");
+            let mut b = vec![0u8; 100];
+            assert!(BlockDev::read_at_nowait(&*cor, &mut b, off).unwrap());
+            assert_eq!(b, want[off as usize..][..100]);
+            assert!(
+                !BlockDev::read_at_nowait(&*cor, &mut b, big).unwrap(),
+                "outside the page: not yet here"
+            );
+            assert!(matches!(
+                poll_once(&mut rest),
+                std::task::Poll::Ready(Ok(None))
+            ));
+            assert_eq!(
+                f.read_from_source(),
+                PAGE as u64 + rest_crosses,
+                "{pages}-page block"
+            );
+            assert!(lock(&cor.staged).is_empty());
+            let mut whole = vec![0u8; big as usize];
+            assert!(BlockDev::read_at_nowait(&*cor, &mut whole, big).unwrap());
+            assert_eq!(whole, want[big as usize..][..big as usize]);
+            assert_eq!(f.local.contents()[(big) as usize..][..big as usize], whole);
+        }
     }
 
     #[test]

@@ -1,17 +1,20 @@
-//! A bitmap kept in a file, whose bits are made durable by group commit:
-//! the one type behind dirty-tracking generations (and, with exact
-//! rounding, any map whose bits must never claim more than the truth).
+//! A bitmap kept in a file, whose bits are made durable (as far as its
+//! [`Persist`] asks) by group commit: the one type behind dirty-tracking
+//! generations (and, with exact rounding, any map whose bits must never
+//! claim more than the truth).
 //!
 //! Three in-memory bitmaps describe it:
 //! - `exact`: the bits really set, what queries answer;
 //! - `ondisk`: what the file should hold (a superset of `exact` when the
 //!   rounding marks whole windows);
-//! - `durable`: bits known to be in the file and synced, the fast path.
+//! - `durable`: bits known to be in the file (and synced, if it must
+//!   be), the fast path.
 //!
 //! [`DurableBitmap::mark`] sets `exact` at once, and if the bits are not
 //! yet durable, sets the rounded range in `ondisk`, queues the changed
 //! words and waits for a group sync: one leader writes every queued word
-//! and issues one `fdatasync` for everyone who queued before it started.
+//! and issues one `fdatasync` (none with [`Persist::Written`]) for
+//! everyone who queued before it started.
 //! Only then are the bits recorded in `durable`, so marking bits that
 //! already are costs a few atomic loads and no I/O.
 //!
@@ -120,8 +123,8 @@ impl DurableBitmap {
         }
     }
 
-    /// Sets bits `[a, b)`; returns once they are durable, at once (no I/O)
-    /// when they already are.
+    /// Sets bits `[a, b)`; returns once they are durable (as `persist`
+    /// asks), at once (no I/O) when they already are.
     pub fn mark(&self, a: u64, b: u64) -> io::Result<()> {
         for i in a..b {
             if !self.exact.get(i) {
@@ -227,6 +230,11 @@ impl DurableBitmap {
         }
         *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = changed;
         self.write_pending()?;
+        if self.persist == Persist::Written {
+            // Now and then even unsynced marks are synced: an error the
+            // kernel met writing them back surfaces here, not never.
+            datasync(&self.file)?;
+        }
         Ok(dropped)
     }
 

@@ -3,8 +3,8 @@
 //! moved elsewhere.
 //!
 //! With no tap and writes open, a change costs two atomic loads here. A
-//! tap sees each change twice: before it goes down (to make durable what
-//! must be, e.g. "this block is not on the destination yet"), and after
+//! tap sees each change twice: before it goes down (to record what must
+//! outlive a crash, e.g. "this block is not on the destination yet"), and after
 //! (to repeat it elsewhere, for an active mirror), all under the disk's
 //! write fence.
 //!
@@ -59,7 +59,7 @@ impl Change<'_> {
 
 /// Something that must see every change of a disk.
 pub trait WriteTap: Send + Sync + 'static {
-    /// `change` is about to go down: make durable what must be first (or
+    /// `change` is about to go down: record what must outlive a crash (or
     /// start repeating it elsewhere, beside the local change). A returned
     /// ticket is handed back to [`Ticket::after`] once the change went down
     /// locally.
