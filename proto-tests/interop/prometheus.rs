@@ -169,9 +169,10 @@ fn prometheus_scrapes_request_and_byte_counters_over_mutual_tls() {
     // A snapshot's gauge lives as long as the snapshot: after its deletion
     // no scrape reports it.
     let series = r#"nbdferry_snapshot_preserved_bytes{disk="disk",snapshot="s1"}"#;
-    let metrics = || admin_http(&state.join("admin.sock"), "GET", "/metrics", "").1;
+    let sock = state.join("admin.sock");
+    let metrics = || admin_http(&sock, "GET", "/metrics", "").1;
     let (status, body) = admin_http(
-        &state.join("admin.sock"),
+        &sock,
         "POST",
         "/v1/disks/disk/snapshots",
         r#"{"name":"s1"}"#,
@@ -183,12 +184,7 @@ fn prometheus_scrapes_request_and_byte_counters_over_mutual_tls() {
         text.contains(r#"nbdferry_disk_snapshots{disk="disk"} 1"#),
         "{text}"
     );
-    let (status, body) = admin_http(
-        &state.join("admin.sock"),
-        "DELETE",
-        "/v1/disks/disk/snapshots/s1",
-        "",
-    );
+    let (status, body) = admin_http(&sock, "DELETE", "/v1/disks/disk/snapshots/s1", "");
     assert!(status < 300, "{status} {body}");
     let text = metrics();
     assert!(

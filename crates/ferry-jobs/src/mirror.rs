@@ -12,14 +12,14 @@
 //! distrusts the map and plans the whole disk again (it never skips a
 //! block; it resends what the destination may already hold).
 //!
-//! A copier sweeps the pending blocks in passes: it reads a run (noting each block's stripe version), sends it,
-//! and once a FLUSH of the destination covers the send, clears the blocks
-//! whose version did not move meanwhile (a write moves it, and holds the
-//! blocks' stripes from then until it is down, so the copier reads a block
-//! either before a write, which then keeps it pending, or after it). The first
-//! pass is the bulk copy: the disk's allocated data
-//! marked pending, its holes sent as zeroes unless the destination reads
-//! zeroes there already.
+//! A copier sweeps the pending blocks in passes: it reads a run (noting
+//! each block's stripe version), sends it, and once a FLUSH of the
+//! destination covers the send, clears the blocks whose version did not
+//! move meanwhile (a write moves it, and holds the blocks' stripes from
+//! then until it is down, so the copier reads a block either before a
+//! write, which then keeps it pending, or after it). The first pass is the
+//! bulk copy: the disk's allocated data marked pending, its holes sent as
+//! zeroes unless the destination reads zeroes there already.
 //!
 //! Active mode: a write to blocks whose destination copy is current (not
 //! pending, or pending only because of earlier active writes not yet

@@ -50,17 +50,24 @@ impl Drop for QemuNbd {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_under_way_is_never_cleared_with_its_old_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("img.raw");
+/// A disk of 0x11 bytes (`DIR/img.raw`), mirrored in background mode to an
+/// empty file (`DIR/dst.raw`) behind qemu-nbd, its plan not made yet.
+async fn started(dir: &Path) -> (QemuNbd, Arc<Disk>, Arc<Mirror>) {
+    let image = dir.join("img.raw");
     std::fs::write(&image, vec![0x11u8; SIZE as usize]).unwrap();
-    let dst = dir.path().join("dst.raw");
+    let dst = dir.join("dst.raw");
     std::fs::File::create(&dst).unwrap().set_len(SIZE).unwrap();
-    let nbd = QemuNbd::start(&dst, dir.path().join("nbd.sock"));
+    let nbd = QemuNbd::start(&dst, dir.join("nbd.sock"));
     let file = Arc::new(FileDev::open(&image, false).unwrap());
-    let state = dir.path().join("state");
-    let disk = Disk::open("disk", file, &image, &state, GRAN, Reflinks::Never).unwrap();
+    let disk = Disk::open(
+        "disk",
+        file,
+        &image,
+        &dir.join("state"),
+        GRAN,
+        Reflinks::Never,
+    )
+    .unwrap();
     let m = Mirror::start(
         disk.clone(),
         disk.device(),
@@ -72,6 +79,14 @@ async fn a_write_under_way_is_never_cleared_with_its_old_data() {
     )
     .await
     .unwrap();
+    (nbd, disk, m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_under_way_is_never_cleared_with_its_old_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nbd, disk, m) = started(dir.path()).await;
+    let (image, dst) = (dir.path().join("img.raw"), dir.path().join("dst.raw"));
     m.plan().await.unwrap();
     assert!(m.pending.get(3), "the bulk plan marks the data pending");
 
@@ -127,25 +142,8 @@ async fn a_write_under_way_is_never_cleared_with_its_old_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_in_another_boot_sends_the_whole_disk_again() {
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("img.raw");
-    std::fs::write(&image, vec![0x11u8; SIZE as usize]).unwrap();
-    let dst = dir.path().join("dst.raw");
-    std::fs::File::create(&dst).unwrap().set_len(SIZE).unwrap();
-    let nbd = QemuNbd::start(&dst, dir.path().join("nbd.sock"));
-    let file = Arc::new(FileDev::open(&image, false).unwrap());
-    let state = dir.path().join("state");
-    let disk = Disk::open("disk", file, &image, &state, GRAN, Reflinks::Never).unwrap();
-    let m = Mirror::start(
-        disk.clone(),
-        disk.device(),
-        &nbd.uri(),
-        MirrorMode::Background,
-        None,
-        Duration::from_millis(100),
-        false,
-    )
-    .await
-    .unwrap();
+    let (_nbd, disk, m) = started(dir.path()).await;
+    let (image, dst) = (dir.path().join("img.raw"), dir.path().join("dst.raw"));
     m.plan().await.unwrap();
     m.send_run(0, SIZE / GRAN).await.unwrap();
     m.flush_and_clear().await.unwrap();

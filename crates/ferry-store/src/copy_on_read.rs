@@ -662,23 +662,25 @@ impl CopyOnRead {
             let (off, len) = claim.cor.run_span(ra, rb);
             let end = off + len;
             let data = match &have {
+                // Bytes on both sides of a part small against its run:
+                // one request for the whole run costs the source and this
+                // side less than two (the part crosses again). The reader
+                // saw `part`: it stays.
+                Some((h0, part))
+                    if *h0 > off
+                        && h0 + (part.len() as u64) < end
+                        && part.len() as u64 <= len / 8 =>
+                {
+                    let mut data = read_exact(&reads, off, len, false).await?;
+                    data[(h0 - off) as usize..][..part.len()].copy_from_slice(part);
+                    data
+                }
+                // Otherwise around the part (no request for an empty side).
                 Some((h0, part)) if *h0 >= off && h0 + part.len() as u64 <= end => {
                     let h1 = h0 + part.len() as u64;
-                    if *h0 > off && h1 < end && part.len() as u64 <= len / 8 {
-                        // Bytes on both sides: one request for the whole
-                        // run costs the source and this side less than
-                        // two (the part crosses again: small against its
-                        // run, or it goes the two-request way). The reader
-                        // saw `part`: it stays.
-                        let mut data = read_exact(&reads, off, len, false).await?;
-                        data[(h0 - off) as usize..][..part.len()].copy_from_slice(part);
-                        data
-                    } else {
-                        // One side is empty: no request for it.
-                        let before = read_exact(&reads, off, h0 - off, false).await?;
-                        let after = read_exact(&reads, h1, end - h1, false).await?;
-                        [&before[..], part, &after[..]].concat()
-                    }
+                    let before = read_exact(&reads, off, h0 - off, false).await?;
+                    let after = read_exact(&reads, h1, end - h1, false).await?;
+                    [&before[..], part, &after[..]].concat()
                 }
                 _ => read_exact(&reads, off, len, true).await?,
             };
@@ -1281,7 +1283,7 @@ mod tests {
             let mut whole = vec![0u8; big as usize];
             assert!(BlockDev::read_at_nowait(&*cor, &mut whole, big).unwrap());
             assert_eq!(whole, want[big as usize..][..big as usize]);
-            assert_eq!(f.local.contents()[(big) as usize..][..big as usize], whole);
+            assert_eq!(f.local.contents()[big as usize..][..big as usize], whole);
         }
     }
 

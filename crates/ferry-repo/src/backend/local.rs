@@ -238,6 +238,7 @@ fn put_file(
 fn write_parts(f: &mut fs::File, parts: &[Bytes]) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
     let mut rest = &mut slices[..];
+    // Drops empty parts up front: a write of nothing reads as WriteZero.
     IoSlice::advance_slices(&mut rest, 0);
     while !rest.is_empty() {
         match f.write_vectored(rest) {
