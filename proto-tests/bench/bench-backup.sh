@@ -36,7 +36,8 @@
 #   --data-mib N         MiB of data in the 4 GiB image (default 1024;
 #                        4096: every block allocated, so that 1% of the
 #                        disk is 1% of the data; needs ~16 GB free for incr)
-# Needs: cargo, qemu-utils, libnbd-bin, restic, borgbackup, python3, ss.
+# Needs: cargo, qemu-utils, libnbd-bin, restic, borgbackup, python3, ss;
+# for full, ~3 GB free per run (every tool's repositories stay to the end).
 set -euo pipefail
 
 # shellcheck source=proto-tests/bench/lib.sh
@@ -81,25 +82,26 @@ timed() { local t0 t1; t0=$(now); "$@" >/dev/null 2>>"$LOG"; t1=$(now); elapsed 
 declare -A T=()
 add() { T[$1]="${T[$1]:-} $2"; }
 
-# Each nbdferry repository stays until the end of the script: deleting
-# one's thousands of chunk files just before the next run makes every file creation
-# of that run scan the freshly freed inodes (ext4 without a journal, as on
-# this VM's root, skips inodes deleted in the last minute; measured: 40%
-# of the backup's CPU in ext4_create). Steady use never deletes a whole
-# repository before a backup; restic and borg write a few large files.
+# Every repository (ours, restic's, borg's) stays until the end of the
+# script: deleting one's files just before the next run makes every file
+# creation of that run scan the freshly freed inodes (ext4 without a
+# journal, as on this VM's root, skips inodes deleted in the last minutes;
+# measured: 40% of the backup's CPU in ext4_create, and a fresh restic
+# repository alone is 256 folders). Steady use never deletes a whole
+# repository before a backup.
 if want full; then
     start_qcow
     for r in $(seq 0 "$RUNS"); do
-        rm -rf "$WORK/out.raw" "$WORK/restic" "$WORK/borg"
+        rm -f "$WORK/out.raw"
         ln -sfn "repo.$r" "$WORK/repo"
         a=$(timed "$BIN" backup pull "$URI" --repo "$WORK/repo.$r" --disk d "${CHUNK_ARGS[@]}")
         b=$(timed nbdcopy "$URI" "$WORK/out.raw")
         rm -f "$WORK/out.raw"
         bs=$(timed sh -c 'nbdcopy "$1" "$2" && sync "$2"' sh "$URI" "$WORK/out.raw")
-        restic init --repo "$WORK/restic" >/dev/null 2>&1
-        c=$(timed restic backup --repo "$WORK/restic" --no-cache "$IMG")
-        borg init -e none "$WORK/borg" >/dev/null 2>&1
-        d=$(timed borg create "$WORK/borg::a" "$IMG")
+        restic init --repo "$WORK/restic.$r" >/dev/null 2>&1
+        c=$(timed restic backup --repo "$WORK/restic.$r" --no-cache "$IMG")
+        borg init -e none "$WORK/borg.$r" >/dev/null 2>&1
+        d=$(timed borg create "$WORK/borg.$r::a" "$IMG")
         if [ "$r" -gt 0 ]; then # run 0 warms up
             add full,nbdferry "$a"; add full,nbdcopy "$b"; add full,restic "$c"; add full,borg "$d"
             add full,durable "$bs"

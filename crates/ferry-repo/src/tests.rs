@@ -244,6 +244,42 @@ async fn a_killed_backup_is_not_listed_and_its_rerun_resumes() {
 }
 
 #[tokio::test]
+async fn holes_do_not_hurry_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path()).await;
+    // 1024 slots; a segment (and the barrier before it) every 1 MiB of
+    // data (256 slots). Three quarters holes, then one segment's data.
+    let img = noise(256 * CS as usize, 5);
+    let w = PointWriter::begin(&repo, spec("d", 1024 * CS, false))
+        .await
+        .unwrap();
+    w.zero(0, 768 * CS).await.unwrap();
+    w.write(768 * CS, Bytes::from(img)).await.unwrap();
+    let segments = repo
+        .backend()
+        .list(crate::id::SESSIONS)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.key.contains("/seg-"))
+        .count();
+    assert_eq!(
+        segments, 1,
+        "holes cost a rerun nothing: no segment of their own"
+    );
+    drop(w);
+    orphan_sessions(&repo).await;
+    let w = PointWriter::begin(&repo, spec("d", 1024 * CS, false))
+        .await
+        .unwrap();
+    assert_eq!(
+        w.resumed_bytes(),
+        1024 * CS,
+        "the segment names the holes too"
+    );
+}
+
+#[tokio::test]
 async fn deleting_a_point_frees_only_its_own_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let repo = repo(dir.path()).await;

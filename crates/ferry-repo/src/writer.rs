@@ -52,6 +52,11 @@ struct Partial {
     /// Allocated (zero-filled) when the first data piece arrives.
     buf: Option<Vec<u8>>,
     covered: u64,
+    /// Bytes of it that came as data: what a rerun would read again. Kept
+    /// ranges come from the parent and zero ones are mostly holes the
+    /// source reported, not read (zeroes found inside read data are the
+    /// exception, and the journal's age limit bounds what they cost).
+    read: u64,
     /// Ranges (within the slot) to take from the parent point.
     kept: Vec<(usize, usize)>,
 }
@@ -59,9 +64,11 @@ struct Partial {
 /// Completed slots not yet in a journal segment.
 struct Journal {
     pending: Vec<(u64, Slot)>,
-    /// Bytes of them that a rerun would have to read again (kept slots
-    /// cost nothing to redo, so they do not hurry a flush: an incremental
-    /// of a large disk would otherwise sync after every few clean slots).
+    /// Bytes of them that a rerun would have to read again (kept and zero
+    /// ranges cost nothing to redo, so they do not hurry a flush: an
+    /// incremental of a large disk would otherwise sync after every few
+    /// clean slots, and a full backup of a sparse one after every few
+    /// holes; measured: 4 barriers per 16 MiB of data instead of 1).
     pending_bytes: u64,
     last_flush: Instant,
     next_segment: u64,
@@ -431,6 +438,7 @@ impl PointWriter {
             match piece {
                 Piece::Data(d) => {
                     p.buf.get_or_insert_with(|| vec![0u8; len as usize])[a..b].copy_from_slice(&d);
+                    p.read += d.len() as u64;
                 }
                 Piece::Zero => {}
                 Piece::Keep => {
@@ -467,6 +475,7 @@ impl PointWriter {
             .and_then(|x| x.slots.get(slot as usize).copied())
             .unwrap_or(Slot::Zero);
         let kept = p.kept.iter().map(|(a, b)| (b - a) as u64).sum::<u64>();
+        let redo = p.read;
         let entry =
             match (p.buf, parent_slot) {
                 _ if kept == len => parent_slot,
@@ -485,7 +494,7 @@ impl PointWriter {
                     self.store(Bytes::from(buf)).await?
                 }
             };
-        self.finish_slot(slot, len - kept, entry).await
+        self.finish_slot(slot, redo, entry).await
     }
 
     /// The entry for a slot's whole content, storing it as a chunk unless
