@@ -935,10 +935,32 @@ type Sending = Pin<Box<dyn Future<Output = Result<(), RemoteError>> + Send>>;
 /// the destination has it too. The destination's write runs beside the
 /// local one: the write waits for the slower of the two, not their sum.
 struct ActiveWrite {
-    mirror: Arc<Mirror>,
+    /// Declared before `_held`: dropped first, while the stripes are held.
+    unsent: Unsent,
     _held: Held,
-    blocks: std::ops::Range<u64>,
     sent: Sending,
+}
+
+/// Until disarmed, an active write's blocks count as not sent: dropped
+/// armed (the destination's write failed, or the ticket was dropped
+/// without `after`, as by a panic), it clears their `active_sent` bits and
+/// wakes the copier, which then sends them. A bit left set would have the
+/// copier skip a block the destination may not have.
+struct Unsent {
+    mirror: Arc<Mirror>,
+    blocks: std::ops::Range<u64>,
+    armed: bool,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if self.armed {
+            for b in self.blocks.clone() {
+                self.mirror.active_sent.clear_bit(b);
+            }
+            self.mirror.wake.notify_one();
+        }
+    }
 }
 
 impl ActiveWrite {
@@ -978,45 +1000,37 @@ impl Ticket for ActiveWrite {
     fn after(self: Box<Self>, _: Change<'_>, local: &BlockResult<()>) -> BlockResult<()> {
         // The stripes stay held until this returns.
         let ActiveWrite {
-            mirror: m,
+            mut unsent,
             _held,
-            blocks,
             sent,
         } = *self;
         let sent = tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(sent));
-        let sent = match (local, sent) {
-            (Err(_), _) => Err(None),
-            (Ok(()), Ok(())) => Ok(()),
-            (Ok(()), Err(e)) => Err(Some(e.to_string())),
-        };
-        match sent {
-            Ok(()) => {
+        let (m, blocks) = (&unsent.mirror, unsent.blocks.clone());
+        match (local, sent) {
+            (Ok(()), Ok(())) => {
                 m.sent
                     .fetch_add((blocks.end - blocks.start) * m.gran, Ordering::Relaxed);
                 let mut u = lock(&m.unflushed);
-                u.extend(
-                    blocks
-                        .clone()
-                        .map(|b| (b, m.version(b).load(Ordering::Acquire))),
-                );
+                u.extend(blocks.map(|b| (b, m.version(b).load(Ordering::Acquire))));
+                unsent.armed = false;
             }
-            Err(why) => {
-                // The blocks stay pending, for the copier to send (the
-                // destination may hold a change that failed here).
-                for b in blocks.clone() {
-                    m.active_sent.clear_bit(b);
-                }
-                if let Some(e) = why {
-                    tracing::warn!(
-                        disk = m.disk.name(),
-                        "active mirror write failed, going background: {e}"
-                    );
-                    m.note_error(&e);
-                    m.active.store(false, Ordering::Release);
-                }
-                m.wake.notify_one();
+            // The blocks stay pending, for the copier to send (the
+            // destination may hold a change that failed here): `unsent`
+            // says so as it drops.
+            (Err(_), _) => {}
+            (Ok(()), Err(e)) => {
+                let e = e.to_string();
+                tracing::warn!(
+                    disk = m.disk.name(),
+                    "active mirror write failed, going background: {e}"
+                );
+                m.note_error(&e);
+                m.active.store(false, Ordering::Release);
             }
         }
+        // The bits first, while the stripes are still held.
+        drop(unsent);
+        drop(_held);
         Ok(())
     }
 }
@@ -1074,9 +1088,12 @@ impl WriteTap for Mirror {
             return Ok(Some(Box::new(Landing { _held: held })));
         };
         Ok(Some(Box::new(ActiveWrite {
-            mirror: self,
+            unsent: Unsent {
+                mirror: self,
+                blocks,
+                armed: true,
+            },
             _held: held,
-            blocks,
             sent,
         })))
     }

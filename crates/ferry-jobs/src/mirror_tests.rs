@@ -136,6 +136,38 @@ async fn a_write_under_way_is_never_cleared_with_its_old_data() {
     disk.set_tap(None);
 }
 
+/// An active write's ticket dropped without `after` (its writer panicked)
+/// leaves its blocks to the copier: a block still counted as sent would
+/// never be sent, and the destination may not have it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_write_dropped_midway_is_left_to_the_copier() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nbd, disk, m) = started(dir.path()).await;
+    m.plan().await.unwrap();
+    m.send_run(0, SIZE / GRAN).await.unwrap();
+    m.flush_and_clear().await.unwrap();
+    assert!(!m.pending.get(5), "the bulk pass is done");
+    m.active.store(true, std::sync::atomic::Ordering::Release);
+
+    let new = vec![0x33u8; GRAN as usize];
+    let change = Change::Write {
+        offset: 5 * GRAN,
+        data: &new,
+        fua: false,
+    };
+    let ticket = m.clone().before(change).unwrap().expect("a ticket");
+    assert!(
+        m.pending.get(5) && m.active_sent.get(5),
+        "an active write: pending, and sent by the write itself"
+    );
+    drop(ticket);
+    assert!(
+        m.pending.get(5) && !m.active_sent.get(5),
+        "dropped midway: the copier must send block 5"
+    );
+    disk.set_tap(None);
+}
+
 /// The pending map's marks are written, not synced: within one boot the
 /// file is trusted, after a host restart it is not, and the mirror plans
 /// the whole disk again rather than skip a block whose mark was lost.
