@@ -48,6 +48,7 @@
 #            own cost, without the pass competing for the 2 cores; and a
 #            plain writable export (`serve --state-dir` of a copy of the
 #            image, no --source): the same disk stack, no copy-on-read.
+#            Each also gives the serving process's CPU time per fio read.
 # Every run starts after a `sync`, so that no run pays for the previous
 # one's writeback.
 # Goals: copy / hydration time >= 1.0; first-read latency <= 2x plain;
@@ -116,6 +117,7 @@ T_BEGIN=$(date +%s)
 bench_start_ferry source "$WORK/source.log" serve --read-only --listen 127.0.0.1:0 \
     --name disk --state-dir "$WORK/src-state" "$IMG"
 SRC_URI="nbd://127.0.0.1:$PORT/disk"
+SRC_PID=$SERVER_PID
 
 # emit KEY=JSON... @FILE...: one record into $RESULTS (values that are
 # not JSON are taken as strings; @FILE merges a JSON object).
@@ -313,19 +315,30 @@ first_run() {
     fi
 }
 
-# fio_iops URI: fio randread 4k QD32 inside the region, its IOPS.
+# proc_cpu PID: the process's user + system CPU time, in clock ticks.
+proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# fio_iops URI PID: fio randread 4k QD32 inside the region: its IOPS, and
+# the CPU time the server PID spent meanwhile per read, in us.
 fio_iops() {
-    local f="$WORK/fio.json"
+    local f="$WORK/fio.json" c0 c1
+    c0=$(proc_cpu "$2")
     fio --name=present --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 \
         --offset="$REG_OFF" --size="$REG_LEN" --runtime="$FIO_RUNTIME" --time_based \
         --output-format=json --output="$f" >/dev/null
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["iops"])' "$f"
+    c1=$(proc_cpu "$2")
+    python3 - "$f" "$c0" "$c1" "$(getconf CLK_TCK)" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))["jobs"][0]["read"]
+c0, c1, tck = map(int, sys.argv[2:])
+print(r["iops"], (c1 - c0) * 1e6 / tck / max(r["total_ios"], 1))
+EOF
 }
 
 # present_run TOOL REP SEED: reads of present blocks (nbdferry: while the
 # background pass runs; nbdferry-held: with the pass held).
 present_run() {
-    local tool="$1" rep="$2" seed="$3" out="$WORK/out.json" s1 s2 iops uri=$SRC_URI
+    local tool="$1" rep="$2" seed="$3" out="$WORK/out.json" s1 s2 iops cpu uri=$SRC_URI pid=$SRC_PID
     local reads=(reads --image "$IMG" --n "$NREADS" --seed "$seed" --region "$REG_OFF" "$REG_LEN" --prefetch)
     sync
     case "$tool" in
@@ -333,21 +346,21 @@ present_run() {
         nbdferry-held) start_ferry "held-$rep" 1 ;;
         plain-rw) start_plain_rw "$rep" ;;
     esac
-    if [ "$tool" != plain ]; then uri=$DST_URI; fi
+    if [ "$tool" != plain ]; then uri=$DST_URI pid=$DST_PID; fi
     "${DRIVE[@]}" "${reads[@]}" "$uri" >"$out"
     case "$tool" in nbdferry*) s1=$("${DRIVE[@]}" ferry-status --admin "$ADMIN") ;; esac
-    iops=$(fio_iops "$uri")
+    read -r iops cpu < <(fio_iops "$uri" "$pid")
     case "$tool" in
         nbdferry*)
             s2=$("${DRIVE[@]}" ferry-status --admin "$ADMIN")
             bench_stop "$DST_PID"
-            emit case=present tool="$tool" rep="$rep" iops="$iops" before="$s1" after="$s2" @"$out"
+            emit case=present tool="$tool" rep="$rep" iops="$iops" cpu_us="$cpu" before="$s1" after="$s2" @"$out"
             ;;
         plain-rw)
             bench_stop "$DST_PID"
-            emit case=present tool="$tool" rep="$rep" iops="$iops" @"$out"
+            emit case=present tool="$tool" rep="$rep" iops="$iops" cpu_us="$cpu" @"$out"
             ;;
-        *) emit case=present tool=plain rep="$rep" iops="$iops" @"$out" ;;
+        *) emit case=present tool=plain rep="$rep" iops="$iops" cpu_us="$cpu" @"$out" ;;
     esac
     if grep -q '"bad": [1-9]' "$out"; then
         echo "!!!!!!!! MISMATCH: present $tool run $rep: reads differ from the image !!!!!!!!" >&2
@@ -470,7 +483,8 @@ if fr:
           f" SIGTERM -> exit {stop:.2f} s")
 
 print(f"\n3. reads of present blocks (last 128 MiB, pre-read) while nbdferry's pass runs at --rate {hrate}")
-print(f"{'tool':46} {'QD1 median us':>20} {'QD1 p99 us':>20} {'fio QD32 IOPS':>26} {'IOPS ratio':>10}")
+print(f"{'tool':46} {'QD1 median us':>20} {'QD1 p99 us':>20} {'fio QD32 IOPS':>26} {'IOPS ratio':>10}"
+      f" {'server CPU us/read':>20}")
 PI = med(vals("present", "plain", lambda r: r["iops"]))
 for label, tool in [("plain nbdferry export of the source", "plain"),
                     ("nbdferry serve --source, hydrating", "nbdferry"),
@@ -480,8 +494,11 @@ for label, tool in [("plain nbdferry export of the source", "plain"),
     mark = goal(med(i) / PI >= 0.9) if tool == "nbdferry" else ""
     print(f"{label:46} {cell(vals('present', tool, lambda r: r['med_us']), '{:.0f}'):>20}"
           f" {cell(vals('present', tool, lambda r: r['p99_us']), '{:.0f}'):>20}"
-          f" {cell(i, '{:.0f}'):>26} {med(i) / PI:10.2f}{mark}")
+          f" {cell(i, '{:.0f}'):>26} {med(i) / PI:10.2f}"
+          f" {cell(vals('present', tool, lambda r: r['cpu_us']), '{:.1f}'):>20}{mark}")
 print(f"goal: nbdferry IOPS >= 0.9x plain (fio randread 4k QD32, {fio_rt} s, one connection)")
+print("server CPU: the serving process's CPU time during fio, per read; while hydrating it includes"
+      " the pass's own work, which shares this machine's cores with the reads")
 pr = [r for r in timed if r["case"] == "present" and r["tool"] == "nbdferry"]
 if pr:
     running = sum(1 for r in pr if not r["after"]["complete"]
