@@ -338,7 +338,7 @@ EOF
 # present_run TOOL REP SEED: reads of present blocks (nbdferry: while the
 # background pass runs; nbdferry-held: with the pass held).
 present_run() {
-    local tool="$1" rep="$2" seed="$3" out="$WORK/out.json" s1 s2 iops cpu uri=$SRC_URI pid=$SRC_PID
+    local tool="$1" rep="$2" seed="$3" out="$WORK/out.json" s1 s2 line iops cpu uri=$SRC_URI pid=$SRC_PID
     local reads=(reads --image "$IMG" --n "$NREADS" --seed "$seed" --region "$REG_OFF" "$REG_LEN" --prefetch)
     sync
     case "$tool" in
@@ -349,7 +349,8 @@ present_run() {
     if [ "$tool" != plain ]; then uri=$DST_URI pid=$DST_PID; fi
     "${DRIVE[@]}" "${reads[@]}" "$uri" >"$out"
     case "$tool" in nbdferry*) s1=$("${DRIVE[@]}" ferry-status --admin "$ADMIN") ;; esac
-    read -r iops cpu < <(fio_iops "$uri" "$pid")
+    line=$(fio_iops "$uri" "$pid") # not inside `read`: a failure stops the script
+    read -r iops cpu <<<"$line"
     case "$tool" in
         nbdferry*)
             s2=$("${DRIVE[@]}" ferry-status --admin "$ADMIN")
