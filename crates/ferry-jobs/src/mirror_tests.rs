@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ferry_api::MirrorMode;
@@ -82,6 +83,23 @@ async fn started(dir: &Path) -> (QemuNbd, Arc<Disk>, Arc<Mirror>) {
     (nbd, disk, m)
 }
 
+/// The bulk pass, run to its end: nothing is pending.
+async fn bulk_done(m: &Arc<Mirror>) {
+    m.plan().await.unwrap();
+    m.send_run(0, SIZE / GRAN).await.unwrap();
+    m.flush_and_clear().await.unwrap();
+}
+
+/// Writes `data` at `off` of the file, behind the mirror's back.
+fn write_behind(path: &Path, data: &[u8], off: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(data, off)
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_under_way_is_never_cleared_with_its_old_data() {
     let dir = tempfile::tempdir().unwrap();
@@ -110,12 +128,7 @@ async fn a_write_under_way_is_never_cleared_with_its_old_data() {
     // Room for the copier to get it wrong: unhindered it is done in a few
     // ms. Held off by the write (the fix), it runs once the write is down.
     let early = tokio::time::timeout(Duration::from_millis(500), &mut copier).await;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .unwrap()
-        .write_all_at(&new, off)
-        .unwrap();
+    write_behind(&image, &new, off);
     ticket.after(write(), &Ok(())).unwrap();
     match early {
         Ok(done) => done,
@@ -143,11 +156,9 @@ async fn a_write_under_way_is_never_cleared_with_its_old_data() {
 async fn an_active_write_dropped_midway_is_left_to_the_copier() {
     let dir = tempfile::tempdir().unwrap();
     let (_nbd, disk, m) = started(dir.path()).await;
-    m.plan().await.unwrap();
-    m.send_run(0, SIZE / GRAN).await.unwrap();
-    m.flush_and_clear().await.unwrap();
+    bulk_done(&m).await;
     assert!(!m.pending.get(5), "the bulk pass is done");
-    m.active.store(true, std::sync::atomic::Ordering::Release);
+    m.active.store(true, Ordering::Release);
 
     let new = vec![0x33u8; GRAN as usize];
     let change = Change::Write {
@@ -176,28 +187,20 @@ async fn a_resume_in_another_boot_sends_the_whole_disk_again() {
     let dir = tempfile::tempdir().unwrap();
     let (_nbd, disk, m) = started(dir.path()).await;
     let (image, dst) = (dir.path().join("img.raw"), dir.path().join("dst.raw"));
-    m.plan().await.unwrap();
-    m.send_run(0, SIZE / GRAN).await.unwrap();
-    m.flush_and_clear().await.unwrap();
+    bulk_done(&m).await;
     assert_eq!(m.pending.count(), 0, "everything is on the destination");
     disk.set_tap(None);
     drop(m);
     let saved = Mirror::saved(&disk).expect("a mirror to resume");
 
     // A write whose mark a host crash lost: the data is down, no bit says so.
-    let new = vec![0x22u8; GRAN as usize];
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .unwrap()
-        .write_all_at(&new, 5 * GRAN)
-        .unwrap();
+    write_behind(&image, &[0x22u8; GRAN as usize], 5 * GRAN);
 
     // The same boot: the map is trusted, nothing is pending.
     let m = Mirror::resume(disk.clone(), disk.device(), &saved)
         .await
         .unwrap();
-    assert!(m.planned.load(std::sync::atomic::Ordering::Acquire));
+    assert!(m.planned.load(Ordering::Acquire));
     assert_eq!(m.pending.count(), 0);
     disk.set_tap(None);
     drop(m);
@@ -214,7 +217,7 @@ async fn a_resume_in_another_boot_sends_the_whole_disk_again() {
     let m = Mirror::resume(disk.clone(), disk.device(), &saved)
         .await
         .unwrap();
-    assert!(m.planned.load(std::sync::atomic::Ordering::Acquire));
+    assert!(m.planned.load(Ordering::Acquire));
     assert!(read_record()["boot_id"].is_string(), "the boot is recorded");
     disk.set_tap(None);
     drop(m);
@@ -226,7 +229,7 @@ async fn a_resume_in_another_boot_sends_the_whole_disk_again() {
     let m = Mirror::resume(disk.clone(), disk.device(), &saved)
         .await
         .unwrap();
-    assert!(!m.planned.load(std::sync::atomic::Ordering::Acquire));
+    assert!(!m.planned.load(Ordering::Acquire));
     let again = read_record();
     assert_eq!(
         again["planned"], false,
