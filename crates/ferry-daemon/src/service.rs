@@ -279,7 +279,12 @@ impl Daemon {
                 ..hydrate.clone()
             };
             let stop = self.stop.child_token();
-            tokio::spawn(h.clone().run(opts, stop.clone()));
+            // Off the runtime that serves clients: their reads of present
+            // blocks must not queue behind the pass.
+            let background = ferry_jobs::background::handle().map_err(|e| {
+                ServiceError::Config(format!("disk '{d}': cannot start its hydration: {e}"))
+            })?;
+            background.spawn(h.clone().run(opts, stop.clone()));
             lock(&self.hydrations).insert(d.clone(), HydrationSlot { hydration: h, stop });
         }
         let Some(d) = disk_name else {

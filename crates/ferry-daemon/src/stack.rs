@@ -227,9 +227,12 @@ async fn arriving(
         requests: 16,
         ..nbd_client::ConnectOptions::default()
     };
+    // The pass's connections live on the background runtime, as the pass.
+    let background = ferry_jobs::background::handle().map_err(|e| fail(&e))?;
     let source = Remote::connect(uri, opts, src.timeout, record.map(|r| r.identity))
         .await
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(&e))?
+        .with_bulk_runtime(background);
     let size = source.identity().size;
     if !spec.path.exists() {
         let f = std::fs::File::create(&spec.path).map_err(|e| fail(&e))?;

@@ -7,6 +7,7 @@
 //! onto another export (pre-copy); a backup point as a read-only device
 //! ([`PointDev`]).
 
+pub mod background;
 pub mod backup;
 pub mod backup_run;
 pub mod copy;

@@ -108,6 +108,9 @@ pub struct Remote {
     links: Lanes<Mutex<Link>>,
     /// One reconnect at a time per lane; the others wait for its outcome.
     reconnecting: Lanes<tokio::sync::Mutex<()>>,
+    /// Where the background lane's connections run their tasks (None: on
+    /// the runtime of whoever connects).
+    bulk_runtime: Option<tokio::runtime::Handle>,
 }
 
 /// First retry after this, doubling up to `BACKOFF_MAX`, each with up to
@@ -188,7 +191,27 @@ impl Remote {
                 demand: tokio::sync::Mutex::new(()),
                 bulk: tokio::sync::Mutex::new(()),
             },
+            bulk_runtime: None,
         })
+    }
+
+    /// The background lane's connections run on `runtime` (the pass's, see
+    /// [`crate::background`]), whoever opens them: a reader's fetch of
+    /// the rest of its block may be first.
+    pub fn with_bulk_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.bulk_runtime = Some(runtime);
+        self
+    }
+
+    async fn open(&self, lane: Lane) -> nbd_client::Result<Client> {
+        let (uri, opts) = (self.uri.clone(), self.opts.get(lane).clone());
+        match (&self.bulk_runtime, lane) {
+            (Some(rt), Lane::Bulk) => rt
+                .spawn(async move { Client::connect(&uri, &opts).await })
+                .await
+                .unwrap_or_else(|e| Err(nbd_client::Error::Io(std::io::Error::other(e)))),
+            _ => Client::connect(&uri, &opts).await,
+        }
     }
 
     pub fn identity(&self) -> &RemoteIdentity {
@@ -242,11 +265,7 @@ impl Remote {
             if let Some(c) = self.link(lane).client.clone() {
                 return Ok(c);
             }
-            let attempt = tokio::time::timeout_at(
-                deadline.into(),
-                Client::connect(&self.uri, self.opts.get(lane)),
-            )
-            .await;
+            let attempt = tokio::time::timeout_at(deadline.into(), self.open(lane)).await;
             let why = match attempt {
                 Ok(Ok(client)) => {
                     let found = RemoteIdentity::of(&self.uri, &client);
