@@ -70,23 +70,8 @@ bench_need_tools qemu-storage-daemon qemu-nbd python3 /usr/bin/python3
 /usr/bin/python3 -c 'import nbd' || { echo "/usr/bin/python3 has no nbd module" >&2; exit 1; }
 DST_ADDR=127.0.0.1
 if [ -n "$SHAPE" ] && [ -z "$DST_NS" ]; then
-    bench_need_tools ip tc
-    [ "$(id -u)" = 0 ] || { echo "--shape needs root (network namespaces)" >&2; exit 2; }
+    bench_two_hosts nfmirror "$SHAPE"
     bench_build
-    NS_A="nfmirror-a-$$"
-    NS_B="nfmirror-b-$$"
-    trap 'ip netns del "$NS_A" 2>/dev/null; ip netns del "$NS_B" 2>/dev/null' EXIT
-    ip netns add "$NS_A"
-    ip netns add "$NS_B"
-    ip link add "nfm$$a" netns "$NS_A" type veth peer name "nfm$$b" netns "$NS_B"
-    for side in "$NS_A nfm$$a 10.203.0.1" "$NS_B nfm$$b 10.203.0.2"; do
-        read -r ns dev addr <<<"$side"
-        ip -n "$ns" link set lo up
-        ip -n "$ns" addr add "$addr/24" dev "$dev"
-        ip -n "$ns" link set "$dev" up
-        # burst: a few ms at the rate, as a real link's queue drains.
-        ip netns exec "$ns" tc qdisc add dev "$dev" root tbf rate "$SHAPE" burst 1mb latency 20ms
-    done
     echo "two hosts: $NS_A (source) and $NS_B (destination, 10.203.0.2), veth shaped to $SHAPE" >&2
     ip netns exec "$NS_A" "$0" "${ARGS[@]}" --no-build --dst-ns "$NS_B"
     exit $?

@@ -52,11 +52,19 @@
 # Every run starts after a `sync`, so that no run pays for the previous
 # one's writeback.
 # Goals: copy / hydration time >= 1.0; first-read latency <= 2x plain;
-# present reads >= 0.9x plain.
+# present reads >= 0.9x plain; over a shaped link, hydration moves the
+# source's data at >= 90% of the link's rate.
+#
+# Two hosts (--shape RATE, root only): the source runs in one network
+# namespace (10.203.0.1), the script and every destination in a second
+# one, joined by a veth pair shaped with `tc tbf` at RATE (a tc rate:
+# 1gbit, 200mbit) both ways; the namespaces go at exit. Default case then:
+# hyd, and its table gives each tool's share of the link's rate (the
+# packets' headers take ~4% of it at the veth's 1500-byte MTU).
 #
 # Usage: proto-tests/bench/bench-postcopy.sh [--runs N] [--reads N]
 #        [--hyd-rate BYTES/s] [--fio-runtime S] [--dest-dir DIR] [--cases LIST]
-#        [--no-build] [--keep]
+#        [--shape RATE] [--no-build] [--keep]
 #   --runs N          timed rounds (default 3), after one untimed warm-up round
 #   --reads N         timed reads per run of "first" and "present" (default 1000)
 #   --hyd-rate R      nbdferry --rate during "present" (default 24M: the
@@ -70,7 +78,7 @@
 #   NBDFERRY_BIN=path overrides the binary.
 # Needs: cargo, nbdkit (cow filter, nbd plugin), qemu-storage-daemon,
 # qemu-img, nbdcopy, fio, python3, /usr/bin/python3 with libnbd's module
-# (python3-libnbd), iproute2 (ss).
+# (python3-libnbd), iproute2 (ss; ip and tc for --shape).
 set -euo pipefail
 
 # shellcheck source=proto-tests/bench/lib.sh
@@ -81,9 +89,16 @@ NREADS=1000
 HRATE=24M
 FIO_RUNTIME=5
 DEST_DIR=""
-CASES="hyd first present"
-bench_parse_args 67 --reads=NREADS --hyd-rate=HRATE --fio-runtime=FIO_RUNTIME \
-    --dest-dir=DEST_DIR --cases=CASES -- "$@"
+CASES=""
+SHAPE=""
+SRC_NS=""
+ARGS=("$@")
+bench_parse_args 81 --reads=NREADS --hyd-rate=HRATE --fio-runtime=FIO_RUNTIME \
+    --dest-dir=DEST_DIR --cases=CASES --shape=SHAPE --src-ns=SRC_NS -- "$@"
+if [ -z "$CASES" ]; then
+    CASES="hyd first present"
+    if [ -n "$SHAPE" ]; then CASES=hyd; fi
+fi
 for c in $CASES; do
     case "$c" in
         hyd | first | present) ;;
@@ -94,6 +109,13 @@ bench_need_tools nbdkit qemu-storage-daemon qemu-img nbdcopy fio python3 /usr/bi
 /usr/bin/python3 -c 'import nbd' || { echo "/usr/bin/python3 has no nbd module" >&2; exit 1; }
 nbdkit -U - --filter=cow null 1M cow-on-read=true --run true ||
     { echo "nbdkit's cow filter does not take cow-on-read=true" >&2; exit 1; }
+if [ -n "$SHAPE" ] && [ -z "$SRC_NS" ]; then
+    bench_two_hosts nfpostcopy "$SHAPE"
+    bench_build
+    echo "two hosts: $NS_A (source, 10.203.0.1) and $NS_B (destinations), veth shaped to $SHAPE" >&2
+    ip netns exec "$NS_B" "$0" "${ARGS[@]}" --no-build --cases "$CASES" --src-ns "$NS_A"
+    exit $?
+fi
 bench_build
 
 DRIVE=(/usr/bin/python3 "$HERE/postcopy-drive.py")
@@ -114,9 +136,15 @@ LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "machine: $(nproc) cpus, load $LOAD0 at start" >&2
 T_BEGIN=$(date +%s)
 
-bench_start_ferry source "$WORK/source.log" serve --read-only --listen 127.0.0.1:0 \
+SRC_ADDR=127.0.0.1
+if [ -n "$SRC_NS" ]; then
+    SRC_ADDR=10.203.0.1
+    BENCH_EXEC=(ip netns exec "$SRC_NS")
+fi
+bench_start_ferry source "$WORK/source.log" serve --read-only --listen "$SRC_ADDR:0" \
     --name disk --state-dir "$WORK/src-state" "$IMG"
-SRC_URI="nbd://127.0.0.1:$PORT/disk"
+BENCH_EXEC=()
+SRC_URI="nbd://$SRC_ADDR:$PORT/disk"
 SRC_PID=$SERVER_PID
 
 # emit KEY=JSON... @FILE...: one record into $RESULTS (values that are
@@ -396,9 +424,9 @@ done
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "bench time $(($(date +%s) - T_BEGIN)) s; load $LOAD0 at start, $LOAD1 at end" >&2
 
-python3 - "$RESULTS" "$RUNS" "$NREADS" "$HRATE" "$FIO_RUNTIME" "$MISMATCH" "$DW" <<'EOF'
-import json, statistics, sys
-path, runs, nreads, hrate, fio_rt, mismatch, dw = sys.argv[1:]
+python3 - "$RESULTS" "$RUNS" "$NREADS" "$HRATE" "$FIO_RUNTIME" "$MISMATCH" "$DW" "$SHAPE" <<'EOF'
+import json, re, statistics, sys
+path, runs, nreads, hrate, fio_rt, mismatch, dw, shape = sys.argv[1:]
 recs = [json.loads(l) for l in open(path) if l.strip()]
 timed = [r for r in recs if r["rep"] > 0]
 DATA_MIB = 512
@@ -431,88 +459,114 @@ def okcount(case, tool):
 def goal(ok):
     return "" if ok else "  MISSED"
 
-print(f"\npost-copy: 1 GiB image, {DATA_MIB} MiB data; source `nbdferry serve --read-only`, loopback TCP;"
+def link_bits(rate):
+    """A tc rate (200mbit, 1gbit, 1000000bit) in bits/s."""
+    m = re.fullmatch(r"([0-9.]+)([kmg]?)(bit|bps)", rate.lower())
+    if not m:
+        sys.exit(f"cannot read the tc rate {rate!r}")
+    n = float(m[1]) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m[2]]
+    return n * 8 if m[3] == "bps" else n
+
+LINK = link_bits(shape) if shape else None
+where = f"a veth pair shaped to {shape} (tc tbf)" if LINK else "loopback TCP"
+print(f"\npost-copy: 1 GiB image, {DATA_MIB} MiB data; source `nbdferry serve --read-only`, {where};"
       f" median (min-max) of {runs} rounds, tools alternated; destinations in {dw}")
 
-print(f"\n1. hydration: the whole disk arrives (verified against the image)")
-print(f"{'tool':58} {'seconds':>22} {'MiB/s data':>10} {'verified':>9}")
-rows = [("nbdferry serve --source (spawn -> complete)", "nbdferry"),
-        ("nbdferry copy SRC dst.raw", "copy"),
-        ("nbdferry copy --flush SRC dst.raw", "copy-flush"),
-        ("nbdkit cow-on-read: nbdcopy URI null: (no bg pass)", "nbdkit"),
-        ("qemu-storage-daemon block-stream (start -> COMPLETED)", "qemu")]
-H = {}
-for label, tool in rows:
-    xs = vals("hyd", tool, hyd_secs)
-    H[tool] = med(xs)
-    print(f"{label:58} {cell(xs, '{:.2f}'):>22} {DATA_MIB / H[tool]:10.0f} {okcount('hyd', tool):>9}")
-f = H["nbdferry"]
-print(f"ratio copy / hydration = {H['copy'] / f:.2f} (goal >= 1.0){goal(H['copy'] / f >= 1.0)};"
-      f" copy --flush / hydration = {H['copy-flush'] / f:.2f};"
-      f" nbdkit / nbdferry = {H['nbdkit'] / f:.2f}; qemu / nbdferry = {H['qemu'] / f:.2f}")
-print("nbdkit has no background pass: its time is a full read through the filter, which fills its overlay")
-qb = [r.get("backing_left") for r in timed if r["case"] == "hyd" and r["tool"] == "qemu"]
-if any(qb):
-    print(f"note: qemu overlays still name a backing file after block-stream: {qb}")
+def hydration():
+    print(f"\n1. hydration: the whole disk arrives (verified against the image)")
+    print(f"{'tool':58} {'seconds':>22} {'MiB/s data':>10} {'verified':>9}"
+          + (f" {'of the link':>11}" if LINK else ""))
+    rows = [("nbdferry serve --source (spawn -> complete)", "nbdferry"),
+            ("nbdferry copy SRC dst.raw", "copy"),
+            ("nbdferry copy --flush SRC dst.raw", "copy-flush"),
+            ("nbdkit cow-on-read: nbdcopy URI null: (no bg pass)", "nbdkit"),
+            ("qemu-storage-daemon block-stream (start -> COMPLETED)", "qemu")]
+    H = {}
+    for label, tool in rows:
+        xs = vals("hyd", tool, hyd_secs)
+        H[tool] = med(xs)
+        share = f" {DATA_MIB * 8 * 2**20 / H[tool] / LINK:11.1%}" if LINK else ""
+        print(f"{label:58} {cell(xs, '{:.2f}'):>22} {DATA_MIB / H[tool]:10.0f} {okcount('hyd', tool):>9}{share}")
+    f = H["nbdferry"]
+    print(f"ratio copy / hydration = {H['copy'] / f:.3f} (goal >= 1.0){goal(H['copy'] / f >= 1.0)};"
+          f" copy --flush / hydration = {H['copy-flush'] / f:.2f};"
+          f" nbdkit / nbdferry = {H['nbdkit'] / f:.2f}; qemu / nbdferry = {H['qemu'] / f:.2f}")
+    if LINK:
+        use = DATA_MIB * 8 * 2**20 / f / LINK
+        print(f"nbdferry moved the source's data at {use:.1%} of the link's {shape} (goal >= 90%){goal(use >= 0.9)};"
+              f" at a 1500-byte MTU, TCP over IPv4 carries at most 1448 of every 1514 bytes (95.6%)")
+    print("nbdkit has no background pass: its time is a full read through the filter, which fills its overlay")
+    qb = [r.get("backing_left") for r in timed if r["case"] == "hyd" and r["tool"] == "qemu"]
+    if any(qb):
+        print(f"note: qemu overlays still name a backing file after block-stream: {qb}")
 
-print(f"\n2. QD1 random 4 KiB first reads of absent blocks ({nreads} per run, one per 64 KiB block of data;"
-      f" per-run median / p99, then median (min-max) over runs)")
-print(f"{'tool':46} {'median us':>20} {'p99 us':>22} {'med/plain':>9} {'p99/plain':>9} {'verified':>9}")
-P = (med(vals("first", "plain", lambda r: r["med_us"])), med(vals("first", "plain", lambda r: r["p99_us"])))
-for label, tool in [("plain nbdferry export of the source", "plain"),
-                    ("nbdferry serve --source --rate 1", "nbdferry"),
-                    ("nbdkit --filter=cow cow-on-read=true nbd", "nbdkit"),
-                    ("qemu-storage-daemon qcow2 + copy-on-read", "qemu"),
-                    ("two hops, nothing stored: nbdkit nbd plugin", "proxy")]:
-    m = vals("first", tool, lambda r: r["med_us"])
-    p = vals("first", tool, lambda r: r["p99_us"])
-    mark = goal(med(m) / P[0] <= 2.0) if tool == "nbdferry" else ""
-    print(f"{label:46} {cell(m, '{:.0f}'):>20} {cell(p, '{:.0f}'):>22} {med(m) / P[0]:9.2f}"
-          f" {med(p) / P[1]:9.2f} {okcount('first', tool):>9}{mark}")
-print("goal: nbdferry median <= 2x plain (a first read costs a plain read here and one at the source:"
-      " the reader's pages are fetched first, the rest of their block after the answer)")
-X = med(vals("first", "proxy", lambda r: r["med_us"]))
-print(f"floor: a pass-through proxy (the reader's request relayed to the source, its answer relayed back,"
-      f" nothing stored) takes {X / P[0]:.2f}x plain; nbdferry / proxy = "
-      f"{med(vals('first', 'nbdferry', lambda r: r['med_us'])) / X:.2f}")
-fr = [r for r in timed if r["case"] == "first" and r["tool"] == "nbdferry"]
-if fr:
-    od = med([r["status"]["fetched_on_demand_bytes"] for r in fr])
-    stop = med([r["stop_s"] for r in fr])
-    print(f"nbdferry: fetched on demand {od / (1 << 20):.1f} MiB per run (64 KiB per read);"
-          f" present after the reads {med([r['status']['present_bytes'] for r in fr]) / (1 << 20):.1f} MiB;"
-          f" SIGTERM -> exit {stop:.2f} s")
 
-print(f"\n3. reads of present blocks (last 128 MiB, pre-read) while nbdferry's pass runs at --rate {hrate}")
-print(f"{'tool':46} {'QD1 median us':>20} {'QD1 p99 us':>20} {'fio QD32 IOPS':>26} {'IOPS ratio':>10}"
-      f" {'server CPU us/read':>20}")
-PI = med(vals("present", "plain", lambda r: r["iops"]))
-for label, tool in [("plain nbdferry export of the source", "plain"),
-                    ("nbdferry serve --source, hydrating", "nbdferry"),
-                    ("nbdferry serve --source, pass held (--rate 1)", "nbdferry-held"),
-                    ("plain writable export (--state-dir, no --source)", "plain-rw")]:
-    i = vals("present", tool, lambda r: r["iops"])
-    mark = goal(med(i) / PI >= 0.9) if tool == "nbdferry" else ""
-    print(f"{label:46} {cell(vals('present', tool, lambda r: r['med_us']), '{:.0f}'):>20}"
-          f" {cell(vals('present', tool, lambda r: r['p99_us']), '{:.0f}'):>20}"
-          f" {cell(i, '{:.0f}'):>26} {med(i) / PI:10.2f}"
-          f" {cell(vals('present', tool, lambda r: r['cpu_us']), '{:.1f}'):>20}{mark}")
-print(f"goal: nbdferry IOPS >= 0.9x plain (fio randread 4k QD32, {fio_rt} s, one connection)")
-print("server CPU: the serving process's CPU time during fio, per read; while hydrating it includes"
-      " the pass's own work, which shares this machine's cores with the reads")
-pr = [r for r in timed if r["case"] == "present" and r["tool"] == "nbdferry"]
-if pr:
-    running = sum(1 for r in pr if not r["after"]["complete"]
-                  and r["after"]["present_bytes"] > r["before"]["present_bytes"])
-    grew = med([r["after"]["present_bytes"] - r["before"]["present_bytes"] for r in pr])
-    od = med([r["after"]["fetched_on_demand_bytes"] - r["before"]["fetched_on_demand_bytes"] for r in pr])
-    print(f"pass running through the fio window in {running}/{len(pr)} runs; it brought {grew / (1 << 20):.0f} MiB"
-          f" meanwhile; on-demand fetches during the window: {od / (1 << 20):.1f} MiB")
-hr = [r for r in timed if r["case"] == "present" and r["tool"] == "nbdferry-held"]
-if hr:
-    pb = med([r["before"]["present_bytes"] for r in hr])
-    print(f"pass held: present after pre-reading the 128 MiB region: {pb / (1 << 20):.0f} MiB"
-          f" (1 MiB of it from the pass, at offset 0)")
+def first_reads():
+    print(f"\n2. QD1 random 4 KiB first reads of absent blocks ({nreads} per run, one per 64 KiB block of data;"
+          f" per-run median / p99, then median (min-max) over runs)")
+    print(f"{'tool':46} {'median us':>20} {'p99 us':>22} {'med/plain':>9} {'p99/plain':>9} {'verified':>9}")
+    P = (med(vals("first", "plain", lambda r: r["med_us"])), med(vals("first", "plain", lambda r: r["p99_us"])))
+    for label, tool in [("plain nbdferry export of the source", "plain"),
+                        ("nbdferry serve --source --rate 1", "nbdferry"),
+                        ("nbdkit --filter=cow cow-on-read=true nbd", "nbdkit"),
+                        ("qemu-storage-daemon qcow2 + copy-on-read", "qemu"),
+                        ("two hops, nothing stored: nbdkit nbd plugin", "proxy")]:
+        m = vals("first", tool, lambda r: r["med_us"])
+        p = vals("first", tool, lambda r: r["p99_us"])
+        mark = goal(med(m) / P[0] <= 2.0) if tool == "nbdferry" else ""
+        print(f"{label:46} {cell(m, '{:.0f}'):>20} {cell(p, '{:.0f}'):>22} {med(m) / P[0]:9.2f}"
+              f" {med(p) / P[1]:9.2f} {okcount('first', tool):>9}{mark}")
+    print("goal: nbdferry median <= 2x plain (a first read costs a plain read here and one at the source:"
+          " the reader's pages are fetched first, the rest of their block after the answer)")
+    X = med(vals("first", "proxy", lambda r: r["med_us"]))
+    print(f"floor: a pass-through proxy (the reader's request relayed to the source, its answer relayed back,"
+          f" nothing stored) takes {X / P[0]:.2f}x plain; nbdferry / proxy = "
+          f"{med(vals('first', 'nbdferry', lambda r: r['med_us'])) / X:.2f}")
+    fr = [r for r in timed if r["case"] == "first" and r["tool"] == "nbdferry"]
+    if fr:
+        od = med([r["status"]["fetched_on_demand_bytes"] for r in fr])
+        stop = med([r["stop_s"] for r in fr])
+        print(f"nbdferry: fetched on demand {od / (1 << 20):.1f} MiB per run (64 KiB per read);"
+              f" present after the reads {med([r['status']['present_bytes'] for r in fr]) / (1 << 20):.1f} MiB;"
+              f" SIGTERM -> exit {stop:.2f} s")
+
+
+def present_reads():
+    print(f"\n3. reads of present blocks (last 128 MiB, pre-read) while nbdferry's pass runs at --rate {hrate}")
+    print(f"{'tool':46} {'QD1 median us':>20} {'QD1 p99 us':>20} {'fio QD32 IOPS':>26} {'IOPS ratio':>10}"
+          f" {'server CPU us/read':>20}")
+    PI = med(vals("present", "plain", lambda r: r["iops"]))
+    for label, tool in [("plain nbdferry export of the source", "plain"),
+                        ("nbdferry serve --source, hydrating", "nbdferry"),
+                        ("nbdferry serve --source, pass held (--rate 1)", "nbdferry-held"),
+                        ("plain writable export (--state-dir, no --source)", "plain-rw")]:
+        i = vals("present", tool, lambda r: r["iops"])
+        mark = goal(med(i) / PI >= 0.9) if tool == "nbdferry" else ""
+        print(f"{label:46} {cell(vals('present', tool, lambda r: r['med_us']), '{:.0f}'):>20}"
+              f" {cell(vals('present', tool, lambda r: r['p99_us']), '{:.0f}'):>20}"
+              f" {cell(i, '{:.0f}'):>26} {med(i) / PI:10.2f}"
+              f" {cell(vals('present', tool, lambda r: r['cpu_us']), '{:.1f}'):>20}{mark}")
+    print(f"goal: nbdferry IOPS >= 0.9x plain (fio randread 4k QD32, {fio_rt} s, one connection)")
+    print("server CPU: the serving process's CPU time during fio, per read; while hydrating it includes"
+          " the pass's own work, which shares this machine's cores with the reads")
+    pr = [r for r in timed if r["case"] == "present" and r["tool"] == "nbdferry"]
+    if pr:
+        running = sum(1 for r in pr if not r["after"]["complete"]
+                      and r["after"]["present_bytes"] > r["before"]["present_bytes"])
+        grew = med([r["after"]["present_bytes"] - r["before"]["present_bytes"] for r in pr])
+        od = med([r["after"]["fetched_on_demand_bytes"] - r["before"]["fetched_on_demand_bytes"] for r in pr])
+        print(f"pass running through the fio window in {running}/{len(pr)} runs; it brought {grew / (1 << 20):.0f} MiB"
+              f" meanwhile; on-demand fetches during the window: {od / (1 << 20):.1f} MiB")
+    hr = [r for r in timed if r["case"] == "present" and r["tool"] == "nbdferry-held"]
+    if hr:
+        pb = med([r["before"]["present_bytes"] for r in hr])
+        print(f"pass held: present after pre-reading the 128 MiB region: {pb / (1 << 20):.0f} MiB"
+              f" (1 MiB of it from the pass, at offset 0)")
+
+
+for case, table in [("hyd", hydration), ("first", first_reads), ("present", present_reads)]:
+    if any(r["case"] == case for r in timed):
+        table()
 
 if mismatch != "0" or any(r.get("ok") is False or r.get("bad") for r in recs):
     print("\n!!!!!!!! MISMATCHES: a destination or a read differed from the source image !!!!!!!!")

@@ -195,27 +195,53 @@ wait_listen() {
 }
 
 # bench_start_ferry NAME LOG SERVE-ARGS...: runs `$BIN SERVE-ARGS...` (which
-# should listen on 127.0.0.1:0) with stderr to LOG, and reads the port it
-# bound from its "listening on" line, which avoids racing for a free port.
+# should listen on port 0 of one address) with stderr to LOG, and reads the
+# port it bound from its "listening on" line, which avoids racing for a free
+# port. Prefixed with BENCH_EXEC (e.g. `ip netns exec NS`) when set.
 # Sets SERVER_PID and PORT; exits (showing the log) if it does not start.
 # `BIN=$BIN_OLD bench_start_ferry ...` starts the binary compared with.
 bench_start_ferry() {
     local name="$1" log="$2" line
     shift 2
-    "$BIN" "$@" 2>"$log" &
+    "${BENCH_EXEC[@]}" "$BIN" "$@" 2>"$log" &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
     PORT=""
     for _ in $(seq 400); do
         line=$(grep -m1 '^listening on ' "$log" || true)
         if [ -n "$line" ]; then
-            PORT=$(sed -E 's/^listening on 127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
+            PORT=$(sed -E 's/^listening on [^ ,]*:([0-9]+).*/\1/' <<<"$line")
             break
         fi
         kill -0 "$SERVER_PID" 2>/dev/null || { cat "$log" >&2; exit 1; }
         sleep 0.05
     done
     [ -n "$PORT" ] || { echo "$name not ready" >&2; cat "$log" >&2; exit 1; }
+}
+
+BENCH_EXEC=()
+
+# bench_two_hosts TAG RATE: two network namespaces, NS_A (10.203.0.1) and
+# NS_B (10.203.0.2), joined by a veth pair shaped with `tc tbf` at RATE (a
+# tc rate: 1gbit, 200mbit) both ways, with a burst of a few ms at the rate,
+# as a real link's queue drains. Deleted at exit. Needs root, ip and tc.
+bench_two_hosts() {
+    local side ns dev addr
+    bench_need_tools ip tc
+    [ "$(id -u)" = 0 ] || { echo "two hosts need root (network namespaces)" >&2; exit 2; }
+    NS_A="$1-a-$$"
+    NS_B="$1-b-$$"
+    trap 'ip netns del "$NS_A" 2>/dev/null; ip netns del "$NS_B" 2>/dev/null' EXIT
+    ip netns add "$NS_A"
+    ip netns add "$NS_B"
+    ip link add "nfb$$a" netns "$NS_A" type veth peer name "nfb$$b" netns "$NS_B"
+    for side in "$NS_A nfb$$a 10.203.0.1" "$NS_B nfb$$b 10.203.0.2"; do
+        read -r ns dev addr <<<"$side"
+        ip -n "$ns" link set lo up
+        ip -n "$ns" addr add "$addr/24" dev "$dev"
+        ip -n "$ns" link set "$dev" up
+        ip netns exec "$ns" tc qdisc add dev "$dev" root tbf rate "$2" burst 1mb latency 20ms
+    done
 }
 
 # bench_start_qemu LOG QEMU-NBD-ARGS...: qemu-nbd, persistent, 8
