@@ -506,28 +506,25 @@ impl CopyOnRead {
         data: Option<&[u8]>,
     ) -> Result<Vec<u64>> {
         let b = (a * self.gran + len).div_ceil(self.gran).min(self.nblocks);
-        let mut done = Vec::new();
-        let mut theirs = Vec::new();
-        for blk in a..b {
-            if !claimed.contains(&blk) {
-                continue;
-            }
-            let _s = lock(&self.stripes[(blk % STRIPES) as usize]);
-            if self.current.get(blk) {
-                theirs.push(blk);
-                continue;
-            }
-            let off = blk * self.gran;
-            let n = self.block_len(blk);
-            match data {
-                Some(d) => {
-                    let i = ((blk - a) * self.gran) as usize;
-                    self.write_sparse(&d[i..i + n as usize], off)?;
+        let ours: Vec<u64> = (a..b).filter(|blk| claimed.contains(blk)).collect();
+        // One write (or one hole) per run of blocks, not per block: a
+        // 1 MiB fetch of 64 KiB blocks took 16 writes, each taking the
+        // file's lock, and the source's holes as many fallocate calls.
+        let (done, theirs): (Vec<u64>, Vec<u64>) = self.change_whole(&ours, || {
+            let (theirs, done): (Vec<u64>, Vec<u64>) =
+                ours.iter().partition(|&&blk| self.current.get(blk));
+            for (ra, rb) in bitmap::runs_of(&done) {
+                let (off, n) = self.run_span(ra, rb);
+                match data {
+                    Some(d) => {
+                        let i = ((ra - a) * self.gran) as usize;
+                        self.write_sparse(&d[i..i + n as usize], off)?;
+                    }
+                    None => self.local.write_zeroes(off, n, UNMAP)?,
                 }
-                None => self.local.write_zeroes(off, n, UNMAP)?,
             }
-            done.push(blk);
-        }
+            Ok((done, theirs))
+        })?;
         self.release(claimed, &theirs);
         Ok(done)
     }
@@ -799,8 +796,9 @@ impl CopyOnRead {
         self.current.all_set(a, b)
     }
 
-    /// Runs a change of whole absent blocks under their stripe locks, so a
-    /// fetch cannot write them in between.
+    /// Runs `op` under the stripe locks of `blocks`, taken in order: a
+    /// client's change of whole absent blocks and a fetch's write of them
+    /// never interleave.
     fn change_whole<T>(&self, blocks: &[u64], op: impl FnOnce() -> Result<T>) -> Result<T> {
         let mut stripes: Vec<usize> = blocks.iter().map(|&b| (b % STRIPES) as usize).collect();
         stripes.sort_unstable();
