@@ -103,6 +103,7 @@ impl Hydration {
         let window = Arc::new(Semaphore::new(window_blocks));
         let settled = Arc::new(Notify::new());
         let broken = Arc::new(AtomicBool::new(false));
+        let allocation = Arc::new(tokio::sync::Mutex::new(Allocation::default()));
         let (landed, to_settle) = mpsc::unbounded_channel();
         tokio::spawn(
             self.clone()
@@ -137,7 +138,7 @@ impl Hydration {
                     // would hold up clients' reads of those blocks), by the
                     // data the source holds there: holes and zeroes cross
                     // nothing, so they cost no time at the rate.
-                    let bytes = self.data_bytes(a, b, gran).await;
+                    let bytes = self.data_bytes(&allocation, a, b, gran).await;
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         () = pacer.wait(bytes) => {}
@@ -156,6 +157,7 @@ impl Hydration {
                 }
                 tasks.spawn(fetch(
                     self.source.clone(),
+                    allocation.clone(),
                     claim,
                     gran,
                     self.fetched.clone(),
@@ -236,19 +238,21 @@ impl Hydration {
 
     /// Bytes of blocks `[a, b)` that the source holds as data (all of them
     /// when it cannot say: pacing then errs on the slow side).
-    async fn data_bytes(&self, a: u64, b: u64, gran: u64) -> u64 {
+    async fn data_bytes(
+        &self,
+        allocation: &tokio::sync::Mutex<Allocation>,
+        a: u64,
+        b: u64,
+        gran: u64,
+    ) -> u64 {
         let size = self.source.identity().size;
-        let (off, end) = (a * gran, (b * gran).min(size));
-        match self.source.allocation(Lane::Bulk, off, end - off).await {
-            Ok(extents) => {
-                let zero = zero_blocks(&extents, off, a, b, gran);
-                (a..b)
-                    .filter(|i| !zero[(i - a) as usize])
-                    .map(|i| ((i + 1) * gran).min(size) - i * gran)
-                    .sum()
-            }
-            Err(_) => end - off,
-        }
+        let zero = Allocation::zeroes(allocation, &self.source, a, b, gran)
+            .await
+            .unwrap_or_else(|_| vec![false; (b - a) as usize]);
+        (a..b)
+            .filter(|i| !zero[(i - a) as usize])
+            .map(|i| ((i + 1) * gran).min(size) - i * gran)
+            .sum()
     }
 
     /// Every block is here: make it durable, then let the source go.
@@ -355,6 +359,7 @@ type Landed = (Claim<Arc<CopyOnRead>>, OwnedSemaphorePermit);
 /// so the local file stays sparse).
 async fn fetch(
     source: Arc<Remote>,
+    allocation: Arc<tokio::sync::Mutex<Allocation>>,
     mut claim: Claim<Arc<CopyOnRead>>,
     gran: u64,
     fetched: Arc<AtomicU64>,
@@ -362,9 +367,7 @@ async fn fetch(
 ) -> Result<(), FetchError> {
     let size = source.identity().size;
     for (a, b) in claim.runs() {
-        let (off, end) = (a * gran, (b * gran).min(size));
-        let extents = source.allocation(Lane::Bulk, off, end - off).await?;
-        let zero = zero_blocks(&extents, off, a, b, gran);
+        let zero = Allocation::zeroes(&allocation, &source, a, b, gran).await?;
         let mut i = a;
         while i < b {
             let is_zero = zero[(i - a) as usize];
@@ -396,19 +399,60 @@ async fn fetch(
     Ok(())
 }
 
-/// For blocks `[a, b)` (starting at byte `off`): whether each reads as
-/// zeroes at the source, by its `base:allocation` extents. A block only
-/// partly covered by zero extents, or not covered by the answer, is data.
-fn zero_blocks(extents: &[Extent], off: u64, a: u64, b: u64, gran: u64) -> Vec<bool> {
+/// The source's `base:allocation` ahead of the pass: one query per
+/// [`ALLOCATION_AHEAD`] bytes, not one per fetch. A query shares the
+/// pass's connections with its 1 MiB reads and waited behind them: on
+/// loopback it took a third of each fetch's time (1.5 ms of 4.5). The
+/// source is frozen, so what it said holds.
+#[derive(Default)]
+struct Allocation {
+    /// The extents the source gave from byte `start` to byte `end`.
+    start: u64,
+    end: u64,
+    extents: Vec<Extent>,
+}
+
+/// Bytes of the source one `base:allocation` query asks about.
+const ALLOCATION_AHEAD: u64 = 64 << 20;
+
+impl Allocation {
+    /// Whether each of blocks `[a, b)` reads as zeroes at the source,
+    /// asking it again when they are past what it said last.
+    async fn zeroes(
+        this: &tokio::sync::Mutex<Allocation>,
+        source: &Remote,
+        a: u64,
+        b: u64,
+        gran: u64,
+    ) -> Result<Vec<bool>, RemoteError> {
+        let size = source.identity().size;
+        let (off, end) = (a * gran, (b * gran).min(size));
+        let mut known = this.lock().await;
+        if off < known.start || end > known.end {
+            let len = ALLOCATION_AHEAD.max(end - off).min(size - off);
+            let extents = source.allocation(Lane::Bulk, off, len).await?;
+            let covered: u64 = extents.iter().map(|e| e.length).sum();
+            *known = Allocation {
+                start: off,
+                end: off + covered,
+                extents,
+            };
+        }
+        Ok(zero_blocks(&known.extents, known.start, a, b, gran))
+    }
+}
+
+/// For blocks `[a, b)`: whether each reads as zeroes at the source, by its
+/// `base:allocation` extents from byte `start` (at or before block `a`). A
+/// block only partly covered by zero extents, or not covered, is data.
+fn zero_blocks(extents: &[Extent], start: u64, a: u64, b: u64, gran: u64) -> Vec<bool> {
     let mut zero = vec![true; (b - a) as usize];
-    let mut pos = off;
     let mut mark_data = |from: u64, to: u64| {
-        for blk in from / gran..to.div_ceil(gran) {
-            if let Some(z) = zero.get_mut((blk - a) as usize) {
-                *z = false;
-            }
+        for blk in (from / gran).max(a)..to.div_ceil(gran).min(b) {
+            zero[(blk - a) as usize] = false;
         }
     };
+    let mut pos = start;
     for e in extents {
         if e.flags & state::ZERO == 0 {
             mark_data(pos, pos + e.length);
@@ -430,5 +474,8 @@ mod tests {
         // 1200-1400 zero, then the answer stops at 1400.
         let z = zero_blocks(&[ext(150, 3), ext(50, 0), ext(200, 2)], 1000, 10, 16, 100);
         assert_eq!(z, vec![true, false, true, true, false, false]);
+        // The same answer, asked about blocks 11-14 only.
+        let z = zero_blocks(&[ext(150, 3), ext(50, 0), ext(200, 2)], 1000, 11, 14, 100);
+        assert_eq!(z, vec![false, true, true]);
     }
 }
