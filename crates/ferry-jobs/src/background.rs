@@ -6,35 +6,31 @@
 
 use std::sync::Mutex;
 
-use tokio::runtime::{Builder, Handle};
+use tokio::runtime::{Builder, Handle, Runtime};
 
 /// Nice value of the background threads: against one busy nice-0 thread
 /// a nice-10 one gets about a tenth of a CPU, several times what a paced
 /// pass needs.
 const NICE: i32 = 10;
 
-static RUNTIME: Mutex<Option<Handle>> = Mutex::new(None);
+static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
 
-/// The background runtime, started on first use: one thread that drives
-/// its tasks, plus its blocking pool, all at [`NICE`].
+/// The background runtime, started on first use: two workers (a pass at
+/// full speed keeps both busy: it receives and writes at once) and its
+/// blocking pool, all at [`NICE`].
 pub fn handle() -> std::io::Result<Handle> {
     let mut rt = RUNTIME.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(h) = &*rt {
-        return Ok(h.clone());
+    if let Some(r) = &*rt {
+        return Ok(r.handle().clone());
     }
-    let runtime = Builder::new_current_thread()
+    let runtime = Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .thread_name("ferry-background")
         .on_thread_start(lower_priority)
         .build()?;
     let handle = runtime.handle().clone();
-    std::thread::Builder::new()
-        .name("ferry-background".into())
-        .spawn(move || {
-            lower_priority();
-            runtime.block_on(std::future::pending::<()>());
-        })?;
-    *rt = Some(handle.clone());
+    *rt = Some(runtime);
     Ok(handle)
 }
 
