@@ -584,9 +584,8 @@ impl CopyOnRead {
             let mut covered = [&taken[..], blocks].concat();
             covered.sort_unstable();
             covered.dedup();
-            bitmap::runs_of(&covered)
-                .into_iter()
-                .try_for_each(|(a, b)| self.present.mark(a, b))
+            self.present
+                .mark_runs(&bitmap::runs_of(&covered))
                 .map_err(Error::from)
         });
         if marked.is_err() {
