@@ -431,10 +431,11 @@ impl Allocation {
         if off < known.start || end > known.end {
             let len = ALLOCATION_AHEAD.max(end - off).min(size - off);
             let extents = source.allocation(Lane::Bulk, off, len).await?;
-            let covered: u64 = extents.iter().map(|e| e.length).sum();
+            // Saturating: the lengths are the source's to choose.
+            let covered = extents.iter().fold(0u64, |n, e| n.saturating_add(e.length));
             *known = Allocation {
                 start: off,
-                end: off + covered,
+                end: off.saturating_add(covered),
                 extents,
             };
         }
@@ -454,10 +455,14 @@ fn zero_blocks(extents: &[Extent], start: u64, a: u64, b: u64, gran: u64) -> Vec
     };
     let mut pos = start;
     for e in extents {
-        if e.flags & state::ZERO == 0 {
-            mark_data(pos, pos + e.length);
+        if pos >= b * gran {
+            break;
         }
-        pos += e.length;
+        let next = pos.saturating_add(e.length);
+        if e.flags & state::ZERO == 0 {
+            mark_data(pos, next);
+        }
+        pos = next;
     }
     mark_data(pos, b * gran);
     zero
