@@ -335,8 +335,27 @@ impl Remote {
 
     /// `len` bytes at `offset`.
     pub async fn read(&self, lane: Lane, offset: u64, len: u64) -> Result<Vec<u8>, RemoteError> {
-        self.with_client(lane, |c| async move {
-            c.read(offset, vec![0u8; len as usize]).await
+        self.read_into(lane, offset, vec![0u8; len as usize]).await
+    }
+
+    /// `buf.len()` bytes at `offset`, into `buf` (whatever it holds: the
+    /// reply must cover it all, holes come back zeroed). A retry on a new
+    /// connection reads into a fresh buffer.
+    pub async fn read_into(
+        &self,
+        lane: Lane,
+        offset: u64,
+        buf: Vec<u8>,
+    ) -> Result<Vec<u8>, RemoteError> {
+        let len = buf.len();
+        let first = Mutex::new(Some(buf));
+        self.with_client(lane, |c| {
+            let buf = first
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_else(|| vec![0u8; len]);
+            async move { c.read(offset, buf).await }
         })
         .await
     }
