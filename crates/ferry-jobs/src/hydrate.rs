@@ -104,7 +104,6 @@ impl Hydration {
         let settled = Arc::new(Notify::new());
         let broken = Arc::new(AtomicBool::new(false));
         let allocation = Arc::new(tokio::sync::Mutex::new(Allocation::default()));
-        let buffers = Arc::new(Buffers::new(opts.requests.max(1)));
         let (landed, to_settle) = mpsc::unbounded_channel();
         tokio::spawn(
             self.clone()
@@ -158,7 +157,7 @@ impl Hydration {
                 }
                 tasks.spawn(fetch(
                     self.source.clone(),
-                    (allocation.clone(), buffers.clone()),
+                    allocation.clone(),
                     claim,
                     gran,
                     self.fetched.clone(),
@@ -360,7 +359,7 @@ type Landed = (Claim<Arc<CopyOnRead>>, OwnedSemaphorePermit);
 /// so the local file stays sparse).
 async fn fetch(
     source: Arc<Remote>,
-    (allocation, buffers): (Arc<tokio::sync::Mutex<Allocation>>, Arc<Buffers>),
+    allocation: Arc<tokio::sync::Mutex<Allocation>>,
     mut claim: Claim<Arc<CopyOnRead>>,
     gran: u64,
     fetched: Arc<AtomicU64>,
@@ -380,7 +379,13 @@ async fn fetch(
             let data = if is_zero {
                 None
             } else {
-                let buf = buffers.take((e - s) as usize);
+                // From the server's pool of I/O buffers: a fresh 1 MiB
+                // buffer per fetch went back to the system when freed (one
+                // trimmed malloc arena) and was faulted in again for the
+                // next one; reusing them made a full-speed pass onto tmpfs
+                // 7% faster.
+                let mut buf = nbd_server::POOL.get((e - s) as usize);
+                buf.truncate((e - s) as usize);
                 let d = source.read_into(Lane::Bulk, s, buf).await?;
                 fetched.fetch_add(e - s, Ordering::Relaxed);
                 Some(d)
@@ -394,7 +399,7 @@ async fn fetch(
             .map_err(|e| FetchError::Local(e.to_string()))?
             .map_err(|e| FetchError::Local(e.to_string()))?;
             if let Some(buf) = written {
-                buffers.give(buf);
+                nbd_server::POOL.put(buf);
             }
             i = j;
         }
@@ -403,45 +408,6 @@ async fn fetch(
     // and the claim then lets its blocks go, absent.
     let _ = landed.send((claim, share));
     Ok(())
-}
-
-/// Receive buffers of the pass, used again: a fresh 1 MiB buffer per
-/// fetch went back to the system when freed (the server keeps one malloc
-/// arena and trims it) and was faulted in again for the next fetch.
-/// Reusing them made a full-speed pass onto tmpfs 7% faster (12
-/// alternated rounds, median 0.508 s against 0.541 s). At most one per
-/// fetch in flight is kept.
-struct Buffers {
-    free: std::sync::Mutex<Vec<Vec<u8>>>,
-    keep: usize,
-}
-
-impl Buffers {
-    fn new(keep: usize) -> Self {
-        Buffers {
-            free: std::sync::Mutex::new(Vec::new()),
-            keep,
-        }
-    }
-
-    /// A buffer of `len` bytes, of whatever content (a read fills it all).
-    fn take(&self, len: usize) -> Vec<u8> {
-        let kept = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        match kept {
-            Some(mut buf) => {
-                buf.resize(len, 0);
-                buf
-            }
-            None => vec![0u8; len],
-        }
-    }
-
-    fn give(&self, buf: Vec<u8>) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < self.keep {
-            free.push(buf);
-        }
-    }
 }
 
 /// The source's `base:allocation` ahead of the pass: one query per

@@ -140,18 +140,18 @@ impl DurableBitmap {
                 }
             }
         }
-        let runs: Vec<(u64, u64)> = runs
-            .iter()
-            .copied()
-            .filter(|&(a, b)| !self.durable.all_set(a, b))
-            .collect();
-        if runs.is_empty() {
+        // The common case (a write to blocks already marked): no I/O and
+        // no allocation.
+        if runs.iter().all(|&(a, b)| self.durable.all_set(a, b)) {
             return Ok(());
         }
         let _marking = self.rewrite.read().unwrap_or_else(|e| e.into_inner());
         let window = self.rounding.window;
         let mut widened = Vec::with_capacity(runs.len());
-        for (a, b) in runs {
+        for &(a, b) in runs {
+            if self.durable.all_set(a, b) {
+                continue;
+            }
             self.widened.fetch_add(1, Ordering::Relaxed);
             let wa = a / window * window;
             let mut wb = (b.div_ceil(window) * window).min(self.nbits);

@@ -20,7 +20,7 @@ mod registry;
 mod split;
 mod zero_copy;
 
-pub use bufpool::use_one_arena;
+pub use bufpool::{POOL, use_one_arena};
 pub use limits::Limits;
 pub use listen::{Listener, Server, bind_unix_socket};
 pub use metrics::{DURATION_BUCKETS, REQUEST_DURATION};
