@@ -1192,6 +1192,16 @@ pub fn json_u64(text: &str, key: &str) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
+pub fn json_f64(text: &str, key: &str) -> Option<f64> {
+    let pat = format!("\"{key}\":");
+    let i = text.find(&pat)? + pat.len();
+    let rest = text[i..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
 pub fn json_bool(text: &str, key: &str) -> Option<bool> {
     let pat = format!("\"{key}\":");
     let i = text.find(&pat)? + pat.len();

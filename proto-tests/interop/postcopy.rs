@@ -5,7 +5,7 @@
 //! counts what crosses it and cuts it when told.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::harness::*;
 use crate::netns::{HostPair, IP_A};
@@ -29,6 +29,13 @@ fn destination(dir: &Path, dst: &Path, state: &Path, uri: &str, extra: &[&str]) 
     let mut args = vec!["--name", "disk", "--state-dir", st, "--source", uri];
     args.extend_from_slice(extra);
     Server::serve(dir, dst, &args).with_name("disk")
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 /// `hydrate status disk --json` of the daemon whose state is `state`.
@@ -65,6 +72,7 @@ fn serves_at_once_then_arrives_whole_and_sparse() {
     let src = source(d, &img, &d.join("st1"));
     let relay = Relay::start(src.addr.unwrap());
     let dst = d.join("dst.raw");
+    let t0 = unix_now();
     // Slow enough that the reads below find most blocks absent.
     let s = destination(
         d,
@@ -105,6 +113,16 @@ fn serves_at_once_then_arrives_whole_and_sparse() {
 
     let st = wait_complete(&d.join("st2"), CMD_DEADLINE);
     assert_eq!(json_str(&st, "source").as_deref(), Some("detached"), "{st}");
+    // When the pass ran, by the daemon's clock.
+    let (a, b) = (json_f64(&st, "started_at"), json_f64(&st, "completed_at"));
+    assert!(
+        matches!((a, b), (Some(a), Some(b)) if t0 - 1.0 <= a && a < b && b <= unix_now() + 1.0),
+        "{st}"
+    );
+    let line = run(nbdferry()
+        .args(["hydrate", "status", "disk", "--admin"])
+        .arg(d.join("st2/admin.sock")));
+    assert!(line.contains(", arrived in "), "{line}");
     // The client's view and the image itself.
     let out = d.join("out.raw");
     run(peer("nbdcopy").arg(s.uri()).arg(&out));

@@ -211,7 +211,7 @@ pub struct Reloaded {
 
 /// `GET /v1/disks/{disk}/hydration`: a post-copy disk still arriving (or
 /// arrived) from its source.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HydrationStatus {
     pub disk: String,
     pub source_uri: String,
@@ -230,6 +230,13 @@ pub struct HydrationStatus {
     pub reconnects: u64,
     pub last_error: Option<String>,
     pub complete: bool,
+    /// When this daemon started its pass, and when it saw the last block
+    /// durably present: seconds since the Unix epoch (absent when the disk
+    /// was complete before, and in answers of older daemons).
+    #[serde(default)]
+    pub started_at: Option<f64>,
+    #[serde(default)]
+    pub completed_at: Option<f64>,
 }
 
 /// How a mirror treats client writes.

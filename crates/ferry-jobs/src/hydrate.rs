@@ -10,8 +10,8 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_api::HydrationStatus;
 use ferry_block::Extent;
@@ -65,6 +65,9 @@ pub struct Hydration {
     samples: Mutex<VecDeque<(Instant, u64)>>,
     last_error: Mutex<Option<String>>,
     detached: AtomicBool,
+    /// When the pass started, and when the disk was complete.
+    started_at: OnceLock<SystemTime>,
+    completed_at: OnceLock<SystemTime>,
 }
 
 impl Hydration {
@@ -77,6 +80,8 @@ impl Hydration {
             samples: Mutex::new(VecDeque::new()),
             last_error: Mutex::new(None),
             detached: AtomicBool::new(false),
+            started_at: OnceLock::new(),
+            completed_at: OnceLock::new(),
         })
     }
 
@@ -109,6 +114,7 @@ impl Hydration {
             self.clone()
                 .settle(to_settle, settled.clone(), broken.clone()),
         );
+        let _ = self.started_at.set(SystemTime::now());
         tracing::info!(source = %self.uri, "hydration started");
         loop {
             if broken.load(Ordering::Acquire) {
@@ -260,6 +266,7 @@ impl Hydration {
         let cor = self.cor.clone();
         match tokio::task::spawn_blocking(move || cor.settle()).await {
             Ok(Ok(true)) => {
+                let _ = self.completed_at.set(SystemTime::now());
                 self.source.close();
                 self.detached.store(true, Ordering::Release);
                 tracing::info!(
@@ -337,8 +344,15 @@ impl Hydration {
                 .clone()
                 .or(src.last_error),
             complete: p.complete,
+            started_at: unix_seconds(&self.started_at),
+            completed_at: unix_seconds(&self.completed_at),
         }
     }
+}
+
+fn unix_seconds(t: &OnceLock<SystemTime>) -> Option<f64> {
+    let t = t.get()?;
+    Some(t.duration_since(UNIX_EPOCH).ok()?.as_secs_f64())
 }
 
 /// Why a fetch of the background pass failed.

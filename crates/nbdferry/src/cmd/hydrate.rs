@@ -44,6 +44,9 @@ fn summary(s: &HydrationStatus) -> String {
         "{}: {}/{} bytes ({pct:.1}%), {} B/s, eta {eta}, source {} ({})",
         s.disk, s.present_bytes, s.total_bytes, s.rate, s.source, s.source_uri
     );
+    if let (Some(a), Some(b)) = (s.started_at, s.completed_at) {
+        line.push_str(&format!(", arrived in {:.1}s", b - a));
+    }
     if let Some(e) = &s.last_error {
         line.push_str(&format!(", last error: {e}"));
     }
