@@ -38,7 +38,7 @@ pub fn handle() -> std::io::Result<Handle> {
 /// already (on Linux `setpriority` with a thread id acts on that thread
 /// alone). Best effort: at worst the work runs at the priority it would
 /// have had anyway.
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     let tid = Some(rustix::thread::gettid());
     let now = rustix::process::getpriority_process(tid).unwrap_or(0);
     if now < NICE

@@ -2,11 +2,12 @@
 //! the absent blocks, several fetches in flight, ranges clients asked to
 //! cache first, the source's holes and zeroes recorded without moving a
 //! byte, an optional rate that paces this pass only (clients' on-demand
-//! fetches never wait for it). What it fetched is written at once and
-//! made durably present beside the next fetches, one sync after another,
-//! each covering what landed since the previous one began; fetching
-//! pauses while eight times what may be in flight waits for a sync. When every
-//! block is durably present the source is let go.
+//! fetches never wait for it). What it fetched is written at once (by one
+//! thread: see [`SerialThread`]) and made durably present beside the next
+//! fetches, one sync after another, each covering what landed since the
+//! previous one began; fetching pauses while eight times what may be in
+//! flight waits for a sync. When every block is durably present the source
+//! is let go.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pace::Pacer;
 use crate::remote::{Lane, Remote, RemoteError};
+use crate::serial::SerialThread;
 
 /// How the pass runs.
 #[derive(Debug, Clone)]
@@ -109,6 +111,17 @@ impl Hydration {
         let settled = Arc::new(Notify::new());
         let broken = Arc::new(AtomicBool::new(false));
         let allocation = Arc::new(tokio::sync::Mutex::new(Allocation::default()));
+        // The pass's writes, one after another (see `SerialThread`), at
+        // the background's priority.
+        let writer = SerialThread::start("hydrate-writer", crate::background::lower_priority);
+        let writer = match writer {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(source = %self.uri, "hydration stopped: cannot start its writer thread: {e}");
+                self.note_error(&e);
+                return;
+            }
+        };
         let (landed, to_settle) = mpsc::unbounded_channel();
         tokio::spawn(
             self.clone()
@@ -163,6 +176,7 @@ impl Hydration {
                 }
                 tasks.spawn(fetch(
                     self.source.clone(),
+                    writer.clone(),
                     allocation.clone(),
                     claim,
                     gran,
@@ -373,6 +387,7 @@ type Landed = (Claim<Arc<CopyOnRead>>, OwnedSemaphorePermit);
 /// so the local file stays sparse).
 async fn fetch(
     source: Arc<Remote>,
+    writer: SerialThread,
     allocation: Arc<tokio::sync::Mutex<Allocation>>,
     mut claim: Claim<Arc<CopyOnRead>>,
     gran: u64,
@@ -405,13 +420,14 @@ async fn fetch(
                 Some(d)
             };
             let written;
-            (claim, written) = tokio::task::spawn_blocking(move || {
-                let bytes = data.as_deref().filter(|d| d.iter().any(|&x| x != 0));
-                claim.land(i, e - s, bytes).map(|()| (claim, data))
-            })
-            .await
-            .map_err(|e| FetchError::Local(e.to_string()))?
-            .map_err(|e| FetchError::Local(e.to_string()))?;
+            (claim, written) = writer
+                .run(move || {
+                    let bytes = data.as_deref().filter(|d| d.iter().any(|&x| x != 0));
+                    claim.land(i, e - s, bytes).map(|()| (claim, data))
+                })
+                .await
+                .map_err(|e| FetchError::Local(e.to_string()))?
+                .map_err(|e| FetchError::Local(e.to_string()))?;
             if let Some(buf) = written {
                 nbd_server::POOL.put(buf);
             }

@@ -20,6 +20,7 @@ mod plan;
 mod point_dev;
 mod progress;
 mod remote;
+mod serial;
 pub mod zero;
 
 pub use copy::{CopyOptions, CopyStats, copy};
