@@ -3,10 +3,6 @@
 prints one JSON object. Run it with /usr/bin/python3 (the `reads`
 subcommand needs libnbd's module, python3-libnbd).
 
-  postcopy-drive.py ferry-wait --admin SOCK [--timeout S]
-      polls the daemon's GET /v1/disks/disk/hydration (admin socket, HTTP)
-      every 20 ms until "complete"; prints t_complete (wall clock) and the
-      last status. Waits for the socket to appear.
   postcopy-drive.py ferry-status --admin SOCK
       that status, once.
   postcopy-drive.py qemu-stream --qmp SOCK [--device ov] [--timeout S]
@@ -41,7 +37,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 1 << 20
 BLOCK = 64 * 1024
 READ = 4096
-POLL = 0.02
 
 
 class UnixHTTP(http.client.HTTPConnection):
@@ -67,21 +62,6 @@ def hydration(admin, disk="disk"):
         return json.loads(body)
     finally:
         c.close()
-
-
-def ferry_wait(a):
-    deadline = time.time() + a.timeout
-    st = None
-    while time.time() < deadline:
-        try:
-            st = hydration(a.admin)
-        except (FileNotFoundError, ConnectionRefusedError):
-            time.sleep(POLL)
-            continue
-        if st.get("complete"):
-            return {"t_complete": time.time(), "status": st}
-        time.sleep(POLL)
-    raise SystemExit(f"hydration not complete after {a.timeout} s: {st}")
 
 
 def qmp_module():
@@ -179,9 +159,6 @@ def reads(a):
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("ferry-wait")
-    p.add_argument("--admin", required=True)
-    p.add_argument("--timeout", type=float, default=600)
     p = sub.add_parser("ferry-status")
     p.add_argument("--admin", required=True)
     p = sub.add_parser("qemu-stream")
@@ -196,9 +173,7 @@ def main():
     p.add_argument("--region", type=int, nargs=2, metavar=("OFF", "LEN"))
     p.add_argument("--prefetch", action="store_true")
     a = ap.parse_args()
-    if a.cmd == "ferry-wait":
-        r = ferry_wait(a)
-    elif a.cmd == "ferry-status":
+    if a.cmd == "ferry-status":
         r = hydration(a.admin)
     elif a.cmd == "qemu-stream":
         r = qemu_stream(a)
