@@ -222,9 +222,12 @@ async fn arriving(
     }
     let gran = record.as_ref().map_or(gran, |r| r.granularity);
     let uri = nbd_client::NbdUri::parse(&src.uri).map_err(|e| fail(&e))?;
+    // The pass's 32 requests in flight over 4 connections, as `copy`
+    // spreads them: on loopback, 1 x 32 took a median of 0.358 s for 512
+    // MiB onto tmpfs, 2 x 16 0.332 s, 4 x 8 0.323 s (8 alternated rounds).
     let opts = nbd_client::ConnectOptions {
-        connections: 2,
-        requests: 16,
+        connections: 4,
+        requests: 8,
         ..nbd_client::ConnectOptions::default()
     };
     // The pass's connections live on the background runtime, as the pass.
