@@ -229,10 +229,11 @@ pub struct HydrationStatus {
     pub source: String,
     pub reconnects: u64,
     pub last_error: Option<String>,
+    /// Every block is durably present and the source is let go.
     pub complete: bool,
-    /// When this daemon started its pass, and when it saw the last block
-    /// durably present: seconds since the Unix epoch (absent when the disk
-    /// was complete before, and in answers of older daemons).
+    /// When this daemon started its pass, and when it saw every block
+    /// durably present and let the source go: seconds since the Unix epoch
+    /// (null until then, and in answers of older daemons).
     #[serde(default)]
     pub started_at: Option<f64>,
     #[serde(default)]

@@ -222,12 +222,16 @@ async fn arriving(
     }
     let gran = record.as_ref().map_or(gran, |r| r.granularity);
     let uri = nbd_client::NbdUri::parse(&src.uri).map_err(|e| fail(&e))?;
-    // The pass's 32 requests in flight over 4 connections, as `copy`
-    // spreads them: on loopback, 1 x 32 took a median of 0.358 s for 512
-    // MiB onto tmpfs, 2 x 16 0.332 s, 4 x 8 0.323 s (8 alternated rounds).
+    // The pass's 32 requests in flight spread over 4 connections, as
+    // `copy` spreads them: on loopback, 1 x 32 took a median of 0.358 s
+    // for 512 MiB onto tmpfs, 2 x 16 0.332 s, 4 x 8 0.323 s (8 alternated
+    // rounds). Room for all 32 on each: a source without multi-conn gets
+    // one connection, and a fetch queued behind a full one would hold its
+    // blocks' claim, keeping their readers waiting. (Clients' reads get a
+    // connection of their own with as many.)
     let opts = nbd_client::ConnectOptions {
         connections: 4,
-        requests: 8,
+        requests: 32,
         ..nbd_client::ConnectOptions::default()
     };
     // The pass's connections live on the background runtime, as the pass.

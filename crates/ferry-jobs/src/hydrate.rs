@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pace::Pacer;
 use crate::remote::{Lane, Remote, RemoteError};
-use crate::serial::SerialThread;
+use crate::serial::{SerialThread, Stopped};
 
 /// How the pass runs.
 #[derive(Debug, Clone)]
@@ -40,8 +40,8 @@ impl Default for HydrateOptions {
     /// 32 x 1 MiB in flight, as `copy` keeps: on loopback 8 left the pass
     /// 6% slower (a median of 0.374 s against 0.350 s for 512 MiB onto
     /// tmpfs, 10 alternated rounds; `copy` took 0.352 s). A crash loses
-    /// (fetches again) at most [`WINDOW`]: what is in flight and what
-    /// waits for its sync.
+    /// (fetches again) at most [`WINDOW`] (two blocks, if larger): what
+    /// is in flight and what waits for its sync.
     fn default() -> Self {
         HydrateOptions {
             requests: 32,
@@ -51,11 +51,37 @@ impl Default for HydrateOptions {
     }
 }
 
-/// Bytes fetched or landed and not durably present yet, at most (at least
-/// twice what may be in flight). With 16 MiB the pass waited on syncs of a
+/// Bytes fetched or landed and not durably present yet, at most (or twice
+/// what may be in flight, when that is more). With 16 MiB the pass waited on syncs of a
 /// few MiB each (each sync costs a device flush), and hydrated 20% slower
 /// than `copy --flush` of the same disk; 128 MiB was no faster than 64.
 const WINDOW: u64 = 64 << 20;
+
+/// How many fetches of how many blocks the pass keeps in flight, and its
+/// window, in blocks of `gran` bytes.
+#[derive(Debug, PartialEq, Eq)]
+struct Shape {
+    requests: usize,
+    max_blocks: u64,
+    window_blocks: usize,
+}
+
+impl Shape {
+    fn of(opts: &HydrateOptions, gran: u64) -> Shape {
+        let max_blocks = (opts.request_size / gran).max(1);
+        // Blocks larger than a request (up to 64 MiB) make fewer fetches
+        // in flight, not more bytes.
+        let wanted = opts.requests.max(1) as u64;
+        let budget = wanted * opts.request_size;
+        let requests = (budget / (max_blocks * gran)).clamp(1, wanted) as usize;
+        let in_flight = requests * max_blocks as usize;
+        Shape {
+            requests,
+            max_blocks,
+            window_blocks: (2 * in_flight).max((WINDOW / gran) as usize),
+        }
+    }
+}
 
 /// A failed fetch: wait this long before the next ones.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -73,8 +99,8 @@ pub struct Hydration {
     fetched: Arc<AtomicU64>,
     samples: Mutex<VecDeque<(Instant, u64)>>,
     last_error: Mutex<Option<String>>,
-    detached: AtomicBool,
-    /// When the pass started, and when the disk was complete.
+    /// When the pass started, and when it saw every block durably present
+    /// and let the source go.
     started_at: OnceLock<SystemTime>,
     completed_at: OnceLock<SystemTime>,
 }
@@ -88,7 +114,6 @@ impl Hydration {
             fetched: Arc::default(),
             samples: Mutex::new(VecDeque::new()),
             last_error: Mutex::new(None),
-            detached: AtomicBool::new(false),
             started_at: OnceLock::new(),
             completed_at: OnceLock::new(),
         })
@@ -102,7 +127,11 @@ impl Hydration {
     /// the source turns out to be another disk, or `shutdown`.
     pub async fn run(self: Arc<Self>, opts: HydrateOptions, shutdown: CancellationToken) {
         let gran = self.cor.granularity();
-        let max_blocks = (opts.request_size / gran).max(1);
+        let Shape {
+            requests,
+            max_blocks,
+            window_blocks,
+        } = Shape::of(&opts, gran);
         let pacer = opts.rate.filter(|r| *r > 0).map(Pacer::new);
         let mut cursor = 0u64;
         let mut wanted: VecDeque<(u64, u64)> = VecDeque::new();
@@ -110,8 +139,6 @@ impl Hydration {
         // Blocks fetched or landed and not durably present yet: a fetch
         // takes its share before its claim and gives it back once its
         // blocks are durable. A crash fetches again at most this much.
-        let in_flight = opts.requests.max(1) * max_blocks as usize;
-        let window_blocks = (2 * in_flight).max((WINDOW / gran) as usize);
         let window = Arc::new(Semaphore::new(window_blocks));
         let settled = Arc::new(Notify::new());
         let broken = Arc::new(AtomicBool::new(false));
@@ -143,7 +170,7 @@ impl Hydration {
             while let Some(w) = self.cor.take_wanted() {
                 wanted.push_back(w);
             }
-            while tasks.len() < opts.requests.max(1) && !shutdown.is_cancelled() {
+            while tasks.len() < requests && !shutdown.is_cancelled() {
                 let next = match wanted.pop_front() {
                     Some((a, b)) => {
                         if b - a > max_blocks {
@@ -209,7 +236,9 @@ impl Hydration {
             self.sample();
             match done {
                 Some(Ok(Ok(()))) | None => {}
-                Some(Ok(Err(e @ FetchError::Source(RemoteError::Changed { .. })))) => {
+                Some(Ok(Err(
+                    e @ (FetchError::Source(RemoteError::Changed { .. }) | FetchError::Writer(_)),
+                ))) => {
                     tracing::error!(source = %self.uri, "hydration stopped: {e}");
                     self.note_error(&e);
                     return;
@@ -287,7 +316,6 @@ impl Hydration {
             Ok(Ok(true)) => {
                 let _ = self.completed_at.set(SystemTime::now());
                 self.source.close();
-                self.detached.store(true, Ordering::Release);
                 tracing::info!(
                     source = %self.uri,
                     fetched = self.fetched_bytes(),
@@ -327,10 +355,15 @@ impl Hydration {
     /// Where the disk stands, for the status route.
     pub fn status(&self, disk: &str) -> HydrationStatus {
         let p = self.cor.progress();
+        // Complete once the source is let go, not as soon as every block
+        // is here: blocks readers fetched or clients wrote are durably
+        // present only after the next sync, and a crash before it would
+        // need the source again.
+        let complete = self.completed_at.get().is_some();
         let rate = {
             let s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
             match (s.front(), s.back()) {
-                (Some(a), Some(b)) if b.0 > a.0 && !p.complete => {
+                (Some(a), Some(b)) if b.0 > a.0 && !complete => {
                     (b.1 - a.1) as f64 / b.0.duration_since(a.0).as_secs_f64()
                 }
                 _ => 0.0,
@@ -338,7 +371,7 @@ impl Hydration {
         };
         let left = p.total_bytes - p.present_bytes;
         let src = self.source.status();
-        let source = if self.detached.load(Ordering::Acquire) || p.complete {
+        let source = if complete {
             "detached"
         } else if src.connected {
             "connected"
@@ -362,7 +395,7 @@ impl Hydration {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone()
                 .or(src.last_error),
-            complete: p.complete,
+            complete,
             started_at: unix_seconds(&self.started_at),
             completed_at: unix_seconds(&self.completed_at),
         }
@@ -381,6 +414,9 @@ enum FetchError {
     Source(#[from] RemoteError),
     #[error("cannot store fetched blocks: {0}")]
     Local(String),
+    /// Every fetch would be read and then lost: the pass stops.
+    #[error("cannot store fetched blocks: {0}")]
+    Writer(#[from] Stopped),
 }
 
 /// A fetch's claim once its blocks are written, for a sync to make them
@@ -430,8 +466,7 @@ async fn fetch(
                     let bytes = data.as_deref().filter(|d| d.iter().any(|&x| x != 0));
                     claim.land(i, e - s, bytes).map(|()| (claim, data))
                 })
-                .await
-                .map_err(|e| FetchError::Local(e.to_string()))?
+                .await?
                 .map_err(|e| FetchError::Local(e.to_string()))?;
             if let Some(buf) = written {
                 nbd_server::POOL.put(buf);
@@ -517,6 +552,21 @@ fn zero_blocks(extents: &[Extent], start: u64, a: u64, b: u64, gran: u64) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fetches_in_flight_hold_32_mib_whatever_the_block_size() {
+        let opts = HydrateOptions::default();
+        let shape = |gran| {
+            let s = Shape::of(&opts, gran);
+            (s.requests, s.max_blocks, s.window_blocks)
+        };
+        assert_eq!(shape(4 << 10), (32, 256, 16384));
+        assert_eq!(shape(64 << 10), (32, 16, 1024));
+        assert_eq!(shape(1 << 20), (32, 1, 64));
+        // Larger blocks: fewer fetches; the window holds two of them.
+        assert_eq!(shape(2 << 20), (16, 1, 32));
+        assert_eq!(shape(64 << 20), (1, 1, 2));
+    }
 
     #[test]
     fn blocks_are_zero_only_when_zero_extents_cover_them_whole() {

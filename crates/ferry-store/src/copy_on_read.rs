@@ -218,7 +218,6 @@ pub struct HydrationProgress {
     pub total_bytes: u64,
     /// Bytes read from the source because a client needed them.
     pub fetched_on_demand: u64,
-    pub complete: bool,
 }
 
 impl CopyOnRead {
@@ -367,7 +366,6 @@ impl CopyOnRead {
             present_bytes: count * self.gran - short,
             total_bytes: self.size,
             fetched_on_demand: self.fetched_demand.load(Ordering::Relaxed),
-            complete: self.is_complete(),
         }
     }
 
