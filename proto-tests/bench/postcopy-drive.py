@@ -4,7 +4,7 @@ prints one JSON object. Run it with /usr/bin/python3 (the `reads`
 subcommand needs libnbd's module, python3-libnbd).
 
   postcopy-drive.py ferry-status --admin SOCK
-      that status, once.
+      the daemon's GET /v1/disks/disk/hydration (admin socket, HTTP), once.
   postcopy-drive.py qemu-stream --qmp SOCK [--device ov] [--timeout S]
       block-stream of DEVICE (whole backing chain into it) over QMP;
       t_start just before the command, t_end = BLOCK_JOB_COMPLETED's stamp.

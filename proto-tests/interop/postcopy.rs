@@ -148,8 +148,9 @@ fn serves_at_once_then_arrives_whole_and_sparse() {
 /// The destination is SIGKILLed at random points of its hydration, five
 /// times: each restart resumes from the durable present map, the disk
 /// arrives byte-exact, and what crossed the link in all stays within 5% of
-/// the source's data. (A kill loses what was in flight, a 1 MiB request
-/// or two: the disk is large enough that five of them stay under 5%.)
+/// the source's data. (At 8 MiB/s a kill loses what was in flight and
+/// waiting for its sync, a 1 MiB request or two: the disk is large enough
+/// that five of them stay under 5%.)
 #[test]
 fn kill_9_rounds_resume_and_fetch_almost_nothing_twice() {
     let dir = tmpdir();
