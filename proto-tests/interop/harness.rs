@@ -1181,31 +1181,32 @@ pub fn qemu_img_map(uri: &str) -> Vec<(u64, u64, bool)> {
     merge_extents(v)
 }
 
-/// Extract `"key": 123` from a line of JSON (no serde in this crate).
-pub fn json_u64(text: &str, key: &str) -> Option<u64> {
+/// What follows `"key":` in a line of JSON (no serde in this crate).
+fn json_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     let pat = format!("\"{key}\":");
     let i = text.find(&pat)? + pat.len();
-    let rest = text[i..].trim_start();
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
+    Some(text[i..].trim_start())
+}
+
+/// The leading characters of `rest` that `keep` accepts, parsed.
+fn json_token<T: std::str::FromStr>(rest: &str, keep: impl Fn(char) -> bool) -> Option<T> {
+    let end = rest.find(|c: char| !keep(c)).unwrap_or(rest.len());
     rest[..end].parse().ok()
+}
+
+/// Extract `"key": 123` from a line of JSON.
+pub fn json_u64(text: &str, key: &str) -> Option<u64> {
+    json_token(json_after(text, key)?, |c| c.is_ascii_digit())
 }
 
 pub fn json_f64(text: &str, key: &str) -> Option<f64> {
-    let pat = format!("\"{key}\":");
-    let i = text.find(&pat)? + pat.len();
-    let rest = text[i..].trim_start();
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
+    json_token(json_after(text, key)?, |c| {
+        c.is_ascii_digit() || "+-.eE".contains(c)
+    })
 }
 
 pub fn json_bool(text: &str, key: &str) -> Option<bool> {
-    let pat = format!("\"{key}\":");
-    let i = text.find(&pat)? + pat.len();
-    let rest = text[i..].trim_start();
+    let rest = json_after(text, key)?;
     if rest.starts_with("true") {
         Some(true)
     } else if rest.starts_with("false") {
@@ -1216,9 +1217,7 @@ pub fn json_bool(text: &str, key: &str) -> Option<bool> {
 }
 
 pub fn json_str(text: &str, key: &str) -> Option<String> {
-    let pat = format!("\"{key}\":");
-    let i = text.find(&pat)? + pat.len();
-    let rest = text[i..].trim_start().strip_prefix('"')?;
+    let rest = json_after(text, key)?.strip_prefix('"')?;
     let end = rest.find('"')?;
     Some(rest[..end].to_string())
 }

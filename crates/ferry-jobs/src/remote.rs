@@ -304,9 +304,9 @@ impl Remote {
 
     /// Runs `op` on the connection, again on a new one after a failure,
     /// until the source timeout.
-    async fn with_client<T, F, Fut>(&self, lane: Lane, op: F) -> Result<T, RemoteError>
+    async fn with_client<T, F, Fut>(&self, lane: Lane, mut op: F) -> Result<T, RemoteError>
     where
-        F: Fn(Arc<Client>) -> Fut,
+        F: FnMut(Arc<Client>) -> Fut,
         Fut: std::future::Future<Output = nbd_client::Result<T>>,
     {
         let deadline = Instant::now() + self.timeout;
@@ -348,13 +348,9 @@ impl Remote {
         buf: Vec<u8>,
     ) -> Result<Vec<u8>, RemoteError> {
         let len = buf.len();
-        let first = Mutex::new(Some(buf));
+        let mut first = Some(buf);
         self.with_client(lane, |c| {
-            let buf = first
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .unwrap_or_else(|| vec![0u8; len]);
+            let buf = first.take().unwrap_or_else(|| vec![0u8; len]);
             async move { c.read(offset, buf).await }
         })
         .await
