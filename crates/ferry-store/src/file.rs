@@ -7,7 +7,7 @@ use std::io;
 use std::num::NonZeroU64;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
@@ -29,6 +29,24 @@ pub struct FileDev {
     size: u64,
     read_only: bool,
     block_device: bool,
+    /// The last run of data SEEK_HOLE found. On tmpfs (and over unwritten
+    /// extents elsewhere) SEEK_HOLE walks every page up to the next hole,
+    /// and the server asks for holes before each read: serving a fully
+    /// allocated 512 MiB image from tmpfs took 1.4-1.6 s against 0.2 s
+    /// for qemu-nbd, which caches the same way.
+    known_data: Mutex<KnownData>,
+}
+
+/// `[start, end)` is data, as of `generation`. Punching a hole moves the
+/// generation on once done: a run looked for before then is neither used
+/// nor kept. Writes
+/// by other processes can only turn this data into zeroes, and calling
+/// zeroes data is always allowed (`base:allocation` promises nothing more).
+#[derive(Default)]
+struct KnownData {
+    start: u64,
+    end: u64,
+    generation: u64,
 }
 
 impl FileDev {
@@ -52,7 +70,19 @@ impl FileDev {
             size,
             read_only,
             block_device,
+            known_data: Mutex::default(),
         })
+    }
+
+    fn known_data(&self) -> std::sync::MutexGuard<'_, KnownData> {
+        self.known_data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holes may have appeared: forget the data run found before.
+    fn forget_data(&self) {
+        let mut k = self.known_data();
+        (k.start, k.end) = (0, 0);
+        k.generation += 1;
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<()> {
@@ -124,6 +154,17 @@ impl FileDev {
         };
         let mut pos = offset;
         while pos < end && out.len() < max.max(1) {
+            let generation = {
+                let k = self.known_data();
+                if (k.start..k.end).contains(&pos) {
+                    let stop = k.end.min(end);
+                    drop(k);
+                    push(&mut out, stop - pos, 0);
+                    pos = stop;
+                    continue;
+                }
+                k.generation
+            };
             let data = match self.next_data(pos) {
                 Ok(d) => d,
                 // No SEEK_DATA here (block device, old file system): all data.
@@ -135,7 +176,17 @@ impl FileDev {
                 pos = stop;
                 continue;
             }
-            let hole = self.next_hole(pos).unwrap_or(end).max(pos + 1);
+            let hole = match self.next_hole(pos) {
+                Ok(h) => {
+                    let mut k = self.known_data();
+                    if k.generation == generation && h > pos {
+                        (k.start, k.end) = (pos, h);
+                    }
+                    h
+                }
+                Err(_) => end,
+            }
+            .max(pos + 1);
             let stop = hole.min(end);
             push(&mut out, stop - pos, 0);
             pos = stop;
@@ -252,6 +303,8 @@ impl BlockDev for FileDev {
             }
             self.write_zero_data(offset, len)?;
         }
+        // Punched and zeroed ranges may read as holes now.
+        self.forget_data();
         if mode.fua { self.sync() } else { Ok(()) }
     }
 
@@ -260,6 +313,7 @@ impl BlockDev for FileDev {
         // Advisory: a file system that cannot punch holes simply keeps the data.
         if !self.block_device {
             let _ = self.fallocate(FallocateFlags::PUNCH_HOLE, offset, len);
+            self.forget_data();
         }
         if fua { self.sync() } else { Ok(()) }
     }
@@ -275,7 +329,10 @@ impl BlockDev for FileDev {
         if len == 0 {
             return Ok(());
         }
-        match crate::reflink::clone_range(src, &self.file, offset, len) {
+        let cloned = crate::reflink::clone_range(src, &self.file, offset, len);
+        // The source's holes came along.
+        self.forget_data();
+        match cloned {
             Ok(()) => Ok(()),
             // No reflinks here, or not the same file system.
             Err(e) if matches!(e.raw_os_error(), Some(95 /* EOPNOTSUPP */ | 18 /* EXDEV */)) => {
@@ -359,6 +416,52 @@ mod tests {
             .map(|e| e.length)
             .sum();
         assert_eq!(total, 1 << 20);
+    }
+
+    #[test]
+    fn a_hole_punched_in_known_data_shows() {
+        let (_d, path) = sparse_file(4 << 20);
+        let dev = FileDev::open(&path, false).unwrap();
+        dev.write_at(&[7u8; 1 << 20], 0, false).unwrap();
+        let data = |len| Extent {
+            length: len,
+            flags: 0,
+        };
+        let hole = |len| Extent {
+            length: len,
+            flags: STATE_HOLE_ZERO,
+        };
+        // Found once, then answered inside the run without looking again.
+        assert_eq!(
+            dev.extents(BASE_ALLOCATION, 0, 2 << 20, 10).unwrap(),
+            vec![data(1 << 20), hole(1 << 20)]
+        );
+        assert_eq!(
+            dev.extents(BASE_ALLOCATION, 4096, 8192, 10).unwrap(),
+            vec![data(8192)]
+        );
+        for punch in [
+            |d: &FileDev| d.trim(65536, 65536, false).unwrap(),
+            |d: &FileDev| {
+                let mode = ZeroMode {
+                    may_trim: true,
+                    fast: false,
+                    fua: false,
+                };
+                d.write_zeroes(65536, 65536, mode).unwrap()
+            },
+        ] {
+            dev.write_at(&[7u8; 65536], 65536, false).unwrap();
+            assert_eq!(
+                dev.extents(BASE_ALLOCATION, 0, 1 << 20, 10).unwrap(),
+                vec![data(1 << 20)]
+            );
+            punch(&dev);
+            assert_eq!(
+                dev.extents(BASE_ALLOCATION, 0, 1 << 20, 10).unwrap(),
+                vec![data(65536), hole(65536), data((1 << 20) - 131072)]
+            );
+        }
     }
 
     #[test]
