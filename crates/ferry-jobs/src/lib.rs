@@ -21,6 +21,7 @@ mod point_dev;
 mod progress;
 mod remote;
 mod serial;
+mod source_map;
 pub mod zero;
 
 pub use copy::{CopyOptions, CopyStats, copy};
