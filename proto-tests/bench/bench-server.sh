@@ -7,9 +7,15 @@
 # worth. Every figure comes with the server's CPU time per GiB of data
 # read (utime + stime from /proc/PID/stat around each run).
 #
-# Usage: proto-tests/bench/bench-server.sh [--runs N] [--fio-runtime S] [--compare OLD_BIN] [--no-build] [--keep]
+# Usage: proto-tests/bench/bench-server.sh [--runs N] [--fio-runtime S] [--compare OLD_BIN]
+#        [--image-dir DIR] [--dense] [--no-build] [--keep]
 #   --runs N          timed runs per workload and server (default 3, after 1 warm-up)
 #   --fio-runtime S   seconds per fio run, QD1 and QD32 (default 10)
+#   --image-dir DIR   make the image in DIR (default: the temp dir under
+#                     /tmp); /dev/shm serves it from tmpfs, where looking
+#                     for holes costs a walk over the pages
+#   --dense           a fully allocated image (4 GiB of data, no holes): a
+#                     VM's preallocated disk
 #   --compare OLD_BIN also serve with OLD_BIN (say, the previous release) as a
 #                     third server in every round, rounds rotated, and report
 #                     new/old for every figure
@@ -24,7 +30,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RUNS=3
 FIO_RUNTIME=10
-bench_parse_args 15 --fio-runtime=FIO_RUNTIME --compare=BIN_OLD -- "$@"
+IMAGE_DIR=
+DENSE=
+bench_parse_args 25 --fio-runtime=FIO_RUNTIME --compare=BIN_OLD --image-dir=IMAGE_DIR \
+    --dense+DENSE -- "$@"
 bench_need_tools qemu-nbd qemu-img nbdkit nbdcopy fio python3 ss
 bench_build
 
@@ -32,7 +41,10 @@ bench_tmpdir WORK /tmp/nbdferry-bench.XXXXXX
 # Copies land on tmpfs: the benchmark measures the servers, not the
 # writeback of the previous run's output.
 bench_tmpdir OUT /dev/shm/nbdferry-bench-out.XXXXXX unnamed
-bench_make_image
+if [ -n "$IMAGE_DIR" ]; then
+    bench_tmpdir IMAGE_AT "$IMAGE_DIR/nbdferry-bench-img.XXXXXX"
+fi
+bench_make_image "${DENSE:+4096}"
 
 # --- nbdferry, with and without zero-copy replies --------------------------
 bench_start_ferry nbdferry "$WORK/nbdferry.log" serve --read-only --listen 127.0.0.1:0 "$IMG"

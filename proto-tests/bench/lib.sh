@@ -165,10 +165,11 @@ bench_cleanup() {
 }
 
 # The 4 GiB sparse image of mk-image.py (1 GiB of data in 1 MiB runs, or
-# $1 MiB) in $WORK: the same input for every server and client compared.
+# $1 MiB) in $WORK (or $IMAGE_AT): the same input for every server and
+# client compared.
 # Sets IMG and VSIZE (its size in bytes).
 bench_make_image() {
-    IMG="$WORK/img4g.raw"
+    IMG="${IMAGE_AT:-$WORK}/img4g.raw"
     python3 "$HERE/mk-image.py" "$IMG" --runs "${1:-1024}" >&2
     VSIZE=$(stat -c %s "$IMG")
     # Bytes of data (allocated): what a sparse-aware copy reads.
