@@ -240,6 +240,8 @@ async fn arriving(
         .await
         .map_err(|e| fail(&e))?
         .with_bulk_runtime(background);
+    let source = Arc::new(source);
+    source.open_bulk_ahead();
     let size = source.identity().size;
     if !spec.path.exists() {
         let f = std::fs::File::create(&spec.path).map_err(|e| fail(&e))?;
@@ -264,7 +266,6 @@ async fn arriving(
         let text = serde_json::to_vec_pretty(&rec).map_err(|e| fail(&e))?;
         ferry_store::write_atomic(dir, SOURCE_RECORD, &text).map_err(|e| fail(&e))?;
     }
-    let source = Arc::new(source);
     let dev = Arc::new(SourceDev::new(
         source.clone(),
         tokio::runtime::Handle::current(),
