@@ -8,6 +8,7 @@
 //! post-copy read: the server answers that one request with EIO and keeps
 //! serving).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,8 @@ pub struct Remote {
     /// Where the background lane's connections run their tasks (None: on
     /// the runtime of whoever connects).
     bulk_runtime: Option<tokio::runtime::Handle>,
+    /// Let go (see [`Remote::close`]): no connection is opened again.
+    closed: AtomicBool,
 }
 
 /// First retry after this, doubling up to `BACKOFF_MAX`, each with up to
@@ -132,7 +135,9 @@ fn jitter(d: Duration) -> Duration {
 fn connection_lost(e: &nbd_client::Error) -> bool {
     !matches!(
         e,
-        nbd_client::Error::Server { .. } | nbd_client::Error::InvalidRequest(_)
+        nbd_client::Error::Server { .. }
+            | nbd_client::Error::InvalidRequest(_)
+            | nbd_client::Error::Unsupported(_)
     )
 }
 
@@ -192,6 +197,7 @@ impl Remote {
                 bulk: tokio::sync::Mutex::new(()),
             },
             bulk_runtime: None,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -249,6 +255,7 @@ impl Remote {
 
     /// Drops the connections (a complete disk needs the source no more).
     pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         for lane in [Lane::Demand, Lane::Bulk] {
             let mut l = self.link(lane);
             l.client = None;
@@ -274,9 +281,15 @@ impl Remote {
         }
         let _one = self.reconnecting.get(lane).lock().await;
         let mut wait = BACKOFF_MIN;
+        let let_go = || RemoteError::Unavailable("the source was let go".into(), Duration::ZERO);
         loop {
             if let Some(c) = self.link(lane).client.clone() {
                 return Ok(c);
+            }
+            // A question or an early connection still under way when the
+            // disk completed must not open the source again.
+            if self.closed.load(Ordering::Acquire) {
+                return Err(let_go());
             }
             let attempt = tokio::time::timeout_at(deadline.into(), self.open(lane)).await;
             let why = match attempt {
@@ -293,6 +306,11 @@ impl Remote {
                     }
                     let client = Arc::new(client);
                     let mut l = self.link(lane);
+                    // Under the link's lock, which `close` takes after
+                    // setting the flag.
+                    if self.closed.load(Ordering::Acquire) {
+                        return Err(let_go());
+                    }
                     let again = l.status.last_error.is_some();
                     l.client = Some(client.clone());
                     l.status.connected = true;
@@ -376,9 +394,14 @@ impl Remote {
         offset: u64,
         len: u64,
     ) -> Result<Vec<Extent>, RemoteError> {
-        let found = self
+        let found = match self
             .with_client(lane, |c| async move { c.block_status(offset, len).await })
-            .await?;
+            .await
+        {
+            // A source that agreed to no meta context: all data.
+            Err(RemoteError::Refused(nbd_client::Error::Unsupported(_))) => Vec::new(),
+            r => r?,
+        };
         let Some(ctx) = found.into_iter().find(|c| c.name == BASE_ALLOCATION) else {
             return Ok(vec![Extent {
                 length: len,
