@@ -6,7 +6,10 @@
 //! thread: see [`SerialThread`]) and made durably present beside the next
 //! fetches, one sync after another, each covering what landed since the
 //! previous one began; fetching pauses while a window of 64 MiB waits for
-//! a sync. When every block is durably present the source is let go.
+//! a sync. Runs of the source's zeroes are claimed whole, as the source's
+//! allocation (asked ahead: see [`crate::source_map`]) shows them, and
+//! landed as holes, up to 1 GiB of them waiting for a sync. When every
+//! block is durably present the source is let go.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,6 +59,11 @@ impl Default for HydrateOptions {
 /// hydrated 20% slower than `copy --flush` of the same disk; 128 MiB was
 /// no faster than 64.
 const WINDOW: u64 = 64 << 20;
+
+/// Bytes of the source's zeroes landed (as holes) and not durably present
+/// yet, at most: they are not fetched again after a crash, but each holds
+/// its claim (and readers of its blocks) until its sync.
+const ZERO_WINDOW: u64 = 1 << 30;
 
 /// How many fetches of how many blocks the pass keeps in flight, and its
 /// window, in blocks of `gran` bytes.
@@ -140,6 +148,9 @@ impl Hydration {
         // takes its share before its claim and gives it back once its
         // blocks are durable. A crash fetches again at most this much.
         let window = Arc::new(Semaphore::new(window_blocks));
+        // Room for one claim of the largest request, whatever the size.
+        let zero_window_blocks = (ZERO_WINDOW / gran).max(max_blocks);
+        let zero_window = Arc::new(Semaphore::new(zero_window_blocks as usize));
         let settled = Arc::new(Notify::new());
         let broken = Arc::new(AtomicBool::new(false));
         let map = SourceMap::new(self.source.clone());
@@ -179,26 +190,40 @@ impl Hydration {
                         }
                         Some((a, b.min(a + max_blocks), false))
                     }
-                    None => match self.cor.next_absent(cursor, max_blocks) {
-                        None => None,
-                        Some(r) => {
+                    None => {
+                        let mut found = None;
+                        while let Some(r) = self.cor.next_absent(cursor, max_blocks) {
+                            cursor = r.1;
+                            // Landed and waiting for a sync, or fetched for
+                            // a reader: nothing to claim, nor to ask about.
+                            if self.cor.being_fetched(r.0, r.1) {
+                                continue;
+                            }
                             tokio::select! {
                                 _ = shutdown.cancelled() => return,
                                 () = lookahead.before_claim(r.0 * gran) => {}
                             }
-                            let r = self.zero_run_from(r, &map, gran);
+                            let r = self.zero_run_from(r, &map, gran, zero_window_blocks);
                             cursor = r.1;
-                            Some(r)
+                            found = Some(r);
+                            break;
                         }
-                    },
+                        found
+                    }
                 };
                 let Some((a, b, zero)) = next else { break };
                 // Paced and given its share of the window before the claim:
                 // a claim held while waiting would hold up clients' reads
                 // of those blocks. Zeroes the source reported cross nothing
-                // and are not fetched again after a crash: neither applies.
+                // and are not fetched again after a crash: they are not
+                // paced, and have a window of their own.
                 let share = if zero {
-                    None
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        s = zero_window.clone().acquire_many_owned((b - a) as u32) => {
+                            s.expect("the window is never closed")
+                        }
+                    }
                 } else {
                     if let Some(pacer) = &pacer {
                         // By the data the source holds there.
@@ -211,7 +236,7 @@ impl Hydration {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         s = window.clone().acquire_many_owned((b - a) as u32) => {
-                            Some(s.expect("the window is never closed"))
+                            s.expect("the window is never closed")
                         }
                     }
                 };
@@ -224,14 +249,19 @@ impl Hydration {
                     writer.clone(),
                     map.clone(),
                     claim,
-                    gran,
+                    (gran, max_blocks),
                     self.fetched.clone(),
                     (landed.clone(), share),
                 ));
             }
             if tasks.is_empty() {
-                if self.cor.next_absent(0, 1).is_none() && self.finish().await {
-                    return;
+                if self.cor.next_absent(0, 1).is_none() {
+                    // No question may open the source again once it is
+                    // let go.
+                    lookahead.stop();
+                    if self.finish().await {
+                        return;
+                    }
                 }
                 // Landed blocks waiting for their sync, blocks clients are
                 // fetching, or a rescan after failures.
@@ -307,10 +337,23 @@ impl Hydration {
     /// zeroes (then true): that is claimed and landed as one hole, not as
     /// one claim per request size (a 1 GiB hole took 15 ms in 1 MiB
     /// claims; `copy` skips it in 2 ms). It is as long as the source's
-    /// answers go ahead (two questions' worth at most).
-    fn zero_run_from(&self, (a, b): (u64, u64), map: &SourceMap, gran: u64) -> (u64, u64, bool) {
+    /// answers go ahead (two questions' worth), `most` blocks at most.
+    fn zero_run_from(
+        &self,
+        (a, b): (u64, u64),
+        map: &SourceMap,
+        gran: u64,
+        most: u64,
+    ) -> (u64, u64, bool) {
         match map.zero_run(a, gran) {
-            Some(end) if end >= b => (a, self.cor.next_absent(a, end - a).map_or(b, |r| r.1), true),
+            Some(end) if end >= b => {
+                let end = end.min(a + most.max(b - a));
+                // From block `a` on, unless a client wrote it meanwhile.
+                match self.cor.next_absent(a, end - a) {
+                    Some((from, to)) if from == a => (a, to.min(end), true),
+                    _ => (a, b, false),
+                }
+            }
             _ => (a, b, false),
         }
     }
@@ -440,8 +483,8 @@ enum FetchError {
 }
 
 /// A fetch's claim once its blocks are written, for a sync to make them
-/// present, and its share of the pass's window (none for zeroes).
-type Landed = (Claim<Arc<CopyOnRead>>, Option<OwnedSemaphorePermit>);
+/// present, and its share of the pass's window (or of the zeroes').
+type Landed = (Claim<Arc<CopyOnRead>>, OwnedSemaphorePermit);
 
 /// Fetches the claimed runs: the source's holes and zeroes land as holes;
 /// data is read in whole blocks and written (all-zero data as a hole too,
@@ -451,9 +494,9 @@ async fn fetch(
     writer: SerialThread,
     map: Arc<SourceMap>,
     mut claim: Claim<Arc<CopyOnRead>>,
-    gran: u64,
+    (gran, max_blocks): (u64, u64),
     fetched: Arc<AtomicU64>,
-    (landed, share): (mpsc::UnboundedSender<Landed>, Option<OwnedSemaphorePermit>),
+    (landed, share): (mpsc::UnboundedSender<Landed>, OwnedSemaphorePermit),
 ) -> Result<(), FetchError> {
     let size = source.identity().size;
     for (a, b) in claim.runs() {
@@ -462,7 +505,9 @@ async fn fetch(
         while i < b {
             let is_zero = zero[(i - a) as usize];
             let mut j = i + 1;
-            while j < b && zero[(j - a) as usize] == is_zero {
+            // Data one request size at a time: a claim of zeroes may hold
+            // data after all, where the source's answer ran short.
+            while j < b && zero[(j - a) as usize] == is_zero && (is_zero || j - i < max_blocks) {
                 j += 1;
             }
             let (s, e) = (i * gran, (j * gran).min(size));

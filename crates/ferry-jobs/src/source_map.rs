@@ -150,6 +150,11 @@ impl Lookahead {
         }
     }
 
+    /// Drops the questions under way (the source is about to be let go).
+    pub fn stop(&mut self) {
+        self.asking.abort_all();
+    }
+
     /// Before the pass claims from byte `at`: asks the source about what
     /// comes next once the pass is past the middle of what it knows (the
     /// answer is then there before the pass needs it), and waits for the

@@ -415,6 +415,13 @@ impl CopyOnRead {
             .collect()
     }
 
+    /// Whether every block of `[a, b)` is claimed by a fetch (landed and
+    /// waiting for its sync, or being fetched for a reader).
+    pub fn being_fetched(&self, a: u64, b: u64) -> bool {
+        let f = lock(&self.fetching);
+        (a..b).all(|blk| f.contains(&blk))
+    }
+
     /// The first run of absent blocks at or after block `from`, at most
     /// `max` long (None: nothing absent from there on).
     pub fn next_absent(&self, from: u64, max: u64) -> Option<(u64, u64)> {
@@ -476,7 +483,7 @@ impl CopyOnRead {
     /// wakes whoever waits for them.
     fn release(&self, claimed: &mut Vec<u64>, blocks: &[u64]) {
         // Both in ascending order, as claimed: a search, not a scan (a
-        // claim of a long zero run holds hundreds of blocks).
+        // claim of a long zero run holds thousands of blocks).
         claimed.retain(|x| blocks.binary_search(x).is_err());
         self.unclaim(blocks);
     }
