@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Server benchmark: nbdferry (release build) vs qemu-nbd and nbdkit (file
 # plugin) serving the same read-only 4 GiB sparse image (1 GiB of data in
-# 1 MiB runs), same clients, runs alternated between the servers (order
+# 1 MiB runs; see --dense), same clients, runs alternated between the servers (order
 # rotated each round). A fourth server is the same nbdferry with
 # --no-zero-copy, which shows what sending cached data with sendfile is
 # worth. Every figure comes with the server's CPU time per GiB of data
@@ -15,7 +15,8 @@
 #                     /tmp); /dev/shm serves it from tmpfs, where looking
 #                     for holes costs a walk over the pages
 #   --dense           a fully allocated image (4 GiB of data, no holes): a
-#                     VM's preallocated disk
+#                     VM's preallocated disk. With --image-dir /dev/shm it
+#                     needs 8 GiB of tmpfs (the image and one copy)
 #   --compare OLD_BIN also serve with OLD_BIN (say, the previous release) as a
 #                     third server in every round, rounds rotated, and report
 #                     new/old for every figure
@@ -32,7 +33,7 @@ RUNS=3
 FIO_RUNTIME=10
 IMAGE_DIR=
 DENSE=
-bench_parse_args 25 --fio-runtime=FIO_RUNTIME --compare=BIN_OLD --image-dir=IMAGE_DIR \
+bench_parse_args 26 --fio-runtime=FIO_RUNTIME --compare=BIN_OLD --image-dir=IMAGE_DIR \
     --dense+DENSE -- "$@"
 bench_need_tools qemu-nbd qemu-img nbdkit nbdcopy fio python3 ss
 bench_build
