@@ -190,26 +190,15 @@ impl Hydration {
                         }
                         Some((a, b.min(a + max_blocks), false))
                     }
-                    None => {
-                        let mut found = None;
-                        while let Some(r) = self.cor.next_absent(cursor, max_blocks) {
-                            cursor = r.1;
-                            // Landed and waiting for a sync, or fetched for
-                            // a reader: nothing to claim, nor to ask about.
-                            if self.cor.being_fetched(r.0, r.1) {
-                                continue;
-                            }
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return,
-                                () = lookahead.before_claim(r.0 * gran) => {}
-                            }
-                            let r = self.zero_run_from(r, &map, gran, zero_window_blocks);
-                            cursor = r.1;
-                            found = Some(r);
-                            break;
-                        }
-                        found
-                    }
+                    None => tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = self.next_in_pass(
+                            &mut cursor,
+                            &mut lookahead,
+                            &map,
+                            (gran, max_blocks, zero_window_blocks),
+                        ) => r,
+                    },
                 };
                 let Some((a, b, zero)) = next else { break };
                 // Paced and given its share of the window before the claim:
@@ -217,13 +206,8 @@ impl Hydration {
                 // of those blocks. Zeroes the source reported cross nothing
                 // and are not fetched again after a crash: they are not
                 // paced, and have a window of their own.
-                let share = if zero {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        s = zero_window.clone().acquire_many_owned((b - a) as u32) => {
-                            s.expect("the window is never closed")
-                        }
-                    }
+                let limit = if zero {
+                    &zero_window
                 } else {
                     if let Some(pacer) = &pacer {
                         // By the data the source holds there.
@@ -233,11 +217,12 @@ impl Hydration {
                             () = pacer.wait(bytes) => {}
                         }
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        s = window.clone().acquire_many_owned((b - a) as u32) => {
-                            s.expect("the window is never closed")
-                        }
+                    &window
+                };
+                let share = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    s = limit.clone().acquire_many_owned((b - a) as u32) => {
+                        s.expect("the window is never closed")
                     }
                 };
                 let claim = self.cor.claim_owned(a, b);
@@ -331,6 +316,31 @@ impl Hydration {
             }
             settled.notify_one();
         }
+    }
+
+    /// The next run the background pass claims, from `cursor` on (moved
+    /// past it), and whether the source holds zeroes there; None when no
+    /// block is left to claim.
+    async fn next_in_pass(
+        &self,
+        cursor: &mut u64,
+        lookahead: &mut Lookahead,
+        map: &SourceMap,
+        (gran, max_blocks, zero_most): (u64, u64, u64),
+    ) -> Option<(u64, u64, bool)> {
+        while let Some(r) = self.cor.next_absent(*cursor, max_blocks) {
+            *cursor = r.1;
+            // Landed and waiting for a sync, or fetched for a reader:
+            // nothing to claim, nor to ask the source about.
+            if self.cor.being_fetched(r.0, r.1) {
+                continue;
+            }
+            lookahead.before_claim(r.0 * gran).await;
+            let r = self.zero_run_from(r, map, gran, zero_most);
+            *cursor = r.1;
+            return Some(r);
+        }
+        None
     }
 
     /// `[a, b)`, or a longer run from `a` where the source said it holds

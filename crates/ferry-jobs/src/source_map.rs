@@ -88,7 +88,7 @@ impl SourceMap {
 
     /// Whether each of blocks `[a, b)` reads as zeroes at the source,
     /// asking it again when they are past what it said (clients' ranges,
-    /// a rescan): the new answer then replaces the old one.
+    /// a rescan).
     pub async fn zeroes(&self, a: u64, b: u64, gran: u64) -> Result<Vec<bool>, RemoteError> {
         let size = self.source.identity().size;
         let (off, end) = (a * gran, (b * gran).min(size));
@@ -96,11 +96,7 @@ impl SourceMap {
         if off < known.start || end > known.end {
             let len = AHEAD.max(end - off).min(size - off);
             let extents = self.source.allocation(Lane::Bulk, off, len).await?;
-            *known = Known {
-                start: off,
-                end: off.saturating_add(covered(&extents)),
-                extents,
-            };
+            known.add(off, extents);
         }
         Ok(zero_blocks(&known.extents, known.start, a, b, gran))
     }

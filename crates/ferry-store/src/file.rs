@@ -171,17 +171,16 @@ impl FileDev {
         };
         let mut pos = offset;
         while pos < end && out.len() < max.max(1) {
-            let generation = {
+            let (known, generation) = {
                 let runs = self.data_runs();
-                if let Some(run_end) = runs.end_of(pos) {
-                    drop(runs);
-                    let stop = run_end.min(end);
-                    push(&mut out, stop - pos, 0);
-                    pos = stop;
-                    continue;
-                }
-                runs.generation
+                (runs.end_of(pos), runs.generation)
             };
+            if let Some(run_end) = known {
+                let stop = run_end.min(end);
+                push(&mut out, stop - pos, 0);
+                pos = stop;
+                continue;
+            }
             let data = match self.next_data(pos) {
                 Ok(d) => d,
                 // No SEEK_DATA here (block device, old file system): all data.
