@@ -29,6 +29,10 @@
 #              direct, 16 x 1 MiB in flight, then fsync: what that storage
 #              takes durably bounds any hydration, which makes every block
 #              durable.
+#            The CPU time of nbdferry's destination (the daemon, spawn to
+#            stop) and of the copy process is shown too, and copy's time
+#            over hydration's per round (each round's pair runs back to
+#            back, so the machine's drift weighs less than between medians).
 #            Every run is verified: nbdferry's and copy's file with cmp
 #            against the image (after the daemon stopped); qemu's overlay
 #            alone (backing=null) converted to raw; nbdkit's export (its
@@ -253,6 +257,15 @@ start_qsd() {
     QSD_URI="nbd://127.0.0.1:$PORT/disk"
 }
 
+# children_cpu BEFORE AFTER: the CPU seconds of the children this shell
+# waited for between two saves of `times` (their second line: children's
+# user and system time, as 0m1.234s).
+children_cpu() {
+    cat "$1" "$2" | awk 'NR % 2 == 0 {
+        for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); c[NR] += t[1] * 60 + t[2] } }
+        END { printf "%.3f\n", c[4] - c[2] }'
+}
+
 # hyd_run TOOL REP: the whole disk arrives at TOOL's destination, timed
 # and verified.
 hyd_run() {
@@ -267,20 +280,27 @@ hyd_run() {
             # takes next to no CPU from the pass (a Python poller's
             # start-up took some).
             timeout 600 "$BIN" hydrate status disk --watch --json --admin "$ADMIN" | tail -n1 >"$out"
+            local cpu
+            cpu=$(awk -v t="$(cpu_ticks "$DST_PID")" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
             bench_stop "$DST_PID"
             ok=$(verify "$DST" "hyd nbdferry run $rep")
-            emit case=hyd tool=nbdferry rep="$rep" t0="$t0" ok="$ok" @"$out"
+            emit case=hyd tool=nbdferry rep="$rep" t0="$t0" cpu="$cpu" ok="$ok" @"$out"
             rm -f "$DST"
             ;;
         copy | copy-flush)
             local flush=()
             if [ "$tool" = copy-flush ]; then flush=(--flush); fi
             rm -f "$chk"
+            # `times` in this shell (not in a subshell, whose children
+            # are its own) brackets the CPU of copy alone.
+            times >"$WORK/cpu0"
             t0=$(now)
             "$BIN" copy "${flush[@]}" --progress=none "$SRC_URI" "$chk"
             t1=$(now)
+            times >"$WORK/cpu1"
             ok=$(verify "$chk" "hyd $tool run $rep")
-            emit case=hyd tool="$tool" rep="$rep" secs="$(elapsed "$t0" "$t1")" ok="$ok"
+            emit case=hyd tool="$tool" rep="$rep" secs="$(elapsed "$t0" "$t1")" \
+                cpu="$(children_cpu "$WORK/cpu0" "$WORK/cpu1")" ok="$ok"
             ;;
         ceiling)
             # The destination's file system: the source's data written
@@ -372,19 +392,16 @@ first_run() {
     fi
 }
 
-# proc_cpu PID: the process's user + system CPU time, in clock ticks.
-proc_cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
 # fio_iops URI PID: fio randread 4k QD32 inside the region: its IOPS, and
 # the CPU time the server PID spent meanwhile per read, in us.
 fio_iops() {
     local f="$WORK/fio.json" c0 c1
-    c0=$(proc_cpu "$2")
+    c0=$(cpu_ticks "$2")
     fio --name=present --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 \
         --offset="$REG_OFF" --size="$REG_LEN" --runtime="$FIO_RUNTIME" --time_based \
         --output-format=json --output="$f" >/dev/null
-    c1=$(proc_cpu "$2")
-    python3 - "$f" "$c0" "$c1" "$(getconf CLK_TCK)" <<'EOF'
+    c1=$(cpu_ticks "$2")
+    python3 - "$f" "$c0" "$c1" "$CLK_TCK" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))["jobs"][0]["read"]
 c0, c1, tck = map(int, sys.argv[2:])
@@ -485,6 +502,9 @@ def okcount(case, tool):
     n = sum(1 for r in rs if r.get("ok", True) and not r.get("bad"))
     return f"{n}/{len(rs)}" + ("" if n == len(rs) else " MISMATCH")
 
+# Tools whose destination's CPU time is recorded ("cpu", seconds).
+CPU_TOOLS = ("nbdferry", "copy", "copy-flush")
+
 def goal(ok):
     return "" if ok else "  MISSED"
 
@@ -503,7 +523,7 @@ print(f"\npost-copy: 1 GiB image, {DATA_MIB} MiB data; source `nbdferry serve --
 
 def hydration():
     print(f"\n1. hydration: the whole disk arrives (verified against the image)")
-    print(f"{'tool':58} {'seconds':>22} {'MiB/s data':>10} {'verified':>9}"
+    print(f"{'tool':58} {'seconds':>22} {'MiB/s data':>10} {'verified':>9} {'CPU s':>17}"
           + (f" {'of the link':>11}" if LINK else ""))
     rows = [("nbdferry serve --source (spawn -> complete)", "nbdferry"),
             ("nbdferry copy SRC dst.raw", "copy"),
@@ -518,11 +538,21 @@ def hydration():
         H[tool] = med(xs)
         share = f" {DATA_MIB * 8 * 2**20 / H[tool] / LINK:11.1%}" if LINK else ""
         checked = okcount('hyd', tool) if tool != "ceiling" else "-"
-        print(f"{label:58} {cell(xs, '{:.2f}'):>22} {DATA_MIB / H[tool]:10.0f} {checked:>9}{share}")
+        cpu = cell(vals("hyd", tool, lambda r: r["cpu"]) if tool in CPU_TOOLS else [], '{:.2f}')
+        print(f"{label:58} {cell(xs, '{:.2f}'):>22} {DATA_MIB / H[tool]:10.0f} {checked:>9} {cpu:>17}{share}")
     f = H["nbdferry"]
     print(f"ratio copy / hydration = {H['copy'] / f:.3f} (goal >= 1.0){goal(H['copy'] / f >= 1.0)};"
           f" copy --flush / hydration = {H['copy-flush'] / f:.2f};"
           f" nbdkit / nbdferry = {H['nbdkit'] / f:.2f}; qemu / nbdferry = {H['qemu'] / f:.2f}")
+    # Each round's pair, timed back to back: less of the machine's drift
+    # than in the medians of each tool.
+    by_rep = {(r["tool"], r["rep"]): hyd_secs(r) for r in timed if r["case"] == "hyd"}
+    pairs = [by_rep["copy", n] / t for (tool, n), t in by_rep.items()
+             if tool == "nbdferry" and ("copy", n) in by_rep]
+    cpu = {t: med(vals("hyd", t, lambda r: r["cpu"])) for t in CPU_TOOLS}
+    print(f"per round: copy / hydration median {med(pairs):.3f}, hydration no slower in"
+          f" {sum(p >= 1 for p in pairs)} of {len(pairs)} rounds; CPU of the destination"
+          f" (the daemon from spawn, the copy process): copy / hydration = {cpu['copy'] / cpu['nbdferry']:.2f}")
     if "ceiling" in H:
         print(f"hydration makes every block durable before it counts it (so does copy --flush; copy and nbdkit"
               f" leave their data in the page cache): ceiling / hydration = {H['ceiling'] / f:.2f},"
