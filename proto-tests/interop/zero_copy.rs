@@ -181,6 +181,36 @@ fn reads_carry_the_latest_data(tls: bool) {
     c.s.stop();
 }
 
+/// Reads below 64 KiB are copied into their reply (sendfile costs more
+/// than it saves there); 64 KiB and more go out from the page cache. Both
+/// carry the image's bytes.
+#[test]
+fn small_reads_are_copied_and_large_ones_sent_from_the_cache() {
+    let size = 4 * MIB as usize;
+    let srv = Cached::serve(size, 93);
+    let mut c = RawConn::tcp(srv.s.addr.unwrap());
+    c.start_options();
+    c.go("");
+    let mut read = |cookie: u64, off: usize, len: usize| {
+        let before = srv.zero_copied();
+        assert!(c.send_request(0, CMD_READ, cookie, off as u64, len as u32));
+        assert_eq!(c.read_simple_reply(), Some((0, cookie)));
+        assert!(c.must_read(len, "read reply data") == srv.data[off..][..len]);
+        srv.zero_copied() - before
+    };
+    for (i, len) in [512, 4096, 65535].into_iter().enumerate() {
+        assert_eq!(read(i as u64, 8192 * i + 512, len), 0, "{len} bytes");
+    }
+    for (i, len) in [65536, 1 << 20].into_iter().enumerate() {
+        assert_eq!(
+            read(10 + i as u64, MIB as usize * i + 4096, len),
+            len as u64,
+            "{len} bytes"
+        );
+    }
+    srv.s.stop();
+}
+
 /// A client that sends 96 READs of up to 1 MiB and then takes the replies
 /// a few KiB at a time: the socket fills and empties again and again, so every
 /// reply goes out in many partial sends. Each must arrive whole, in the

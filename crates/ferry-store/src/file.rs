@@ -7,6 +7,7 @@ use std::io;
 use std::num::NonZeroU64;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
@@ -35,6 +36,10 @@ pub struct FileDev {
     /// a fully allocated 512 MiB image from tmpfs took 1.4-1.6 s against
     /// 0.2 s for qemu-nbd, which remembers one run the same way.
     data_runs: Mutex<DataRuns>,
+    /// Set once `preadv2(RWF_NOWAIT)` answered EOPNOTSUPP (tmpfs does):
+    /// reads that must not block then ask `cachestat` first. Without it,
+    /// every read of a tmpfs image went to the blocking pool.
+    no_nowait: AtomicBool,
 }
 
 /// Runs `[start, end)` known to be data, as of `generation`. Punching a
@@ -95,7 +100,20 @@ impl FileDev {
             read_only,
             block_device,
             data_runs: Mutex::default(),
+            no_nowait: AtomicBool::new(false),
         })
+    }
+
+    /// `read_at_nowait` where the file system has no RWF_NOWAIT: a plain
+    /// read once `cachestat` finds every page cached. A page evicted in
+    /// between makes this one read wait for it, which RWF_NOWAIT would
+    /// have refused: rare, and no worse than any read.
+    fn read_if_cached(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        if !crate::cache::all_cached(&self.file, offset, buf.len() as u64) {
+            return Ok(false);
+        }
+        pread_full(&self.file, buf, offset)?;
+        Ok(true)
     }
 
     fn data_runs(&self) -> std::sync::MutexGuard<'_, DataRuns> {
@@ -236,6 +254,9 @@ impl BlockDev for FileDev {
 
     fn read_at_nowait(&self, mut buf: &mut [u8], mut offset: u64) -> Result<bool> {
         self.check(offset, buf.len() as u64)?;
+        if self.no_nowait.load(Ordering::Relaxed) {
+            return self.read_if_cached(buf, offset);
+        }
         while !buf.is_empty() {
             let mut iov = [io::IoSliceMut::new(buf)];
             match rustix::io::preadv2(&self.file, &mut iov, offset, ReadWriteFlags::NOWAIT) {
@@ -245,7 +266,11 @@ impl BlockDev for FileDev {
                     offset += n as u64;
                 }
                 Err(Errno::INTR) => {}
-                // EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here.
+                Err(Errno::OPNOTSUPP) => {
+                    self.no_nowait.store(true, Ordering::Relaxed);
+                    return self.read_if_cached(buf, offset);
+                }
+                // EAGAIN: not cached.
                 Err(_) => return Ok(false),
             }
         }
@@ -484,6 +509,30 @@ mod tests {
                 vec![data(65536), hole(65536), data((1 << 20) - 131072)]
             );
         }
+    }
+
+    /// tmpfs has no RWF_NOWAIT: its cached pages are read at once all the
+    /// same, and a hole (no page) is left to the blocking read.
+    #[test]
+    fn reads_that_must_not_block_work_on_tmpfs() {
+        let dir = tempfile::tempdir_in("/dev/shm").expect("/dev/shm (tmpfs) is needed");
+        let kind = rustix::fs::statfs(dir.path()).unwrap().f_type;
+        assert_eq!(kind, libc::TMPFS_MAGIC, "/dev/shm is not tmpfs");
+        let path = dir.path().join("d.raw");
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let dev = FileDev::open(&path, false).unwrap();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8).collect();
+        dev.write_at(&data, 0, false).unwrap();
+        for _ in 0..2 {
+            // The first read learns that RWF_NOWAIT is refused, the second
+            // does not ask again.
+            let mut buf = vec![0u8; 8192];
+            assert!(dev.read_at_nowait(&mut buf, 4096).unwrap());
+            assert_eq!(buf, data[4096..][..8192]);
+        }
+        assert!(dev.no_nowait.load(Ordering::Relaxed));
+        let mut buf = vec![1u8; 4096];
+        assert!(!dev.read_at_nowait(&mut buf, 512 << 10).unwrap());
     }
 
     #[test]
