@@ -47,13 +47,29 @@ pub struct FileDev {
 /// neither used nor kept. Writes by other processes can only turn this
 /// data into zeroes, and calling zeroes data is always allowed
 /// (`base:allocation` promises nothing more).
-#[derive(Default)]
 struct DataRuns {
-    /// A few, for readers in different parts of the file at once.
-    runs: [(u64, u64); 4],
+    /// For readers in different parts of the file at once, and for random
+    /// reads over a sparse region: with 4, fio randread QD32 over 128 MiB
+    /// of the post-copy benchmark's image (64 runs of 1 MiB) on tmpfs got
+    /// 72K IOPS, a third of the server's CPU walking pages for SEEK_HOLE.
+    runs: [(u64, u64); KNOWN_RUNS],
     /// The one replaced next.
     next: usize,
     generation: u64,
+}
+
+/// How many runs of data [`DataRuns`] keeps: a lookup scans them all,
+/// which costs far less than one `lseek`.
+const KNOWN_RUNS: usize = 64;
+
+impl Default for DataRuns {
+    fn default() -> Self {
+        DataRuns {
+            runs: [(0, 0); KNOWN_RUNS],
+            next: 0,
+            generation: 0,
+        }
+    }
 }
 
 impl DataRuns {
@@ -73,7 +89,7 @@ impl DataRuns {
     }
 
     fn forget(&mut self) {
-        self.runs = Default::default();
+        self.runs = [(0, 0); KNOWN_RUNS];
         self.generation += 1;
     }
 }
@@ -509,6 +525,27 @@ mod tests {
                 vec![data(65536), hole(65536), data((1 << 20) - 131072)]
             );
         }
+    }
+
+    #[test]
+    fn many_runs_are_remembered_and_the_oldest_goes_first() {
+        let mut runs = DataRuns::default();
+        let n = KNOWN_RUNS as u64;
+        for i in 0..n {
+            runs.remember(0, i * 100, i * 100 + 50);
+        }
+        for i in 0..n {
+            assert_eq!(runs.end_of(i * 100 + 10), Some(i * 100 + 50), "run {i}");
+            assert_eq!(runs.end_of(i * 100 + 60), None, "after run {i}");
+        }
+        runs.remember(0, n * 100, n * 100 + 50);
+        assert_eq!(runs.end_of(10), None);
+        assert_eq!(runs.end_of(110), Some(150));
+        assert_eq!(runs.end_of(n * 100), Some(n * 100 + 50));
+        // Found before a punch: not kept.
+        runs.forget();
+        runs.remember(0, 0, 50);
+        assert_eq!(runs.end_of(10), None);
     }
 
     /// tmpfs has no RWF_NOWAIT: its cached pages are read at once all the
