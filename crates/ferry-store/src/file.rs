@@ -88,8 +88,21 @@ impl DataRuns {
         }
     }
 
-    fn forget(&mut self) {
-        self.runs = [(0, 0); KNOWN_RUNS];
+    /// `[offset, offset + len)` may read as holes now: runs over it are cut
+    /// short where it starts, the rest are still true. (Forgetting every
+    /// run made a hydrating disk on tmpfs walk pages again after each of
+    /// the pass's zero runs: 0.82 of a plain export's reads, not 0.99.)
+    fn forget(&mut self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        for run in &mut self.runs {
+            if run.0 < end && offset < run.1 {
+                *run = if run.0 < offset {
+                    (run.0, offset)
+                } else {
+                    (0, 0)
+                };
+            }
+        }
         self.generation += 1;
     }
 }
@@ -358,7 +371,7 @@ impl BlockDev for FileDev {
             self.write_zero_data(offset, len)?;
         }
         // Punched and zeroed ranges may read as holes now.
-        self.data_runs().forget();
+        self.data_runs().forget(offset, len);
         if mode.fua { self.sync() } else { Ok(()) }
     }
 
@@ -367,7 +380,7 @@ impl BlockDev for FileDev {
         // Advisory: a file system that cannot punch holes simply keeps the data.
         if !self.block_device {
             let _ = self.fallocate(FallocateFlags::PUNCH_HOLE, offset, len);
-            self.data_runs().forget();
+            self.data_runs().forget(offset, len);
         }
         if fua { self.sync() } else { Ok(()) }
     }
@@ -385,7 +398,7 @@ impl BlockDev for FileDev {
         }
         let cloned = crate::reflink::clone_range(src, &self.file, offset, len);
         // The source's holes came along.
-        self.data_runs().forget();
+        self.data_runs().forget(offset, len);
         match cloned {
             Ok(()) => Ok(()),
             // No reflinks here, or not the same file system.
@@ -542,10 +555,16 @@ mod tests {
         assert_eq!(runs.end_of(10), None);
         assert_eq!(runs.end_of(110), Some(150));
         assert_eq!(runs.end_of(n * 100), Some(n * 100 + 50));
-        // Found before a punch: not kept.
-        runs.forget();
-        runs.remember(0, 0, 50);
-        assert_eq!(runs.end_of(10), None);
+        // A punch cuts the runs over it short and leaves the others.
+        runs.forget(120, 1000);
+        assert_eq!(runs.end_of(110), Some(120));
+        assert_eq!(runs.end_of(130), None);
+        assert_eq!(runs.end_of(210), None);
+        assert_eq!(runs.end_of(1110), None);
+        assert_eq!(runs.end_of(1210), Some(1250));
+        // Found before the punch: not kept.
+        runs.remember(0, 200, 250);
+        assert_eq!(runs.end_of(210), None);
     }
 
     /// tmpfs has no RWF_NOWAIT: its cached pages are read at once all the
