@@ -27,10 +27,10 @@ const MAX_READ_EXTENTS: usize = 64;
 const MIN_HOLE_CHUNK: u64 = 4096;
 /// Smaller reads are copied into their reply, not sent from the page
 /// cache: for them sendfile (or a mapping, over TLS) costs more than the
-/// copy it saves. fio randread 4k QD32 over loopback (5 alternated runs):
-/// 7% more IOPS from ext4's page cache, 13% more from tmpfs; QD1 4-16 KiB
-/// within the noise (0.95-1.07); from 64 KiB up, sendfile was as fast or
-/// faster (12% at 256 KiB).
+/// copy it saves. fio randread over loopback from ext4's page cache (7
+/// alternated runs): QD32 12% more IOPS at 4 KiB, 34% at 32 KiB; QD1 2-3%
+/// more at 4-16 KiB; from 64 KiB up, sendfile was as fast or faster (12%
+/// at 256 KiB).
 const MIN_ZERO_COPY: u64 = 64 << 10;
 /// Larger cached reads still go to the blocking pool, so that one copy
 /// does not hold up the connection's reader for long.
