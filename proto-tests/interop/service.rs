@@ -246,3 +246,38 @@ fn json_logs_are_one_object_per_line() {
         "{err}"
     );
 }
+
+/// `GET /v1/exports` says where the NBD listeners are, as the readiness
+/// line does, so that a daemon on an ephemeral port can be found through
+/// its admin API: the addresses it lists take clients.
+#[test]
+fn exports_list_the_listeners_clients_reach() {
+    let dir = tmpdir();
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
+    let state = dir.path().join("state");
+    let s = Server::live(dir.path(), &img, &state);
+    let (status, body) = admin_http(&state.join("admin.sock"), "GET", "/v1/exports", "");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let listeners: Vec<&str> = v["listeners"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no listeners in {body}"))
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    let socket = format!("unix:{}", s.socket.as_ref().unwrap().display());
+    assert_eq!(
+        listeners,
+        [s.addr.unwrap().to_string().as_str(), socket.as_str()]
+    );
+    let mut tcp = RawConn::tcp(listeners[0].parse().unwrap());
+    tcp.handshake("disk");
+    assert_eq!(tcp.size, SIZE);
+    tcp.disconnect();
+    let mut unix = RawConn::unix(Path::new(listeners[1].strip_prefix("unix:").unwrap()));
+    unix.handshake("disk");
+    assert_eq!(unix.size, SIZE);
+    unix.disconnect();
+    s.stop();
+}

@@ -174,6 +174,12 @@ pub struct ExportEntry {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ExportList {
     pub exports: Vec<ExportEntry>,
+    /// Where NBD clients reach them: the daemon's listeners as its
+    /// `listening on` line gives them (`127.0.0.1:10809`,
+    /// `unix:/run/nbdferry.sock`), so that a daemon on an ephemeral port
+    /// can be found without reading its log. Empty until they are up.
+    #[serde(default)]
+    pub listeners: Vec<String>,
 }
 
 /// `GET /v1/health`: the daemon answers, so it is alive.

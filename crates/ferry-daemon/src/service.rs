@@ -76,6 +76,9 @@ pub struct Daemon {
     renderer: Renderer,
     /// Disks still arriving from a source, and the pass that brings them.
     hydrations: Mutex<BTreeMap<String, HydrationSlot>>,
+    /// The NBD listeners' addresses, once the owner of the listeners has
+    /// them up ([`set_listeners`](Self::set_listeners)).
+    listeners: Mutex<Vec<String>>,
     /// Mirrors of disks (running, or ended: kept for their status).
     mirrors: Mutex<BTreeMap<String, MirrorSlot>>,
     /// Stops the daemon's background jobs.
@@ -155,6 +158,7 @@ impl Daemon {
             reloads: ReloadChannel::default(),
             renderer: Renderer::default(),
             hydrations: Mutex::new(BTreeMap::new()),
+            listeners: Mutex::new(Vec::new()),
             mirrors: Mutex::new(BTreeMap::new()),
             stop: CancellationToken::new(),
         }
@@ -168,6 +172,11 @@ impl Daemon {
 
     pub fn set_phase(&self, phase: Phase) {
         self.phase.set(phase);
+    }
+
+    /// Records where the NBD listeners are, for `GET /v1/exports`.
+    pub fn set_listeners(&self, addrs: Vec<String>) {
+        *lock(&self.listeners) = addrs;
     }
 
     /// Reload requests of the admin API, for whoever owns the
@@ -683,7 +692,10 @@ impl Daemon {
                 }
             })
             .collect();
-        ExportList { exports }
+        ExportList {
+            exports,
+            listeners: lock(&self.listeners).clone(),
+        }
     }
 
     pub fn create_snapshot(

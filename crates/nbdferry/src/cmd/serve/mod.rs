@@ -271,6 +271,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut reloads = daemon
         .reload_requests()
         .context("reload requests taken twice")?;
+    // Before the readiness line: a script that waits for it may ask the
+    // admin API where the listeners are at once.
+    daemon.set_listeners(addrs.clone());
     logging::status(&format!("listening on {}", addrs.join(", ")));
     enter(&daemon, Phase::Ready);
     // Reloads run here, one at a time, whether a signal or the admin API
