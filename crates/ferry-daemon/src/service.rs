@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use ferry_api::{
     AfterMirror, CompleteMirror, MirrorCancelled, MirrorCompleted, MirrorStatus, SetMirror,
@@ -77,8 +77,8 @@ pub struct Daemon {
     /// Disks still arriving from a source, and the pass that brings them.
     hydrations: Mutex<BTreeMap<String, HydrationSlot>>,
     /// The NBD listeners' addresses, once the owner of the listeners has
-    /// them up ([`set_listeners`](Self::set_listeners)).
-    listeners: Mutex<Vec<String>>,
+    /// them up ([`set_listeners`](Self::set_listeners)); they stay.
+    listeners: OnceLock<Vec<String>>,
     /// Mirrors of disks (running, or ended: kept for their status).
     mirrors: Mutex<BTreeMap<String, MirrorSlot>>,
     /// Stops the daemon's background jobs.
@@ -158,7 +158,7 @@ impl Daemon {
             reloads: ReloadChannel::default(),
             renderer: Renderer::default(),
             hydrations: Mutex::new(BTreeMap::new()),
-            listeners: Mutex::new(Vec::new()),
+            listeners: OnceLock::new(),
             mirrors: Mutex::new(BTreeMap::new()),
             stop: CancellationToken::new(),
         }
@@ -174,9 +174,10 @@ impl Daemon {
         self.phase.set(phase);
     }
 
-    /// Records where the NBD listeners are, for `GET /v1/exports`.
+    /// Records where the NBD listeners are, for `GET /v1/exports`: once,
+    /// as they are bound once (a second call changes nothing).
     pub fn set_listeners(&self, addrs: Vec<String>) {
-        *lock(&self.listeners) = addrs;
+        let _ = self.listeners.set(addrs);
     }
 
     /// Reload requests of the admin API, for whoever owns the
@@ -694,7 +695,7 @@ impl Daemon {
             .collect();
         ExportList {
             exports,
-            listeners: lock(&self.listeners).clone(),
+            listeners: self.listeners.get().cloned().unwrap_or_default(),
         }
     }
 
